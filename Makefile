@@ -1,0 +1,48 @@
+# pgmux developer entry points; README.md explains them.
+# Works on a fresh machine: every target that needs Python makes the venv first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-install whenever pyproject.toml (dependencies, entry points) changes.
+STAMP := $(VENV)/.installed
+CONFIG ?= conf/pgmux.yaml
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo run test lint format check
+
+help:
+	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
+	@echo "make test    the test suite against a throwaway PostgreSQL (PYTEST_ARGS=... to narrow)"
+	@echo "make run     pgmux -c $(CONFIG)"
+	@echo "make check   validate $(CONFIG) without starting"
+	@echo "make lint    ruff check + ruff format --check"
+	@echo "make format  ruff format + ruff check --fix"
+	@echo "make venv    create $(VENV) and install pgmux with its test dependencies"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) tools/demo.py
+
+run: venv
+	$(PY) -m pgmux -c $(CONFIG)
+
+check: venv
+	$(PY) -m pgmux --check -c $(CONFIG)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -1,0 +1,3 @@
+"""pgmux: a PgBouncer-style PostgreSQL connection pooler."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Sans-IO PostgreSQL v3 wire protocol: bytes in, messages and events out."""

@@ -1,0 +1,77 @@
+"""Incremental framing of typed messages: type byte + Int32 length (counting itself).
+
+The reader copies a body out only when asked for a whole message; the proxy's
+hot path can use `read_header` on its own buffer and forward bytes untouched.
+"""
+
+from __future__ import annotations
+
+from . import sqlstate
+from .codec import HEADER
+from .errors import ProtocolError
+
+HEADER_SIZE = 5
+DEFAULT_MAX_SIZE = 1 << 30  # PostgreSQL's own limit (MaxAllocSize)
+
+
+def read_header(
+    buf: bytes | bytearray | memoryview, pos: int = 0, max_size: int = DEFAULT_MAX_SIZE
+) -> tuple[int, int] | None:
+    """(type, end offset of the whole message) for the message at `pos`, or None
+    when fewer than 5 bytes are there. The body may still be incomplete."""
+    if len(buf) - pos < HEADER_SIZE:
+        return None
+    kind, length = HEADER.unpack_from(buf, pos)
+    if length < 4:
+        raise ProtocolError(f"invalid message length {length}")
+    if length > max_size:
+        raise ProtocolError(
+            f"message of {length} bytes exceeds max_packet_size", sqlstate.PROGRAM_LIMIT_EXCEEDED
+        )
+    return kind, pos + 1 + length
+
+
+class MessageReader:
+    """Bytes in, (type, body) out. Raises ProtocolError on an impossible length,
+    as soon as the header arrives (an oversized body is never buffered)."""
+
+    __slots__ = ("_buf", "_pos", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # start of the first unread message in _buf
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            # Drop what was consumed before growing, so _buf holds one partial
+            # message at most plus the new data.
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_message(self) -> tuple[int, bytes] | None:
+        header = read_header(self._buf, self._pos, self.max_size)
+        if header is None:
+            return None
+        kind, end = header
+        if end > len(self._buf):
+            return None
+        body = bytes(self._buf[self._pos + HEADER_SIZE : end])
+        if end == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return kind, body
+
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._buf) - self._pos
+
+    def take_remaining(self) -> bytes:
+        """Hand the unread bytes to someone else (e.g. when switching to forwarding)."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest

@@ -1,0 +1,1 @@
+"""The pgmux daemon: one module per object (client, server, pool, ...)."""

@@ -1,0 +1,132 @@
+"""Client authentication: which exchange to run and whether the client passed.
+
+The exchanges themselves (md5, SCRAM-SHA-256) live in protocol/; this module
+picks one from `auth.type` and the user's secret, feeds it the client's
+password messages and says what to send back. An unknown user runs the same
+exchange as a known one and fails the same way, so logins reveal nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages
+from pgmux.protocol.auth import (
+    ScramSecret,
+    ScramServer,
+    is_md5_hash,
+    md5_hash,
+    md5_verify,
+    parse_scram_secret,
+    secret_from_password,
+)
+from pgmux.protocol.errors import AuthError, ProtocolError
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+SCRAM = "SCRAM-SHA-256"
+
+
+class ClientAuth:
+    """One client's authentication exchange, driven by its password messages."""
+
+    def __init__(self, method: str, user: str, secret: str | None, registry: Registry) -> None:
+        self.user = user
+        self.secret = secret
+        self.registry = registry
+        self.method = _effective_method(method, secret)
+        self._salt = os.urandom(4)
+        self._scram: ScramServer | None = None
+        self._step = 0
+
+    def start(self) -> bytes | None:
+        """The first Authentication request, or None when no password is asked."""
+        if self.method == "trust":
+            return None
+        if self.method == "password":
+            return messages.authentication_cleartext_password()
+        if self.method == "md5":
+            return messages.authentication_md5_password(self._salt)
+        return messages.authentication_sasl([SCRAM])
+
+    def handle(self, body: bytes) -> tuple[bytes | None, bool]:
+        """Feed one PasswordMessage body: (reply to send or None, finished)."""
+        if self.method == "password":
+            self._check_plain(messages.parse_password_message(body).decode("utf-8", "replace"))
+            return None, True
+        if self.method == "md5":
+            response = messages.parse_password_message(body).decode("ascii", "replace")
+            if self.secret is None or not md5_verify(self.user, self.secret, self._salt, response):
+                raise self._failed()
+            return None, True
+        return self._handle_scram(body)
+
+    def _handle_scram(self, body: bytes) -> tuple[bytes | None, bool]:
+        self._step += 1
+        if self._step == 1:
+            mechanism, data = messages.parse_sasl_initial_response(body)
+            if mechanism != SCRAM:
+                raise ProtocolError(
+                    "client selected an invalid SASL authentication mechanism", "28000"
+                )
+            self._scram = ScramServer(
+                self._scram_secret(), username=self.user, mock_key=self.registry.mock_key
+            )
+            return messages.authentication_sasl_continue(self._scram.handle_client_first(data)), False
+        assert self._scram is not None
+        try:
+            final = self._scram.handle_client_final(body)  # SASLResponse: raw bytes
+        except AuthError:
+            raise self._failed() from None
+        return messages.authentication_sasl_final(final), True
+
+    def _scram_secret(self) -> ScramSecret | None:
+        secret = self.secret
+        if secret is None or is_md5_hash(secret):
+            return None  # unknown user, or an md5 hash SCRAM cannot use: mock exchange
+        parsed = parse_scram_secret(secret)
+        if parsed is not None:
+            return parsed
+        # A plain password: derive a SCRAM secret once (PBKDF2 is deliberately slow).
+        key = (self.user, secret)
+        cached = self.registry.scram_cache.get(key)
+        if cached is None:
+            cached = secret_from_password(secret)
+            self.registry.scram_cache[key] = cached
+        return cached  # type: ignore[return-value]
+
+    def _check_plain(self, password: str) -> None:
+        secret = self.secret
+        if secret is None:
+            raise self._failed()
+        if is_md5_hash(secret):
+            ok = hmac.compare_digest(md5_hash(self.user, password), secret)
+        elif secret.startswith("SCRAM-SHA-256$"):
+            ok = _scram_matches(secret, password)
+        else:
+            ok = hmac.compare_digest(password.encode(), secret.encode())
+        if not ok:
+            raise self._failed()
+
+    def _failed(self) -> AuthError:
+        return AuthError(f'password authentication failed for user "{self.user}"', "28P01")
+
+
+def _effective_method(method: str, secret: str | None) -> str:
+    # Like PostgreSQL: md5 with a SCRAM secret on file runs SCRAM instead.
+    if method == "md5" and secret is not None and secret.startswith("SCRAM-SHA-256$"):
+        return "scram-sha-256"
+    return method
+
+
+def _scram_matches(secret: str, password: str) -> bool:
+    parsed = parse_scram_secret(secret)
+    if parsed is None:
+        return False
+    from pgmux.protocol.auth import make_scram_secret
+
+    again = parse_scram_secret(make_scram_secret(password, parsed.salt, parsed.iterations))
+    return again is not None and hmac.compare_digest(again.stored_key, parsed.stored_key)

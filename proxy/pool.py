@@ -1,0 +1,333 @@
+"""A pool of server connections for one (database, user) pair.
+
+Clients queue FIFO for a server; idle servers are reused most-recently-used
+first, so the ones at the bottom of the stack age out with server_idle. Every
+change of a server's or client's place in the pool goes through the methods
+here, so the lists the console shows cannot drift from reality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages, sqlstate
+from pgmux.protocol.errors import ProtocolError
+
+from .log import get_logger
+from .tasks import spawn
+from .server import ServerConnection, ServerCredentials, ServerError, ServerLost, ServerState
+from .stats import PoolStats
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .config import DatabaseConfig, PoolSettings, Timeouts
+    from .registry import Registry
+
+log = get_logger("pgmux.pool")
+
+
+class Pool:
+    def __init__(
+        self,
+        registry: Registry,
+        database: DatabaseConfig,
+        dbname: str,
+        user: str,
+        credentials: ServerCredentials,
+        settings: PoolSettings,
+    ) -> None:
+        self.registry = registry
+        self.database = database
+        self.dbname = dbname  # the name clients ask for
+        self.user = user  # the user pgmux logs in to PostgreSQL as
+        self.credentials = credentials
+        self.settings = settings
+        self.timeouts: Timeouts = database.timeouts
+        self.servers: set[ServerConnection] = set()
+        self.idle: list[ServerConnection] = []  # a stack: the last released is reused first
+        self.active: set[ServerConnection] = set()
+        self.connecting = 0
+        self.waiting: deque[ClientConnection] = deque()
+        self.clients: set[ClientConnection] = set()
+        self.server_params: dict[str, str] | None = None
+        self.last_connect_error: str | None = None
+        self.retry_at = 0.0
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self.stats = PoolStats()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.dbname}/{self.user}>"
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    # --- clients ----------------------------------------------------------
+
+    def acquire(self, client: ClientConnection) -> None:
+        """Give the client a server now, or queue it (FIFO) until one is free."""
+        if self.idle and not self.waiting:
+            self._link(self.idle.pop(), client)
+            return
+        client.wait_started = time.monotonic()
+        self.waiting.append(client)
+        self.grow()
+
+    def cancel_wait(self, client: ClientConnection) -> None:
+        try:
+            self.waiting.remove(client)
+        except ValueError:
+            pass
+
+    def _link(self, server: ServerConnection, client: ClientConnection) -> None:
+        self.active.add(server)
+        server.link(client)
+        if client.wait_started:
+            self.stats.add_wait(time.monotonic() - client.wait_started)
+            client.wait_started = 0.0
+        client.server_assigned(server)
+
+    # --- servers coming back ---------------------------------------------
+
+    def release(self, server: ServerConnection) -> None:
+        """A clean server comes back from a client (or from login)."""
+        self.active.discard(server)
+        if server.state is ServerState.CLOSED:
+            return
+        server.unlink()
+        if self._should_close(server):
+            self.close_server(server, "lifetime or reconnect")
+            return
+        if self.waiting:
+            self._link(server, self.waiting.popleft())
+            return
+        if self.registry.has_starving_pools(self) and len(self.servers) > self.settings.min_size:
+            # Another pool waits for a slot under a shared limit: lend it ours.
+            self.close_server(server, "slot handed to another pool")
+            return
+        self.idle.append(server)
+
+    def _should_close(self, server: ServerConnection) -> bool:
+        if server.close_when_released or self.closed:
+            return True
+        lifetime = self.timeouts.server_lifetime
+        return bool(lifetime) and time.monotonic() - server.connected_at >= lifetime
+
+    def close_server(self, server: ServerConnection, reason: str) -> None:
+        self._forget(server)
+        server.close(reason)
+
+    def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
+        """connection_lost of a server (expected or not)."""
+        self._forget(server)
+
+    def _forget(self, server: ServerConnection) -> None:
+        if server not in self.servers:
+            return
+        self.servers.discard(server)
+        self.active.discard(server)
+        if server in self.idle:
+            self.idle.remove(server)
+        self.registry.server_slot_freed(self)
+
+    # --- a client leaving while linked ------------------------------------
+
+    def abandon(self, server: ServerConnection, client: ClientConnection) -> None:
+        """The client disconnected while `server` was linked to it.
+
+        A server is never returned dirty: a clean one goes back at once; one
+        mid-transaction is rolled back (pool.rollback_abandoned) or closed; one
+        with half a message from the client on the wire is always closed.
+        """
+        expect = max(client.expect_rfq, 0)
+        clean = not expect and not client.in_batch and server.clean_for_release
+        if client.mid_message or server.state is ServerState.CLOSED:
+            self.close_server(server, "client left mid-message")
+        elif clean and self.mode == "transaction":
+            self.release(server)
+        elif clean or self.settings.rollback_abandoned:
+            server.client = None
+            spawn(self._clean_abandoned(server, expect, client.in_batch))
+        else:
+            self.close_server(server, "client left mid-transaction")
+
+    async def _clean_abandoned(self, server: ServerConnection, expect: int, in_batch: bool) -> None:
+        timeout = self.timeouts.cancel_wait or 10.0
+        try:
+            if expect:
+                # Stop whatever it still runs for the departed client.
+                self.registry.cancel_server(server)
+            await server.wait_ready_for_query(
+                expect + in_batch, messages.sync() if in_batch else b"", timeout
+            )
+            if not server.clean_for_release:
+                await server.query("ROLLBACK", timeout)
+            if self.mode != "transaction":
+                await server.query("DISCARD ALL", timeout)
+                server.applied = {}
+        except (ServerError, ServerLost) as exc:
+            self.close_server(server, f"cleanup after client failed: {exc}")
+            return
+        self.stats.abandoned_cleaned += 1
+        self.release(server)
+
+    # --- growing ----------------------------------------------------------
+
+    def size_limit(self) -> int:
+        """pool_size, plus reserve_size once a client has waited reserve_timeout."""
+        limit = self.settings.size
+        if self.settings.reserve_size and self.waiting:
+            waited = time.monotonic() - self.waiting[0].wait_started
+            if waited >= self.settings.reserve_timeout:
+                limit += self.settings.reserve_size
+        return limit
+
+    def grow(self) -> None:
+        """Open servers for waiting clients, within every limit."""
+        wanted = len(self.waiting) - self.connecting
+        while wanted > 0 and self._may_connect():
+            self._open_server()
+            wanted -= 1
+
+    def ensure_min_size(self) -> None:
+        while len(self.servers) < self.settings.min_size and self._may_connect(quiet=True):
+            self._open_server()
+
+    def _may_connect(self, quiet: bool = False) -> bool:
+        if self.closed or self.registry.shutting_down:
+            return False
+        now = time.monotonic()
+        if now < self.retry_at:
+            self._schedule_retry(self.retry_at - now)
+            return False
+        if len(self.servers) >= self.size_limit():
+            return False
+        return self.registry.may_open_server(self, register_starving=not quiet)
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._retry_handle is None:
+            loop = asyncio.get_running_loop()
+            self._retry_handle = loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        self.grow()
+
+    def _open_server(self) -> None:
+        server = ServerConnection(self, self.credentials)
+        self.servers.add(server)
+        self.connecting += 1
+        self.registry.server_slot_taken(self)
+        spawn(self._login_server(server))
+
+    async def _login_server(self, server: ServerConnection) -> None:
+        creds = self.credentials
+        loop = asyncio.get_running_loop()
+        timeout = self.timeouts.server_connect or None
+        try:
+            if creds.host.startswith("/"):
+                path = f"{creds.host}/.s.PGSQL.{creds.port}"
+                connect = loop.create_unix_connection(lambda: server, path)
+            else:
+                connect = loop.create_connection(lambda: server, creds.host, creds.port)
+            await asyncio.wait_for(connect, timeout)
+            await server.wait_login(self.timeouts.server_connect)
+        except (OSError, TimeoutError, ServerLost, ServerError, ProtocolError) as exc:
+            self.connecting -= 1
+            self._forget(server)
+            server.abort()
+            self._connect_failed(exc)
+            return
+        self.connecting -= 1
+        if server not in self.servers:  # closed while logging in (reload, shutdown)
+            server.close()
+            return
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        if self.last_connect_error:
+            log.info("server_connect_recovered", db=self.dbname, user=self.user)
+        self.last_connect_error = None
+        self.stats.servers_opened += 1
+        log.debug("server_login", db=self.dbname, user=self.user, server_id=server.id,
+                  backend_pid=server.backend_pid)
+        self.release(server)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        reason = _describe(exc)
+        self.last_connect_error = reason
+        self.stats.connect_errors += 1
+        retry = self.timeouts.server_login_retry
+        self.retry_at = time.monotonic() + retry
+        log.warning("server_connect_failed", db=self.dbname, user=self.user, error=reason)
+        if isinstance(exc, ServerError):
+            # PostgreSQL itself refused (bad password, no such database...):
+            # waiting longer will not help, so the waiting clients hear why now.
+            self._fail_waiting(exc.sqlstate, f"server login failed: {exc}")
+        elif self.waiting:
+            self._schedule_retry(retry)
+
+    def _fail_waiting(self, code: str, message: str) -> None:
+        while self.waiting:
+            self.waiting.popleft().wait_failed(code, message)
+
+    # --- janitor ----------------------------------------------------------
+
+    def expire_waiting(self, now: float) -> None:
+        limit = self.timeouts.query_wait
+        if not limit:
+            return
+        while self.waiting and now - self.waiting[0].wait_started >= limit:
+            client = self.waiting.popleft()
+            self.stats.wait_timeouts += 1
+            if self.last_connect_error:
+                client.wait_failed(
+                    sqlstate.CONNECTION_FAILURE,
+                    f"query_wait_timeout: pgmux cannot connect to server "
+                    f"({self.last_connect_error})",
+                )
+            else:
+                client.wait_failed(sqlstate.PROTOCOL_VIOLATION, "query_wait_timeout")
+
+    def expire_servers(self, now: float) -> None:
+        """Close idle servers past server_idle (down to min_size) or server_lifetime."""
+        idle_limit = self.timeouts.server_idle
+        lifetime = self.timeouts.server_lifetime
+        for server in list(self.idle):  # oldest-used first
+            too_old = lifetime and now - server.connected_at >= lifetime
+            too_idle = (
+                idle_limit
+                and now - server.last_used >= idle_limit
+                and len(self.servers) > self.settings.min_size
+            )
+            if too_old or too_idle:
+                self.close_server(server, "server_lifetime" if too_old else "server_idle")
+
+    def close(self) -> None:
+        """The database went away (reload) or pgmux stops: close what is idle."""
+        self.closed = True
+        for server in list(self.idle):
+            self.close_server(server, "pool closed")
+
+    # --- state for the console -------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "sv_active": len(self.active),
+            "sv_idle": len(self.idle),
+            "sv_login": self.connecting,
+            "cl_waiting": len(self.waiting),
+        }
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ServerError):
+        return f"{exc.sqlstate} {exc}"
+    if isinstance(exc, TimeoutError):
+        return "server_connect timeout"
+    if isinstance(exc, ProtocolError):
+        return exc.message
+    return str(exc) or type(exc).__name__

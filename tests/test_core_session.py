@@ -1,0 +1,101 @@
+"""Acceptance: session pooling mode.
+
+With pool_mode session a client keeps one server from its first query until
+it disconnects; the server then goes back to the pool reset with DISCARD ALL,
+so the next client finds none of the previous one's temp tables, settings,
+prepared statements or session advisory locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from helpers import (
+    PgmuxFactory,
+    close_quietly,
+    connect_asyncpg,
+    direct,
+    fresh_database,
+)
+
+from pgmux.tempgres import TempPostgres
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def session_config(size: int) -> dict[str, object]:
+    return {"pool": {"mode": "session", "size": size}, "timeouts": {"query_wait": "1s"}}
+
+
+async def test_session_mode_keeps_one_server_per_client(pgmux: PgmuxFactory) -> None:
+    mux = pgmux(session_config(2))
+    a = await connect_asyncpg(mux)
+    b = await connect_asyncpg(mux)
+    c = None
+    try:
+        pid_a = await a.fetchval("SELECT pg_backend_pid()")
+        pid_b = await b.fetchval("SELECT pg_backend_pid()")
+        assert pid_a != pid_b
+        await a.execute("SET work_mem = '7MB'")  # plain session state, no tracking needed
+        for _ in range(5):
+            assert await a.fetchval("SELECT pg_backend_pid()") == pid_a
+            assert await b.fetchval("SELECT pg_backend_pid()") == pid_b
+            assert await a.fetchval("SHOW work_mem") == "7MB"
+
+        # Both servers belong to a and b for as long as they stay connected.
+        c = await connect_asyncpg(mux)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncio.wait_for(c.fetchval("SELECT 1"), 20)
+        assert info.value.sqlstate == "08P01"
+        assert "query_wait_timeout" in str(info.value)
+        await close_quietly(c)
+
+        # a leaves: its server is reset and handed to the next client.
+        await a.close()
+        c = await connect_asyncpg(mux)
+        assert await c.fetchval("SELECT pg_backend_pid()") == pid_a
+        assert await c.fetchval("SHOW work_mem") != "7MB"
+    finally:
+        await close_quietly(a, b, c)
+
+
+async def test_session_mode_discard_all_on_release(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+    dbname = fresh_database(pg)
+    mux = pgmux(session_config(1))
+    key = 777001
+    monitor = await direct(pg, dbname)
+    first = await connect_asyncpg(mux, dbname)
+    second = None
+    try:
+        pid = await first.fetchval("SELECT pg_backend_pid()")
+        await first.execute(
+            "CREATE TEMP TABLE session_tmp (v int); INSERT INTO session_tmp VALUES (1);"
+            "SET work_mem = '9MB'; PREPARE session_stmt AS SELECT 42;"
+        )
+        assert await first.fetchval("SELECT pg_advisory_lock($1)::text", key) == ""
+        assert await first.fetchval("SELECT count(*) FROM session_tmp") == 1
+        assert await monitor.fetchval("SELECT pg_try_advisory_lock($1)", key) is False
+        await first.close()
+
+        second = await connect_asyncpg(mux, dbname)
+        # The same server (pool size 1), not a new one: it was reset, not replaced.
+        assert await second.fetchval("SELECT pg_backend_pid()") == pid
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await second.fetchval("SELECT count(*) FROM session_tmp")
+        assert await second.fetchval("SHOW work_mem") != "9MB"
+        with pytest.raises(asyncpg.InvalidSQLStatementNameError):
+            await second.execute("EXECUTE session_stmt")
+        # The session advisory lock went with DISCARD ALL.
+        assert await monitor.fetchval("SELECT pg_try_advisory_lock($1)", key) is True
+        await monitor.fetchval("SELECT pg_advisory_unlock($1)", key)
+        assert (
+            await second.fetchval(
+                "SELECT count(*) FROM pg_class WHERE relname = 'session_tmp'"
+                " AND relpersistence = 't'"
+            )
+            == 0
+        )
+    finally:
+        await close_quietly(monitor, first, second)
