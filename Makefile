@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/pgmux.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo run test lint format check
+.PHONY: help venv demo run test bench lint format check
 
 help:
 	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
 	@echo "make test    the test suite against a throwaway PostgreSQL (PYTEST_ARGS=... to narrow)"
+	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS QUICK=1)"
 	@echo "make run     pgmux -c $(CONFIG)"
 	@echo "make check   validate $(CONFIG) without starting"
 	@echo "make lint    ruff check + ruff format --check"
@@ -38,6 +39,19 @@ check: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Knobs: CLIENTS="8 64 256" MODES="simple extended prepared" DURATION=4 ROUNDS=3
+# WORKERS="1 2" MEMORY="1000 10000" PROFILE=1 QUICK=1 (about two minutes).
+BENCH_ARGS = $(if $(CLIENTS),--clients "$(CLIENTS)") $(if $(MODES),--modes "$(MODES)") \
+	$(if $(DURATION),--duration $(DURATION)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
+	$(if $(WORKERS),--workers "$(WORKERS)") $(if $(MEMORY),--memory "$(MEMORY)") \
+	$(if $(PROFILE),--profile) $(if $(QUICK),--quick)
+
+bench: venv
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
+		{ echo "pgbouncer is missing: apt-get update && apt-get install -y pgbouncer"; exit 2; }
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

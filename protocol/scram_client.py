@@ -34,11 +34,13 @@ class ScramClient:
     With `password` the keys are derived from the salt the server sends. With
     `client_key` and `server_key` (passthrough: keys recovered by ScramServer
     from a client's proof) no password is needed, but the server must hold the
-    very secret those keys came from.
+    very secret those keys came from: pass its `salt` and `iterations` to get a
+    clear AuthError instead of a failed proof when the server's secret differs.
     """
 
     __slots__ = (
         "_client_key",
+        "_expected",
         "_first_bare",
         "_nonce",
         "_password",
@@ -55,9 +57,12 @@ class ScramClient:
         server_key: bytes | None = None,
         nonce: str | None = None,
         username: str = "",
+        salt: bytes | None = None,
+        iterations: int | None = None,
     ) -> None:
         if password is None and (client_key is None or server_key is None):
             raise ValueError("ScramClient needs a password or both client_key and server_key")
+        self._expected = (salt, iterations) if salt is not None else None
         self._password = password
         self._client_key = client_key
         self._server_key = server_key
@@ -98,6 +103,8 @@ class ScramClient:
     def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
         if self._password is None:
             assert self._client_key is not None and self._server_key is not None
+            if self._expected is not None and self._expected != (salt, iterations):
+                raise AuthError("the server's SCRAM secret differs from the one pgmux knows")
             return self._client_key, self._server_key
         salted = salted_password(self._password, salt, iterations)
         return client_key_of(salted), server_key_of(salted)

@@ -1,15 +1,23 @@
 """Client authentication: which exchange to run and whether the client passed.
 
 The exchanges themselves (md5, SCRAM-SHA-256) live in protocol/; this module
-picks one from `auth.type` and the user's secret, feeds it the client's
-password messages and says what to send back. An unknown user runs the same
-exchange as a known one and fails the same way, so logins reveal nothing.
+picks one from `auth.type` (or the matching hba rule) and the user's secret,
+feeds it the client's password messages and says what to send back. An
+unknown user runs the same exchange as a known one and fails the same way, so
+logins reveal nothing.
+
+On TLS connections SCRAM-SHA-256-PLUS is offered too (channel binding
+tls-server-end-point). A successful login leaves behind what pgmux needs to
+log in to PostgreSQL as that user (a LearnedSecret): the plain or md5 secret
+an auth_query returned, or, when only a SCRAM secret is known, the client's
+ClientKey recovered from its proof (SCRAM passthrough, as PgBouncer does).
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
@@ -28,16 +36,40 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 SCRAM = "SCRAM-SHA-256"
+SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class LearnedSecret:
+    """How pgmux may log in to PostgreSQL as a user, learned from a client's login."""
+
+    password: str | None = None  # plain password or md5 hash
+    client_key: bytes | None = None  # SCRAM passthrough: the client's proven ClientKey
+    scram: ScramSecret | None = None  # ...and the secret it belongs to
+
+    def __repr__(self) -> str:
+        return "LearnedSecret(****)"
 
 
 class ClientAuth:
     """One client's authentication exchange, driven by its password messages."""
 
-    def __init__(self, method: str, user: str, secret: str | None, registry: Registry) -> None:
+    def __init__(
+        self,
+        method: str,
+        user: str,
+        secret: str | None,
+        registry: Registry,
+        *,
+        channel_binding: bytes | None = None,
+        from_auth_query: bool = False,
+    ) -> None:
         self.user = user
         self.secret = secret
         self.registry = registry
         self.method = _effective_method(method, secret)
+        self.channel_binding = channel_binding  # set on TLS connections
+        self.from_auth_query = from_auth_query
         self._salt = os.urandom(4)
         self._scram: ScramServer | None = None
         self._step = 0
@@ -50,38 +82,69 @@ class ClientAuth:
             return messages.authentication_cleartext_password()
         if self.method == "md5":
             return messages.authentication_md5_password(self._salt)
+        if self.channel_binding is not None:
+            return messages.authentication_sasl([SCRAM_PLUS, SCRAM])
         return messages.authentication_sasl([SCRAM])
 
     def handle(self, body: bytes) -> tuple[bytes | None, bool]:
         """Feed one PasswordMessage body: (reply to send or None, finished)."""
         if self.method == "password":
             self._check_plain(messages.parse_password_message(body).decode("utf-8", "replace"))
+            self._learn_password()
             return None, True
         if self.method == "md5":
             response = messages.parse_password_message(body).decode("ascii", "replace")
             if self.secret is None or not md5_verify(self.user, self.secret, self._salt, response):
                 raise self._failed()
+            self._learn_password()
             return None, True
         return self._handle_scram(body)
+
+    def _learn_password(self) -> None:
+        # The users file's secrets reach the pool directly; auth_query's only this way.
+        if self.from_auth_query and self.secret is not None:
+            self.registry.learned[self.user] = LearnedSecret(password=self.secret)
 
     def _handle_scram(self, body: bytes) -> tuple[bytes | None, bool]:
         self._step += 1
         if self._step == 1:
             mechanism, data = messages.parse_sasl_initial_response(body)
-            if mechanism != SCRAM:
+            plus = mechanism == SCRAM_PLUS and self.channel_binding is not None
+            if mechanism != SCRAM and not plus:
                 raise ProtocolError(
                     "client selected an invalid SASL authentication mechanism", "28000"
                 )
             self._scram = ScramServer(
-                self._scram_secret(), username=self.user, mock_key=self.registry.mock_key
+                self._scram_secret(),
+                username=self.user,
+                mock_key=self.registry.mock_key,
+                channel_binding=self.channel_binding,
+                plus=plus,
             )
-            return messages.authentication_sasl_continue(self._scram.handle_client_first(data)), False
+            server_first = self._scram.handle_client_first(data)
+            return messages.authentication_sasl_continue(server_first), False
         assert self._scram is not None
         try:
             final = self._scram.handle_client_final(body)  # SASLResponse: raw bytes
         except AuthError:
             raise self._failed() from None
+        self._learn_scram()
         return messages.authentication_sasl_final(final), True
+
+    def _learn_scram(self) -> None:
+        secret = self.secret
+        if secret is None or self._scram is None or self._scram.client_key is None:
+            return
+        if self.from_auth_query and not secret.startswith("SCRAM-SHA-256$"):
+            self.registry.learned[self.user] = LearnedSecret(password=secret)
+            return
+        parsed = parse_scram_secret(secret)
+        if parsed is not None:
+            # Only the SCRAM secret is known: keep the key the client proved,
+            # so pgmux can log in to PostgreSQL as this user (passthrough).
+            self.registry.learned[self.user] = LearnedSecret(
+                client_key=self._scram.client_key, scram=parsed
+            )
 
     def _scram_secret(self) -> ScramSecret | None:
         secret = self.secret

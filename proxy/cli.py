@@ -1,4 +1,9 @@
-"""Command line: `pgmux -c FILE`, `pgmux --check -c FILE`, `pgmux --version`."""
+"""Command line: `pgmux -c FILE`, `pgmux --check -c FILE`, `pgmux --version`.
+
+pgmux always runs in the foreground and logs to stderr (systemd's journal
+takes it from there); `-v` / `-vv` log more, `-q` less, `--pidfile` (or the
+config's `pidfile`) writes the process id for tools that want one.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +22,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="configuration file (YAML)")
     parser.add_argument("config_file", nargs="?", help="configuration file (like pgbouncer FILE)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="log more: -v one level more than logging.level, -vv debug",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--pidfile", help="write the process id here (overrides `pidfile`)")
+    # PgBouncer's command line, where it makes sense (docs/migrating-from-pgbouncer.md)
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="with --check: reject PgBouncer settings that pgmux does not support",
+    )
+    parser.add_argument("-u", "--user", help="switch to this OS user after binding (as root)")
+    parser.add_argument("-d", "--daemon", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-R", "--reboot", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        from .convert import main as convert_main
+
+        return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
+    refused = _refuse_pgbouncer_options(args)
+    if refused is not None:
+        return refused
     if args.version:
         print(f"pgmux {__version__}")
         return 0
@@ -35,26 +60,110 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(path)
         from .lifecycle import load_users
+        from .tls import load_security
 
         load_users(config)
+        load_security(config)  # certificates and the hba file, so --check sees them too
     except ConfigError as exc:
         print(f"pgmux: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"pgmux: {exc}", file=sys.stderr)
         return 1
+    from .pgbouncer_ini import unsupported_warning
+
+    warning = unsupported_warning(config)
+    if warning and (args.strict or args.check):
+        print(f"pgmux: {'error' if args.strict else 'warning'}: {warning}", file=sys.stderr)
+        if args.strict:
+            return 1
     if args.check:
         print(f"pgmux: configuration ok: {path}")
         return 0
-    return run(config, verbosity=args.verbose, quiet=args.quiet)
+    pidfile = args.pidfile or config.pidfile
+    from .lifecycle import PidfileError, remove_pidfile, write_pidfile
+
+    try:
+        if pidfile:
+            write_pidfile(pidfile)
+    except PidfileError as exc:
+        print(f"pgmux: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run(config, verbosity=args.verbose, quiet=args.quiet, user=args.user)
+    finally:
+        if pidfile:
+            remove_pidfile(pidfile)
 
 
-def run(config, verbosity: int = 0, quiet: bool = False) -> int:  # config: Config
+_LEVELS = ("error", "warning", "info", "debug")
+
+
+def log_level(configured: str, verbosity: int = 0, quiet: bool = False) -> str:
+    """logging.level, raised one step per -v, or warning with -q."""
+    if quiet:
+        return "warning"
+    index = _LEVELS.index(configured) if configured in _LEVELS else 2
+    return _LEVELS[min(index + verbosity, len(_LEVELS) - 1)]
+
+
+def _refuse_pgbouncer_options(args: argparse.Namespace) -> int | None:
+    """PgBouncer options pgmux does not have: a clear message and exit code 2."""
+    if args.daemon:
+        print(
+            "pgmux: -d (daemonize) is not supported: pgmux runs in the foreground; "
+            "run it under systemd (Type=notify, see systemd/pgmux.service) or another "
+            "supervisor, which also takes its log from stderr",
+            file=sys.stderr,
+        )
+        return 2
+    if args.reboot:
+        print(
+            "pgmux: -R (online restart) is not supported: use RELOAD or SIGHUP to apply a "
+            "new configuration, or systemd socket activation to restart without "
+            "refusing connections",
+            file=sys.stderr,
+        )
+        return 2
+    return None
+
+
+def run(
+    config, verbosity: int = 0, quiet: bool = False, user: str | None = None
+) -> int:  # config: Config
     import uvloop
 
     from .lifecycle import Daemon
     from .log import configure_logging
 
-    level = "debug" if verbosity else ("warning" if quiet else config.logging.level)
+    level = log_level(config.logging.level, verbosity, quiet)
     configure_logging(config.logging.format, level)
-    return uvloop.run(Daemon(config).run())
+    from .pgbouncer_ini import unsupported_warning
+
+    warning = unsupported_warning(config)
+    if warning:
+        from .log import get_logger
+
+        get_logger("pgmux.config").warning("unsupported_settings", detail=warning,
+                                           config=config.path)
+    if user is not None:
+        from .privileges import PrivilegeError, check_user
+
+        try:
+            check_user(user)  # fail before binding, not after
+        except PrivilegeError as exc:
+            print(f"pgmux: {exc}", file=sys.stderr)
+            return 1
+        if config.listen.workers > 1:
+            print("pgmux: -u is not supported with listen.workers > 1", file=sys.stderr)
+            return 2
+    if config.listen.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config, level)
+    daemon = Daemon(config)
+    if user is not None:
+        from .privileges import drop_privileges
+
+        daemon.after_bind = lambda: drop_privileges(user, daemon.listener.unix_path)
+    return uvloop.run(daemon.run())

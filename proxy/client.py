@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import time
 from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-from pgmux.protocol.errors import ProtocolError
+from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.startup import (
     CancelRequest,
@@ -26,17 +27,29 @@ from pgmux.protocol.startup import (
     StartupReader,
 )
 
-from . import varcache
+from . import session_state, varcache
+from .admin import open_console
+from .config import ADMIN_DATABASES
 from .auth import ClientAuth
+from .hba import Connection
 from .log import get_logger
+from .prepared import Translator
 from .tasks import spawn
 from .server import ServerConnection, ServerError, ServerLost
+from .stats import GLOBAL
+from .tls import ClientTls, peer_common_name
 
 if TYPE_CHECKING:
+    import ssl
+
+    from .admin import AdminSession
+    from .config import DatabaseConfig
     from .pool import Pool
     from .registry import Registry
 
 log = get_logger("pgmux.client")
+
+_client_ids = itertools.count(1)
 
 _LENGTH = Struct("!I").unpack_from
 _QUERY = ord("Q")
@@ -47,6 +60,7 @@ _COPY_DATA = ord("d")
 _COPY_DONE = ord("c")
 _COPY_FAIL = ord("f")
 _PASSWORD = ord("p")
+_FLUSH = ord("H")
 
 # Messages after which the server owes nothing until a Sync arrives.
 _NO_BATCH = frozenset((_QUERY, _SYNC, _FUNCTION_CALL, _COPY_DATA, _COPY_DONE, _COPY_FAIL))
@@ -60,6 +74,7 @@ class Phase(enum.Enum):
     AUTH = "auth"
     WELCOME = "welcome"  # authenticated, waiting for a server's parameters
     READY = "ready"
+    ADMIN = "admin"  # a console session (proxy/admin.py) owns the connection
     CLOSED = "closed"
 
 
@@ -86,7 +101,21 @@ class ClientConnection(asyncio.Protocol):
         self.expect_rfq = 0
         self.in_batch = False
         self.release_on_idle = True
+        self.translator: Translator | None = None  # transaction mode's rewriting
+        self.pinned: set[str] = set()  # session state that keeps the server (session_state.py)
         self.wait_started = 0.0
+        # for the janitor's timeouts: when the client last sent something, when
+        # its latest request was sent, and which request a query_timeout cancelled
+        self.last_active = self.connected_at
+        self.query_started = 0.0
+        self.idle_mark = 0.0
+        self.query_cancelled = 0.0
+        self.cancel_sent_at = 0.0
+        self.id = next(_client_ids)  # SHOW CLIENTS id, KILL_CLIENT's argument
+        self.xact_started = 0.0  # first request of the transaction in progress
+        self.query_mark = 0.0  # the last ReadyForQuery, or when the server was linked
+        self.console: AdminSession | None = None
+        self._database: DatabaseConfig | None = None
         self._waiting = False
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -97,6 +126,10 @@ class ClientConnection(asyncio.Protocol):
         self._reader: MessageReader | None = None
         self._auth: ClientAuth | None = None
         self._linking = False
+        # TLS: the side's settings in use, and what arrives during the handshake
+        self.tls: ClientTls | None = None
+        self._tls_early: list[bytes] | None = None
+        self._counted = False  # in max_db/max_user_client_connections
 
     # --- connection ------------------------------------------------------
 
@@ -115,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         was_ready = self.phase is Phase.READY
         self.phase = Phase.CLOSED
         self.registry.remove_client(self)
+        if self._counted:
+            self._release_client_slot()
         pool = self.pool
         if pool is not None:
             pool.clients.discard(self)
@@ -156,16 +191,26 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is not Phase.READY:
             self._login_received(data)
             return
+        requests = self.expect_rfq
         try:
             terminate_at = self._scan(data)
         except ProtocolError as exc:
             self.fail(exc.sqlstate, exc.message)
             return
+        self.last_active = time.monotonic()
+        self.pool.stats.total_received += len(data)  # type: ignore[union-attr]
+        if self.expect_rfq != requests:
+            self.query_started = self.last_active
+            if not self.xact_started:
+                self.xact_started = self.last_active
         if terminate_at >= 0:
             data = data[:terminate_at]
         server = self.server
         if server is not None and not self._linking:
             if data:
+                translator = self.translator
+                if translator is not None:
+                    data = translator.translate(data, server)
                 server.transport.write(data)  # type: ignore[union-attr]
         elif data:
             self._pending.append(data)
@@ -197,7 +242,7 @@ class ClientConnection(asyncio.Protocol):
             elif kind == _TERMINATE:
                 self._skip = 0
                 return pos
-            else:
+            elif kind != _FLUSH:  # Flush asks for output; it opens no batch
                 self.in_batch = True
             pos += 1 + length
         if pos < n:
@@ -226,9 +271,22 @@ class ClientConnection(asyncio.Protocol):
             if kind != _COPY_DATA and kind != _COPY_DONE and kind != _COPY_FAIL:
                 self.expect_rfq += 1
             self.in_batch = False
-        else:
+        elif kind != _FLUSH:
             self.in_batch = True
         return 1 + length - len(have)
+
+    @property
+    def running(self) -> bool:
+        """A request of this client is queued, being linked or on a server."""
+        return (
+            self.expect_rfq > 0 or self.in_batch or self._waiting or self._linking
+            or bool(self._pending)
+        )
+
+    @property
+    def database(self) -> DatabaseConfig | None:
+        """The configuration entry of the database it asked for (once known)."""
+        return self._database
 
     @property
     def mid_message(self) -> bool:
@@ -251,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
         self._waiting = False
         self._linking = False
         self.server = server
+        self.query_mark = server.linked_at
         if self.phase is Phase.WELCOME:
             self._welcome_server(server)
             return
@@ -290,6 +349,8 @@ class ClientConnection(asyncio.Protocol):
             data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._pending.clear()
             self._pending_size = 0
+            if self.translator is not None:
+                data = self.translator.translate(data, server)
             server.transport.write(data)  # type: ignore[union-attr]
             if self.transport is not None:
                 self.transport.resume_reading()
@@ -299,22 +360,47 @@ class ClientConnection(asyncio.Protocol):
 
     def transaction_done(self, server: ServerConnection) -> None:
         """The server said ReadyForQuery(I) and owes this client nothing more."""
-        if not self.release_on_idle:
-            return
-        self.server = None
-        self.expect_rfq = 0
         pool = self.pool
         assert pool is not None
-        pool.stats.total_xact_count += 1
-        pool.stats.total_xact_time += time.monotonic() - server.linked_at
-        pool.release(server)
+        if self.xact_started:  # a transaction ran (not just an empty request)
+            pool.stats.add_xact(time.monotonic() - max(self.xact_started, server.linked_at))
+            self.xact_started = 0.0
+        if not self.release_on_idle or self.pinned:
+            return  # session mode, or session state pins the server to this client
+        self.server = None
+        self.expect_rfq = 0
+        if server.dirty:
+            pool.release_after_reset(server)
+        else:
+            pool.release(server)
         if self._pending and not self._waiting:
             self._request_server()
 
+    def _make_translator(self, pool: Pool) -> Translator | None:
+        """Transaction mode rewrites extended-protocol traffic and tracks session state."""
+        settings = pool.settings
+        if pool.mode != "transaction":
+            return None
+        if settings.max_prepared_statements == 0 and settings.session_state == "ignore":
+            return None  # plain forwarding, as PgBouncer without prepared statements
+        return Translator(
+            self.registry.statement_cache,
+            settings.max_prepared_statements,
+            settings.session_state,
+        )
+
+    def command_done(self, tag: bytes, text: bytes, server: ServerConnection) -> None:
+        """A CommandComplete for this client (transaction mode): watch for session state."""
+        session_state.observe(self, server, tag, text)
+
     def stats_query_done(self) -> None:
+        # Called at each ReadyForQuery: a query ran from its request (or the
+        # previous ReadyForQuery, or the link) until now.
         pool = self.pool
         if pool is not None:
-            pool.stats.total_query_count += 1
+            now = time.monotonic()
+            pool.stats.add_query(now - max(self.query_started, self.query_mark))
+            self.query_mark = now
 
     def server_parameter(self, name: str, value: str) -> None:
         """The server reported a parameter change made by this client (SET ...)."""
@@ -326,6 +412,8 @@ class ClientConnection(asyncio.Protocol):
     def server_lost(self, server: ServerConnection) -> None:
         if self.server is server:
             self.server = None
+            if self.pool is not None:
+                self.pool.stats.add_error("server_lost")
             self.fail(sqlstate.CONNECTION_FAILURE, "server conn crashed?")
 
     def wait_failed(self, code: str, message: str) -> None:
@@ -337,6 +425,9 @@ class ClientConnection(asyncio.Protocol):
     # --- login ------------------------------------------------------------
 
     def _login_received(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            self._tls_early.append(data)  # decrypted before start_tls returned
+            return
         try:
             if self.phase is Phase.STARTUP:
                 self._startup_received(data)
@@ -344,10 +435,15 @@ class ClientConnection(asyncio.Protocol):
                 self._auth_received(data)
             elif self.phase is Phase.WELCOME:
                 self._early_data(data)
+            elif self.phase is Phase.ADMIN and self.console is not None:
+                self.console.data_received(data)
         except ProtocolError as exc:
-            log.info("login_failed", error=exc.message, sqlstate=exc.sqlstate,
-                     **self.log_fields())
-            self.fail(exc.sqlstate, exc.message)
+            self._login_failed(exc)
+
+    def _login_failed(self, exc: ProtocolError) -> None:
+        log.info("login_failed", error=exc.message, sqlstate=exc.sqlstate, **self.log_fields())
+        GLOBAL.login_failed(exc.sqlstate)
+        self.fail(exc.sqlstate, exc.message)
 
     def _early_data(self, data: bytes) -> None:
         # A client that pipelines its first query before the welcome: keep it.
@@ -359,8 +455,11 @@ class ClientConnection(asyncio.Protocol):
             event = self._startup.next_event()
             if event is None:
                 return
-            if isinstance(event, SSLRequest | GSSENCRequest):
-                self.send(b"N")  # TLS arrives with the tls module; plain for now
+            if isinstance(event, SSLRequest):
+                if self._ssl_request():
+                    return  # the handshake runs; the StartupMessage comes encrypted
+            elif isinstance(event, GSSENCRequest):
+                self.send(b"N")  # no GSSAPI encryption; the client goes on without
             elif isinstance(event, CancelRequest):
                 self.registry.cancel(event.pid, event.key)
                 self.transport.close()  # type: ignore[union-attr]
@@ -381,8 +480,9 @@ class ClientConnection(asyncio.Protocol):
             raise ProtocolError(
                 "no more connections allowed (max_client_conn)", sqlstate.TOO_MANY_CONNECTIONS
             )
-        database = self.config.database(self.dbname)
-        if database is None:
+        console = self.dbname in ADMIN_DATABASES
+        database = None if console else self.config.database(self.dbname)
+        if database is None and not console:
             raise ProtocolError(f"no such database: {self.dbname}", sqlstate.INVALID_CATALOG_NAME)
         try:
             ignore = frozenset(p.lower() for p in self.config.ignore_startup_parameters)
@@ -390,16 +490,171 @@ class ClientConnection(asyncio.Protocol):
         except varcache.StartupParameterError as exc:
             raise ProtocolError(str(exc), sqlstate.PROTOCOL_VIOLATION) from None
         self._database = database
-        self._auth = ClientAuth(
-            self.config.auth.type, self.user, self.registry.users.get(self.user), self.registry
-        )
+        method = self._auth_method()
         self.phase = Phase.AUTH
         self._reader = MessageReader(max_size=self.config.limits.max_packet_size)
+        secret = self.registry.users.get(self.user)
+        if secret is None and database is not None and self.registry.auth_query.enabled:
+            if self.transport is not None:
+                self.transport.pause_reading()  # nothing to read until we ask
+            spawn(self._auth_query(method, database))
+            return
+        self._start_auth(method, secret, from_auth_query=False)
+
+    def _start_auth(self, method: str, secret: str | None, *, from_auth_query: bool) -> None:
+        self._auth = ClientAuth(
+            method,
+            self.user,
+            secret,
+            self.registry,
+            channel_binding=self.tls.end_point if self.tls is not None else None,
+            from_auth_query=from_auth_query,
+        )
         first = self._auth.start()
         if first is None:
             self._authenticated()
         else:
             self.send(first)
+
+    async def _auth_query(self, method: str, database: DatabaseConfig) -> None:
+        """Ask PostgreSQL for the user's secret (auth.query), then authenticate."""
+        secret = await self.registry.auth_query.secret(self.dbname, database, self.user)
+        if self.phase is not Phase.AUTH:
+            return  # gone meanwhile (client_login timeout, disconnect)
+        try:
+            self._start_auth(method, secret, from_auth_query=secret is not None)
+            if self.phase is Phase.AUTH:
+                self._auth_received(b"")
+        except ProtocolError as exc:
+            self._login_failed(exc)
+            return
+        if self.transport is not None and self.phase is not Phase.CLOSED:
+            self.transport.resume_reading()
+
+    # --- TLS, hba and client limits ----------------------------------------
+
+    def _ssl_request(self) -> bool:
+        """Answer an SSLRequest; True when a TLS handshake starts."""
+        tls = self.registry.tls.client
+        if tls.context is None or self.peer == "unix":
+            self.send(b"N")
+            return False
+        if self._startup.take_remaining():
+            # Bytes sent before the handshake could be anyone's (CVE-2021-23222).
+            raise ProtocolError("received unencrypted data after SSL request")
+        transport = self.transport
+        assert transport is not None
+        transport.write(b"S")
+        transport.pause_reading()
+        self._tls_early = []
+        spawn(self._start_tls(transport, tls))
+        return True
+
+    async def _start_tls(self, transport: asyncio.Transport, tls: ClientTls) -> None:
+        loop = asyncio.get_running_loop()
+        assert tls.context is not None
+        try:
+            wrapped = await loop.start_tls(transport, self, tls.context, server_side=True)
+        except (OSError, ConnectionError, ValueError) as exc:  # ssl.SSLError is an OSError
+            if self.phase is not Phase.CLOSED:
+                log.info("login_failed", error=f"TLS handshake failed: {exc}", **self.log_fields())
+                GLOBAL.login_failed(sqlstate.PROTOCOL_VIOLATION)
+                transport.abort()
+                self._closed("TLS handshake failed")
+            return
+        if self.phase is Phase.CLOSED or wrapped is None:
+            if wrapped is not None:
+                wrapped.abort()
+            return
+        self.transport = wrapped  # type: ignore[assignment]
+        self.tls = tls
+        early, self._tls_early = self._tls_early or [], None
+        if early:
+            self._login_received(b"".join(early))
+
+    def _ssl_object(self) -> ssl.SSLObject | None:
+        if self.tls is None or self.transport is None:
+            return None
+        return self.transport.get_extra_info("ssl_object")
+
+    def _auth_method(self) -> str:
+        """The method this login runs, after the TLS requirement and the hba
+        rules had their say (ProtocolError when they refuse the connection)."""
+        local = self.peer == "unix"
+        tls = self.registry.tls.client
+        if tls.required and not local and self.tls is None:
+            raise ProtocolError("SSL required", sqlstate.INVALID_AUTHORIZATION)
+        verify_name = self.tls is not None and self.tls.mode == "verify-full"
+        if verify_name and peer_common_name(self._ssl_object()) != self.user:
+            raise ProtocolError(
+                f'certificate authentication failed for user "{self.user}"',
+                sqlstate.INVALID_AUTHORIZATION,
+            )
+        hba = self.registry.hba
+        if hba is None:
+            return self.config.auth.type
+        conn = self._hba_connection(local)
+        rule = hba.match(conn)
+        if rule is None:
+            message = f"no pg_hba.conf entry for {conn.describe()}"
+            raise ProtocolError(message, sqlstate.INVALID_AUTHORIZATION)
+        if rule.method == "reject":
+            message = f"pg_hba.conf rejects connection for {conn.describe()}"
+            raise ProtocolError(message, sqlstate.INVALID_AUTHORIZATION)
+        return rule.method
+
+    def _hba_connection(self, local: bool) -> Connection:
+        address = server_address = None
+        if not local and self.transport is not None:
+            peer = self.transport.get_extra_info("peername")
+            sock = self.transport.get_extra_info("sockname")
+            address = peer[0] if isinstance(peer, tuple) else None
+            server_address = sock[0] if isinstance(sock, tuple) else None
+        return Connection(
+            database=self.dbname,
+            user=self.user,
+            local=local,
+            ssl=self.tls is not None,
+            address=address,
+            server_address=server_address,
+        )
+
+    def _take_client_slot(self) -> None:
+        """max_db_client_connections / max_user_client_connections (PgBouncer
+        1.24), counted over authenticated clients only: a flood of
+        connections that never log in cannot use them up."""
+        database = self._database
+        if database is None:
+            return
+        registry = self.registry
+        db_limit = database.pool.max_db_client_connections
+        user_config = self.config.users.get(self.user)
+        user_limit = (
+            user_config.max_user_client_connections if user_config is not None else 0
+        ) or database.pool.max_user_client_connections
+        if db_limit and registry.db_client_count[self.dbname] >= db_limit:
+            raise ProtocolError(
+                "no more connections allowed (max_db_client_connections)",
+                sqlstate.TOO_MANY_CONNECTIONS,
+            )
+        if user_limit and registry.user_client_count[self.user] >= user_limit:
+            raise ProtocolError(
+                "no more connections allowed (max_user_client_connections)",
+                sqlstate.TOO_MANY_CONNECTIONS,
+            )
+        registry.db_client_count[self.dbname] += 1
+        registry.user_client_count[self.user] += 1
+        self._counted = True
+
+    def _release_client_slot(self) -> None:
+        self._counted = False
+        for counter, name in (
+            (self.registry.db_client_count, self.dbname),
+            (self.registry.user_client_count, self.user),
+        ):
+            counter[name] -= 1
+            if counter[name] <= 0:
+                del counter[name]
 
     def _auth_received(self, data: bytes) -> None:
         assert self._reader is not None and self._auth is not None
@@ -414,24 +669,40 @@ class ClientConnection(asyncio.Protocol):
                     f"expected password response, got message type {chr(kind)!r}",
                     sqlstate.PROTOCOL_VIOLATION,
                 )
-            reply, finished = self._auth.handle(body)
+            try:
+                reply, finished = self._auth.handle(body)
+            except AuthError:
+                if self._auth.from_auth_query and self._database is not None:
+                    # Maybe the password changed: ask again next time.
+                    self.registry.auth_query.forget(self.dbname, self._database, self.user)
+                raise
             if reply is not None:
                 self.send(reply)
             if finished:
                 self._authenticated()
 
     def _authenticated(self) -> None:
+        if self.dbname not in ADMIN_DATABASES:
+            self._take_client_slot()
         self.send(messages.authentication_ok())
-        self.registry.logging_in.discard(self)
+        self.registry.login_done(self)
+        if self.dbname in ADMIN_DATABASES:
+            open_console(self, self._reader.take_remaining() if self._reader else b"")
+            return
+        if self.registry.is_disabled(self.dbname):
+            raise ProtocolError(
+                f'database "{self.dbname}" is disabled', sqlstate.CANNOT_CONNECT_NOW
+            )
         pool = self.registry.pool_for(self.dbname, self._database, self.user)
         self.pool = pool
         pool.clients.add(self)
         self.release_on_idle = pool.mode == "transaction"
+        self.translator = self._make_translator(pool)
         leftover = self._reader.take_remaining() if self._reader else b""  # type: ignore[attr-defined]
         if leftover:
             self._pending.append(leftover)
-        if pool.server_params is None or not self.release_on_idle:
-            # Need a server's parameters first (or a server for the session).
+        if pool.server_params is None:
+            # The welcome needs a server's parameters first.
             self.phase = Phase.WELCOME
             self._request_server()
         else:

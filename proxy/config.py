@@ -77,6 +77,8 @@ class PoolSettings:
     reserve_timeout: float = 5.0
     max_db_connections: int = 0  # 0 = unlimited
     max_user_connections: int = 0  # 0 = unlimited
+    max_db_client_connections: int = 0  # clients per database; 0 = unlimited
+    max_user_client_connections: int = 0  # clients per user; 0 = unlimited
     max_prepared_statements: int = 200
     session_state: str = "pin"
     rollback_abandoned: bool = True
@@ -105,6 +107,8 @@ class AuthConfig:
     users_file: str | None = None  # absolute, resolved against the config file's directory
     query: str | None = None
     query_user: str | None = None
+    query_password: str | None = field(default=None, repr=False)  # else the users file's
+    query_cache_ttl: float = 10.0  # seconds an auth_query answer is reused
     hba_file: str | None = None  # absolute, like users_file
 
 
@@ -119,6 +123,7 @@ class AdminConfig:
     users: tuple[str, ...] = ()
     stats_users: tuple[str, ...] = ()
     http: HttpConfig = field(default_factory=HttpConfig)
+    stats_period: float = 60.0  # SHOW STATS averages cover this period (PgBouncer's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,7 @@ class TlsConfig:
 class LoggingConfig:
     format: str = "json"
     level: str = "info"
+    wait_threshold: float = 1.0  # log a client that waited this long for a server; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,7 @@ class UserConfig:
     name: str
     pool_mode: str | None = None
     max_user_connections: int = 0
+    max_user_client_connections: int = 0
     pool_size: int | None = None
 
 
@@ -360,8 +367,9 @@ def _file_mode(value: Any, key: str) -> int:
 
 def _workers(value: Any, key: str) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return os.cpu_count() or 1
-    return _integer(1, expected="a positive integer or 'auto'")(value, key)
+        return min(os.cpu_count() or 1, 256)
+    # At most 256: a cancel key's low byte names its worker (proxy/workers.py).
+    return _integer(1, 256, expected="an integer from 1 to 256 or 'auto'")(value, key)
 
 
 _DURATION = re.compile(r"\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-z]*)\s*")
@@ -385,6 +393,13 @@ def parse_duration(value: Any, key: str) -> float:
         raise _expected(key, _DURATION_EXPECTED, value)
     if seconds < 0:
         raise _expected(key, _DURATION_EXPECTED, value, " (durations cannot be negative)")
+    return seconds
+
+
+def _positive_duration(value: Any, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise _expected(key, "a duration longer than 0 like '1s' or '60s'", value)
     return seconds
 
 
@@ -465,6 +480,8 @@ _POOL: dict[str, Converter] = {
     "reserve_timeout": parse_duration,
     "max_db_connections": _non_negative,
     "max_user_connections": _non_negative,
+    "max_db_client_connections": _non_negative,
+    "max_user_client_connections": _non_negative,
     "max_prepared_statements": _non_negative,
     "session_state": _one_of(*SESSION_STATES),
     "rollback_abandoned": _boolean,
@@ -477,6 +494,8 @@ _AUTH: dict[str, Converter] = {
     "users_file": _optional_text,
     "query": _optional_text,
     "query_user": _optional_text,
+    "query_password": _secret,
+    "query_cache_ttl": parse_duration,
     "hba_file": _optional_text,
 }
 _HTTP: dict[str, Converter] = {"address": _text, "port": _optional_port}
@@ -484,6 +503,7 @@ _ADMIN: dict[str, Converter] = {
     "users": _names,
     "stats_users": _names,
     "http": _Section(HttpConfig(), _HTTP),
+    "stats_period": _positive_duration,
 }
 _TLS_SIDE: dict[str, Converter] = {
     "mode": _one_of(*TLS_MODES),
@@ -493,7 +513,11 @@ _TLS: dict[str, Converter] = {
     "client": _Section(TlsConfig().client, _TLS_SIDE),
     "server": _Section(TlsConfig().server, _TLS_SIDE),
 }
-_LOGGING: dict[str, Converter] = {"format": _one_of(*LOG_FORMATS), "level": _one_of(*LOG_LEVELS)}
+_LOGGING: dict[str, Converter] = {
+    "format": _one_of(*LOG_FORMATS),
+    "level": _one_of(*LOG_LEVELS),
+    "wait_threshold": parse_duration,
+}
 _LIMITS: dict[str, Converter] = {
     "max_packet_size": _packet_size,
     "max_logins_in_progress": _non_negative,
@@ -532,6 +556,7 @@ _DATABASE_KEYS: dict[str, tuple[str, str, Converter]] = {
 _USER: dict[str, Converter] = {
     "pool_mode": _optional(_one_of(*POOL_MODES)),
     "max_user_connections": _non_negative,
+    "max_user_client_connections": _non_negative,
     "pool_size": _optional_positive,
 }
 
@@ -611,9 +636,18 @@ def _substitute(text: str, env: Mapping[str, str], key: str) -> str:
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML config file; raise ConfigError naming file, line, key."""
+    """Read and validate a YAML config file; raise ConfigError naming file, line, key.
+
+    A PgBouncer ini file (.ini, or starting with a [section]) is read by
+    pgbouncer_ini into the same structure and validated the same way.
+    """
     name = os.fspath(path)
-    data, lines = _load_yaml(_read_text(name), name)
+    text = _read_text(name)
+    from .pgbouncer_ini import load_pgbouncer_ini, looks_like_ini
+
+    if looks_like_ini(name, text):
+        return load_pgbouncer_ini(name, text)
+    data, lines = _load_yaml(text, name)
     base_dir = os.path.dirname(os.path.abspath(name))
     try:
         config = parse_config(data, path=name, env=env, base_dir=base_dir)
@@ -840,6 +874,7 @@ def _line_of(key: str, lines: Mapping[str, int]) -> int | None:
 
 _FORMATTERS: dict[Any, Callable[[Any], str]] = {
     parse_duration: format_duration,
+    _positive_duration: format_duration,
     _packet_size: format_size,
     _file_mode: lambda mode: f"0{mode:o}",
 }
@@ -904,3 +939,27 @@ def _database_rows(db: DatabaseConfig, config: Config) -> list[tuple[str, str, s
                 continue
         rows.append((f"databases.{db.name}.{key}", _show(convert, current), _show(convert, base)))
     return rows
+
+
+# -- SET key = value -------------------------------------------------------------
+
+# Settings the console's SET may change while pgmux runs (SHOW CONFIG's
+# "changeable" column). A timeouts.* or pool.* value also applies to every
+# database that does not override it. The rest need a RELOAD or a restart.
+RUNTIME_SETTINGS: dict[str, Converter] = {
+    "listen.max_client_conn": _positive,
+    "admin.stats_period": _positive_duration,
+    "logging.level": _LOGGING["level"],
+    "logging.wait_threshold": parse_duration,
+    **{f"timeouts.{name}": parse_duration for name in _TIMEOUTS},
+    **{
+        f"pool.{name}": _POOL[name]
+        for name in ("size", "min_size", "reserve_size", "reserve_timeout")
+    },
+}
+
+
+def show_setting(key: str, value: Any) -> str:
+    """How SHOW CONFIG spells a RUNTIME_SETTINGS value."""
+    return _show(RUNTIME_SETTINGS[key], value)
+

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import sqlstate
 
+from .client import Phase
 from .log import get_logger
 
 if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .pool import Pool
     from .registry import Registry
 
 log = get_logger("pgmux.janitor")
@@ -27,6 +31,9 @@ class Janitor:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._task: asyncio.Task[None] | None = None
+        self.timeouts: Counter[str] = Counter()  # every timeout that fired, by name
+        # pools whose database a reload removed: their clients finish, then close
+        self.draining: set[Pool] = set()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -50,13 +57,96 @@ class Janitor:
             if pool.waiting:
                 pool.grow()  # reserve_size may apply now, or a slot was freed
             pool.ensure_min_size()
+            self._expire_clients(pool, now)
+        for pool in list(self.draining):
+            self._drain(pool, now)
         self._expire_logins(now)
 
-    def _expire_logins(self, now: float) -> None:
-        limit = self.registry.config.timeouts.client_login
-        if not limit:
+    def drain(self, pool: Pool) -> None:
+        """A reload removed this pool's database: let its clients finish, then close."""
+        pool.close()
+        for server in pool.active:
+            server.close_when_released = True
+        self.draining.add(pool)
+
+    def _drain(self, pool: Pool, now: float) -> None:
+        message = f'database "{pool.dbname}" was removed from the configuration'
+        while pool.waiting:  # no server will open for them any more
+            pool.waiting.popleft().wait_failed(sqlstate.ADMIN_SHUTDOWN, message)
+        for client in list(pool.clients):
+            if client.server is None and not client.running:
+                client.fail(sqlstate.ADMIN_SHUTDOWN, message)
+        self._expire_clients(pool, now)
+        if not pool.clients and not pool.servers:
+            self.draining.discard(pool)
+            log.info("pool_removed", db=pool.dbname, user=pool.user)
+
+    # --- client timeouts ----------------------------------------------------
+
+    def _expire_clients(self, pool: Pool, now: float) -> None:
+        """client_idle, idle_transaction and query, with this pool's values."""
+        limits = pool.timeouts
+        if not (limits.client_idle or limits.idle_transaction or limits.query):
             return
+        for client in list(pool.clients):
+            if client.phase is not Phase.READY:
+                continue
+            if client.running:
+                client.idle_mark = now  # idle time counts from the end of its request
+                if limits.query and client.expect_rfq > 0:
+                    self._check_query(pool, client, now)
+                continue
+            idle = now - max(client.idle_mark, client.last_active)
+            server = client.server
+            if server is not None and not server.clean_for_release:
+                if limits.idle_transaction and idle >= limits.idle_transaction:
+                    # FATAL, as PostgreSQL's idle_in_transaction_session_timeout;
+                    # the pool rolls the server back and reuses it.
+                    self._fire(pool, client, "idle_transaction", idle)
+                    client.fail(
+                        sqlstate.IDLE_IN_TRANSACTION_TIMEOUT,
+                        "terminating connection due to idle_transaction timeout",
+                    )
+            elif limits.client_idle and idle >= limits.client_idle:
+                self._fire(pool, client, "client_idle", idle)
+                client.fail(
+                    sqlstate.IDLE_SESSION_TIMEOUT,
+                    "terminating connection due to client_idle timeout",
+                )
+
+    def _check_query(self, pool: Pool, client: ClientConnection, now: float) -> None:
+        server = client.server
+        if server is None:
+            return  # still waiting for a server: query_wait covers that
+        limits = pool.timeouts
+        started = max(client.query_started, server.linked_at)
+        if now - started < limits.query:
+            return
+        if client.query_cancelled != client.query_started:
+            # PostgreSQL stops the statement and answers 57014 itself, so the
+            # client and the server stay in step and the server stays usable.
+            self._fire(pool, client, "query", now - started)
+            client.query_cancelled = client.query_started
+            client.cancel_sent_at = now
+            self.registry.cancel_server(server)
+        elif limits.cancel_wait and now - client.cancel_sent_at >= limits.cancel_wait:
+            # The statement ignored the cancel: end the client; the pool
+            # cancels again and closes the server if it does not come back.
+            self._fire(pool, client, "cancel_wait", now - client.cancel_sent_at)
+            client.fail(sqlstate.QUERY_CANCELED, "canceling statement due to query timeout")
+
+    def _fire(self, pool: Pool | None, client: ClientConnection, name: str, after: float) -> None:
+        self.timeouts[name] += 1
+        if pool is not None:
+            pool.stats.add_timeout(name)
+        log.info(f"{name}_timeout", after=round(after, 3), **client.log_fields())
+
+    def _expire_logins(self, now: float) -> None:
+        default = self.registry.config.timeouts.client_login
         for client in list(self.registry.logging_in):
-            if now - client.connected_at >= limit:
-                log.info("client_login_timeout", **client.log_fields())
+            database = client.database
+            limit = database.timeouts.client_login if database is not None else default
+            if limit and now - client.connected_at >= limit:
+                pool = self.registry.pools.get((client.dbname, client.user))
+                self._fire(pool, client, "client_login", now - client.connected_at)
                 client.fail(sqlstate.PROTOCOL_VIOLATION, "client_login_timeout")

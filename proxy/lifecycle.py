@@ -1,25 +1,33 @@
 """The daemon's life: start, signals, reload, shutdown.
 
-SIGTERM: stop accepting, let running transactions finish (up to
+SIGTERM: stop accepting, let running and queued transactions finish (up to
 timeouts.shutdown_grace), then exit 0; a second SIGTERM exits at once.
-SIGINT: the same, waiting for every server to be released. SIGQUIT: now.
-SIGHUP: reload the configuration and the users file; a bad file is logged and
-the running configuration stays.
+SIGINT: stop accepting, refuse queued requests, wait (up to the same grace)
+for every server to be released. SIGQUIT: now. SIGUSR1 / SIGUSR2: PAUSE /
+RESUME. SIGHUP: reload the configuration and the users file; a bad file is
+logged and the running configuration stays. Each step is told to systemd
+(proxy/sdnotify.py) when it runs pgmux as a Type=notify service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
+from collections.abc import Callable
 
 from .config import Config, ConfigError, load_config
 from .janitor import Janitor
 from .listener import Listener
 from .log import get_logger
+from .metrics import Observer
 from .tasks import spawn
 from .registry import Registry
+from .tls import load_security
+from .sdnotify import Notifier
 from .userlist import load_users_file
+from .workers import WorkerInfo
 
 log = get_logger("pgmux.lifecycle")
 
@@ -28,32 +36,113 @@ def load_users(config: Config) -> dict[str, str]:
     return load_users_file(config.auth.users_file) if config.auth.users_file else {}
 
 
+class PidfileError(Exception):
+    pass
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid; refuse if the file names another pgmux still running."""
+    try:
+        with open(path) as file:
+            other = int(file.read().strip() or 0)
+    except (OSError, ValueError):
+        other = 0
+    if other and other != os.getpid() and _alive(other):
+        raise PidfileError(f"{path}: pgmux is already running (pid {other})")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)  # never a half-written file
+    except OSError as exc:
+        raise PidfileError(f"{path}: cannot write the pidfile: {exc.strerror}") from None
+
+
+def remove_pidfile(path: str) -> None:
+    """Remove the pidfile if it is still ours."""
+    try:
+        with open(path) as file:
+            if file.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    after_bind: Callable[[], None] | None = None  # run once listening (cli's -u drops root)
+
+    def __init__(self, config: Config, worker: WorkerInfo | None = None) -> None:
         self.config = config
+        self.worker = worker  # one of listen.workers processes (proxy/workers.py)
         self.registry = Registry(config, load_users(config))
+        self.registry.tls, self.registry.hba = load_security(config)
+        self.registry.worker = worker
+        self.registry.daemon = self  # the console's RELOAD / SHUTDOWN
+        self.observer = Observer(self)  # stats period, /metrics /health /ready
         self.listener = Listener(self.registry)
         self.janitor = Janitor(self.registry)
+        # Under listen.workers > 1 the supervisor is systemd's main process.
+        self.notifier = Notifier({} if worker is not None else None)
         self._stopped: asyncio.Future[int] | None = None
         self._stopping = False
+        self._refuse_waiting = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
-        await self.listener.start()
+        # Before listening: a client may connect (and a supervisor signal) at once.
+        self._install_signals(loop)
+        await self.listener.start(self.worker.sockets if self.worker else None)
+        if self.after_bind is not None:
+            self.after_bind()
+        if self.worker is not None:
+            await self.worker.start(self.registry)
         self.registry.create_configured_pools()
         self.janitor.start()
-        self._install_signals(loop)
+        await self.observer.start()
         log.info("ready", config=self.config.path)
-        code = await self._stopped
-        self.janitor.stop()
-        return code
+        self.notifier.ready(self.status())
+        self.notifier.start_watchdog()
+        try:
+            return await self._stopped
+        finally:
+            self.janitor.stop()
+            await self.observer.stop()  # last: /health answered through the drain
+            self.notifier.close()
+
+    def status(self) -> str:
+        """One line for systemctl status (STATUS=...)."""
+        registry = self.registry
+        servers = sum(len(pool.servers) for pool in registry.pools.values())
+        return (
+            f"{len(registry.clients)} clients, {servers} servers, {len(registry.pools)} pools"
+        )
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self.shutdown, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.shutdown, "SIGINT")
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.pause)
+        loop.add_signal_handler(signal.SIGUSR2, self.resume)
+
+    def pause(self) -> None:
+        log.info("pause", signal="SIGUSR1")
+        self.registry.pause()
+
+    def resume(self) -> None:
+        log.info("resume", signal="SIGUSR2")
+        self.registry.resume()
 
     # --- shutdown ---------------------------------------------------------
 
@@ -63,7 +152,11 @@ class Daemon:
             self.stop_now()
             return
         self._stopping = True
-        log.info("shutdown_started", signal=signame)
+        # SIGINT waits only for the servers in use; SIGTERM also lets queued
+        # requests run (PgBouncer's WAIT_FOR_SERVERS / WAIT_FOR_CLIENTS).
+        self._refuse_waiting = signame == "SIGINT"
+        log.info("shutdown_started", signal=signame, grace=self.config.timeouts.shutdown_grace)
+        self.notifier.stopping(f"shutting down ({signame}): {self.status()}")
         self.listener.close()
         self.registry.shutting_down = True
         spawn(self._drain())
@@ -76,19 +169,26 @@ class Daemon:
             await asyncio.sleep(0.05)
         self.stop_now()
 
+    def _pools(self) -> list:  # list[Pool], the draining ones included
+        return [*self.registry.pools.values(), *self.janitor.draining]
+
     def _busy(self) -> bool:
-        return any(pool.active or pool.waiting for pool in self.registry.pools.values())
+        return any(pool.active or pool.waiting for pool in self._pools())
 
     def _close_idle_clients(self) -> None:
         for client in list(self.registry.clients):
-            if client.server is None and not client.wait_started:
+            if client.server is None and (self._refuse_waiting or not client.running):
                 client.fail("57P01", "terminating connection due to administrator command")
 
     def stop_now(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.notifier.stopping("stopping now")
+        log.info("shutdown_now", clients=len(self.registry.clients))
         self.listener.close()
         for client in list(self.registry.clients):
             client.fail("57P01", "terminating connection due to administrator command")
-        for pool in self.registry.pools.values():
+        for pool in self._pools():
             pool.close()
             for server in list(pool.servers):
                 pool.close_server(server, "shutdown")
@@ -99,28 +199,46 @@ class Daemon:
 
     def reload(self) -> None:
         path = self.config.path
+        self.notifier.reloading()  # systemd: reloading until the next READY=1
         try:
             config = load_config(path) if path else self.config
+            if self.worker is not None:
+                config = self.worker.shape(config)  # this worker's share of the limits
             users = load_users(config)
+            security = load_security(config)  # new certificates, hba rules
         except (ConfigError, OSError) as exc:
             log.error("reload_failed", error=str(exc), keeping="running configuration")
+            self.notifier.ready(f"reload failed, running configuration kept: {self.status()}")
             return
         self.apply(config, users)
+        self.registry.tls, self.registry.hba = security
         log.info("reload", config=path)
+        self.notifier.ready(self.status())
 
     def apply(self, config: Config, users: dict[str, str]) -> None:
-        """Swap in a new configuration; pools whose database changed drain."""
+        """Swap in a new configuration without dropping connected clients.
+
+        A pool whose database is gone (or now logs in as another forced user)
+        drains: its clients finish their transactions, then it closes. A pool
+        whose database changed is reconfigured in place (Pool.reconfigure).
+        New databases need nothing: pools appear as clients ask for them.
+        """
         registry = self.registry
+        if config.listen != self.config.listen:
+            log.warning("reload_listen_ignored", reason="listen settings need a restart")
         registry.users = users
-        for (dbname, _user), pool in list(registry.pools.items()):
-            database = config.database(dbname)
-            if database != pool.database:
-                # Changed or removed: its servers finish their transactions and
-                # close; clients that log in later get a fresh pool.
-                pool.close()
-                for server in pool.active:
-                    server.close_when_released = True
-                del registry.pools[(dbname, _user)]
         self.config = config
         registry.config = config
+        for key, pool in list(registry.pools.items()):
+            dbname = key[0]
+            database = config.database(dbname)
+            if database is None or database.user != pool.database.user:
+                del registry.pools[key]
+                log.info("pool_draining", db=dbname, user=pool.user)
+                self.janitor.drain(pool)
+                continue
+            settings, credentials = registry.pool_setup(dbname, database, pool.user)
+            if (database, settings, credentials) != (pool.database, pool.settings,
+                                                     pool.credentials):
+                pool.reconfigure(database, credentials, settings)
         registry.create_configured_pools()

@@ -27,16 +27,28 @@ class Listener:
         self.unix_path: str | None = None
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
-        """Listen on the configured addresses, or on inherited sockets."""
+        """Listen on the configured addresses, or on inherited sockets.
+
+        Sockets handed over by systemd (LISTEN_FDS) replace the configured
+        addresses: the socket unit owns them, and they survive a restart.
+        """
         loop = asyncio.get_running_loop()
         listen = self.registry.config.listen
 
         def factory() -> ClientConnection:
             return ClientConnection(self.registry)
 
+        if sockets is None:
+            sockets = inherited_sockets()
         if sockets:
             for sock in sockets:
-                self.servers.append(await loop.create_server(factory, sock=sock))
+                sock.setblocking(False)
+                if sock.family == socket.AF_UNIX:
+                    server = await loop.create_unix_server(factory, sock=sock)
+                else:
+                    server = await loop.create_server(factory, sock=sock)
+                self.servers.append(server)
+            log.info("listening", inherited=[_name(sock) for sock in sockets])
             return
         for address in listen.addresses:
             host = None if address == "*" else address
@@ -62,3 +74,37 @@ class Listener:
         self.servers.clear()
         if self.unix_path and os.path.exists(self.unix_path):
             os.unlink(self.unix_path)
+
+
+SD_LISTEN_FDS_START = 3  # systemd passes sockets from this descriptor on
+
+
+def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (sd_listen_fds).
+
+    Taken only when LISTEN_PID names this process, so a child never takes
+    sockets meant for its parent; the variables are then removed so they do
+    not leak to anything pgmux starts.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+        pid = int(env.get("LISTEN_PID", "0"))
+    except ValueError:
+        return []
+    if count <= 0 or pid != os.getpid():
+        return []
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+def _name(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return address.decode(errors="replace") if isinstance(address, bytes) else str(address)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.errors import ProtocolError
 
+from . import session_state
 from .log import get_logger
 from .tasks import spawn
 from .server import ServerConnection, ServerCredentials, ServerError, ServerLost, ServerState
@@ -70,7 +71,7 @@ class Pool:
 
     def acquire(self, client: ClientConnection) -> None:
         """Give the client a server now, or queue it (FIFO) until one is free."""
-        if self.idle and not self.waiting:
+        if self.idle and not self.waiting and not self.registry.is_paused(self.dbname):
             self._link(self.idle.pop(), client)
             return
         client.wait_started = time.monotonic()
@@ -86,21 +87,37 @@ class Pool:
     def _link(self, server: ServerConnection, client: ClientConnection) -> None:
         self.active.add(server)
         server.link(client)
+        self.stats.server_assignments += 1
         if client.wait_started:
-            self.stats.add_wait(time.monotonic() - client.wait_started)
+            waited = time.monotonic() - client.wait_started
+            self.stats.add_wait(waited)
             client.wait_started = 0.0
+            threshold = self.registry.config.logging.wait_threshold
+            if threshold and waited >= threshold:
+                log.warning("wait_exceeded", waited=round(waited, 3), threshold=threshold,
+                            server_id=server.id, **client.log_fields())
         client.server_assigned(server)
 
     # --- servers coming back ---------------------------------------------
 
     def release(self, server: ServerConnection) -> None:
         """A clean server comes back from a client (or from login)."""
+        if server.cancels_in_flight and server.state is not ServerState.CLOSED:
+            # A cancel is still on its way to this backend; handed on now, it
+            # could stop the next client's query. The registry releases it after.
+            server.release_pending = True
+            return
         self.active.discard(server)
         if server.state is ServerState.CLOSED:
             return
         server.unlink()
         if self._should_close(server):
             self.close_server(server, "lifetime or reconnect")
+            if self.waiting:
+                self.grow()  # a replacement, with the current settings
+            return
+        if self.registry.is_paused(self.dbname):
+            self.close_server(server, "paused")  # PAUSE disconnects servers once released
             return
         if self.waiting:
             self._link(server, self.waiting.popleft())
@@ -111,6 +128,24 @@ class Pool:
             return
         self.idle.append(server)
 
+    def release_after_reset(self, server: ServerConnection) -> None:
+        """pool.session_state = reset: clean what the client left on the server first."""
+        spawn(self._reset_then_release(server))
+
+    async def _reset_then_release(self, server: ServerConnection) -> None:
+        kinds, server.dirty = server.dirty, set()
+        server.client = None
+        try:
+            for sql in session_state.reset_statements(kinds):
+                await server.query(sql, self.timeouts.server_connect or 10.0)
+        except (ServerError, ServerLost) as exc:
+            self.close_server(server, f"session state reset failed: {exc}")
+            return
+        if session_state.PREPARE in kinds:
+            server.prepared.clear()  # DEALLOCATE ALL took pgmux's statements too
+        self.stats.session_resets += 1
+        self.release(server)
+
     def _should_close(self, server: ServerConnection) -> bool:
         if server.close_when_released or self.closed:
             return True
@@ -118,8 +153,12 @@ class Pool:
         return bool(lifetime) and time.monotonic() - server.connected_at >= lifetime
 
     def close_server(self, server: ServerConnection, reason: str) -> None:
+        known = server in self.servers
         self._forget(server)
         server.close(reason)
+        if known:
+            log.info("pool_shrink", db=self.dbname, user=self.user, server_id=server.id,
+                     reason=reason, servers=len(self.servers))
 
     def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
         """connection_lost of a server (expected or not)."""
@@ -198,7 +237,7 @@ class Pool:
             self._open_server()
 
     def _may_connect(self, quiet: bool = False) -> bool:
-        if self.closed or self.registry.shutting_down:
+        if self.closed or self.registry.shutting_down or self.registry.is_paused(self.dbname):
             return False
         now = time.monotonic()
         if now < self.retry_at:
@@ -252,14 +291,17 @@ class Pool:
             log.info("server_connect_recovered", db=self.dbname, user=self.user)
         self.last_connect_error = None
         self.stats.servers_opened += 1
-        log.debug("server_login", db=self.dbname, user=self.user, server_id=server.id,
-                  backend_pid=server.backend_pid)
+        log.info("pool_grow", db=self.dbname, user=self.user, server_id=server.id,
+                 backend_pid=server.backend_pid, servers=len(self.servers))
         self.release(server)
 
     def _connect_failed(self, exc: BaseException) -> None:
         reason = _describe(exc)
         self.last_connect_error = reason
         self.stats.connect_errors += 1
+        self.stats.add_error("server_connect")
+        if isinstance(exc, TimeoutError) or reason == "server_connect timeout":
+            self.stats.add_timeout("server_connect")
         retry = self.timeouts.server_login_retry
         self.retry_at = time.monotonic() + retry
         log.warning("server_connect_failed", db=self.dbname, user=self.user, error=reason)
@@ -305,6 +347,35 @@ class Pool:
             )
             if too_old or too_idle:
                 self.close_server(server, "server_lifetime" if too_old else "server_idle")
+
+    def reconfigure(
+        self, database: DatabaseConfig, credentials: ServerCredentials, settings: PoolSettings
+    ) -> None:
+        """A reload changed this pool's database entry; its clients stay connected.
+
+        New timeouts apply at once. When the server login or the pool settings
+        changed, servers are replaced: idle ones close now, linked ones when
+        their client releases them, and new ones open with the new values.
+        """
+        replace = credentials != self.credentials or settings != self.settings
+        self.database = database
+        self.timeouts = database.timeouts
+        if not replace:
+            return
+        if credentials != self.credentials:
+            self.server_params = None  # maybe another server: ask it again
+        self.credentials = credentials
+        self.settings = settings
+        self.retry_at = 0.0
+        self.last_connect_error = None
+        for server in list(self.servers):
+            if server in self.idle:
+                self.close_server(server, "reload")
+            else:
+                server.close_when_released = True
+        log.info("pool_reconfigured", db=self.dbname, user=self.user, size=settings.size,
+                 mode=settings.mode)
+        self.grow()
 
     def close(self) -> None:
         """The database went away (reload) or pgmux stops: close what is idle."""

@@ -17,16 +17,23 @@ import secrets
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from pgmux.protocol import messages
+from pgmux.protocol import messages, sqlstate
 
-from .config import Config, DatabaseConfig
+from .config import Config, DatabaseConfig, PoolSettings
+from .auth import LearnedSecret
+from .authquery import AuthQuery
+from .hba import Hba
 from .log import get_logger
 from .tasks import spawn
+from .prepared import StatementCache
 from .pool import Pool
 from .server import ServerCredentials
+from .tls import TlsContexts
 
 if TYPE_CHECKING:
     from .client import ClientConnection
+    from .lifecycle import Daemon
+    from .workers import WorkerInfo
 
 log = get_logger("pgmux.registry")
 
@@ -37,7 +44,8 @@ class Registry:
         self.users = users  # name -> secret from the users file; never logged
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[ClientConnection] = set()
-        self.logging_in: set[ClientConnection] = set()
+        # clients still logging in, oldest first (a dict keeps the order)
+        self.logging_in: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[int, ClientConnection] = {}
         self.server_count = 0
         self.db_server_count: Counter[str] = Counter()
@@ -46,6 +54,23 @@ class Registry:
         self.shutting_down = False
         self.mock_key = os.urandom(32)  # salts the fake SCRAM exchange of unknown users
         self.scram_cache: dict[tuple[str, str], object] = {}
+        self.statement_cache = StatementCache()  # prepared statements, shared by all pools
+        # what clients' logins taught us for logging in to PostgreSQL as them
+        # (SCRAM passthrough keys, auth_query secrets); never logged
+        self.learned: dict[str, LearnedSecret] = {}
+        self.tls = TlsContexts()  # set by the daemon from tls.*, again on reload
+        self.hba: Hba | None = None  # auth.hba_file, likewise
+        self.auth_query = AuthQuery(self)
+        # authenticated clients per database and per user (max_*_client_connections)
+        self.db_client_count: Counter[str] = Counter()
+        self.user_client_count: Counter[str] = Counter()
+        self.worker: WorkerInfo | None = None  # set when running as one of listen.workers
+        self.daemon: Daemon | None = None  # the console's RELOAD and SHUTDOWN reach it here
+        # PAUSE / SUSPEND / DISABLE state, as the console and SIGUSR1/SIGUSR2 set it
+        self.paused = False
+        self.suspended = False
+        self.paused_databases: set[str] = set()
+        self.disabled_databases: set[str] = set()
 
     # --- pools ------------------------------------------------------------
 
@@ -59,6 +84,15 @@ class Registry:
         return pool
 
     def _new_pool(self, dbname: str, database: DatabaseConfig, server_user: str) -> Pool:
+        settings, credentials = self.pool_setup(dbname, database, server_user)
+        log.info("pool_created", db=dbname, user=server_user, size=settings.size,
+                 mode=settings.mode)
+        return Pool(self, database, dbname, server_user, credentials, settings)
+
+    def pool_setup(
+        self, dbname: str, database: DatabaseConfig, server_user: str
+    ) -> tuple[PoolSettings, ServerCredentials]:
+        """A pool's effective settings (user overrides applied) and server login."""
         settings = database.pool
         user_config = self.config.users.get(server_user)
         if user_config is not None:
@@ -74,9 +108,7 @@ class Registry:
             password=self._server_password(database, server_user),
             application_name=database.application_name or "",
         )
-        log.info("pool_created", db=dbname, user=server_user, size=settings.size,
-                 mode=settings.mode)
-        return Pool(self, database, dbname, server_user, credentials, settings)
+        return settings, credentials
 
     def _server_password(self, database: DatabaseConfig, server_user: str) -> str | None:
         if database.user and database.password is not None:
@@ -165,6 +197,86 @@ class Registry:
             if pool.waiting:
                 pool.grow()
 
+    # --- PAUSE, RESUME, SUSPEND, KILL, RECONNECT, ENABLE / DISABLE ---------
+
+    def is_paused(self, dbname: str) -> bool:
+        return self.paused or self.suspended or dbname in self.paused_databases
+
+    def is_disabled(self, dbname: str) -> bool:
+        return dbname in self.disabled_databases
+
+    def pools_of(self, dbname: str | None = None) -> list[Pool]:
+        return [p for p in self.pools.values() if dbname is None or p.dbname == dbname]
+
+    def pause(self, dbname: str | None = None) -> None:
+        """New transactions wait; servers close as their clients release them."""
+        if dbname is None:
+            self.paused = True
+        else:
+            self.paused_databases.add(dbname)
+        for pool in self.pools_of(dbname):
+            for server in list(pool.idle):
+                pool.close_server(server, "paused")
+
+    def pause_done(self, dbname: str | None = None) -> bool:
+        """True once no server of the paused scope is linked or logging in."""
+        return not any(pool.active or pool.connecting for pool in self.pools_of(dbname))
+
+    def resume(self, dbname: str | None = None) -> None:
+        """Lift PAUSE / SUSPEND (all, or one database's PAUSE): waiting clients run."""
+        if dbname is None:
+            self.paused = False
+            if self.suspended:
+                self.suspended = False
+                for client in self.clients:
+                    if client.console is None and client.transport is not None:
+                        client.transport.resume_reading()
+        else:
+            self.paused_databases.discard(dbname)
+        for pool in self.pools_of(dbname):
+            if pool.waiting:
+                pool.grow()
+
+    def suspend(self) -> None:
+        """Stop reading from every client (the console excepted) until RESUME."""
+        self.suspended = True
+        for client in self.clients:
+            if client.console is None and client.transport is not None:
+                client.transport.pause_reading()
+
+    def kill(self, dbname: str | None = None) -> None:
+        """PAUSE the database(s), then drop their clients and servers at once."""
+        if dbname is None:
+            self.paused = True
+        else:
+            self.paused_databases.add(dbname)
+        for pool in self.pools_of(dbname):
+            for client in list(pool.clients):
+                client.fail("57P01", "terminating connection due to administrator command (KILL)")
+            for server in list(pool.servers):
+                pool.close_server(server, "KILL")
+
+    def reconnect(self, dbname: str | None = None) -> None:
+        """Replace servers: idle ones close now, the others when released."""
+        for pool in self.pools_of(dbname):
+            for server in list(pool.servers):
+                if server in pool.idle:
+                    pool.close_server(server, "RECONNECT")
+                else:
+                    server.close_when_released = True
+
+    def closing_servers(self, dbname: str | None = None) -> int:
+        """Servers still waiting to close after RECONNECT or a reload (WAIT_CLOSE)."""
+        return sum(
+            1 for pool in self.pools_of(dbname) for s in pool.servers if s.close_when_released
+        )
+
+    def disable(self, dbname: str) -> None:
+        self.disabled_databases.add(dbname)
+
+    def enable(self, dbname: str) -> None:
+        self.disabled_databases.discard(dbname)
+
     # --- clients ----------------------------------------------------------
 
     def client_count(self) -> int:
@@ -172,51 +284,92 @@ class Registry:
 
     def add_client(self, client: ClientConnection) -> None:
         self.clients.add(client)
-        self.logging_in.add(client)
+        self.logging_in[client] = None
+        self._make_room_for_login(client)
+
+    def _make_room_for_login(self, newcomer: ClientConnection) -> None:
+        """Over limits.max_logins_in_progress (or listen.max_client_conn), the
+        oldest unfinished login goes: a flood of connections that never log in
+        only pushes out its own kind, while a real login takes milliseconds."""
+        cap = self.config.limits.max_logins_in_progress
+        over_logins = cap and len(self.logging_in) > cap
+        if not over_logins and len(self.clients) <= self.config.listen.max_client_conn:
+            return
+        oldest = next(iter(self.logging_in))
+        if oldest is newcomer:
+            return  # nobody to push out: the startup check refuses the newcomer
+        reason = "too many logins in progress" if over_logins else "no more connections allowed"
+        log.info("login_evicted", reason=reason, **oldest.log_fields())
+        oldest.fail(sqlstate.TOO_MANY_CONNECTIONS, f"{reason} (login took too long)")
+
+    def login_done(self, client: ClientConnection) -> None:
+        self.logging_in.pop(client, None)
 
     def remove_client(self, client: ClientConnection) -> None:
         self.clients.discard(client)
-        self.logging_in.discard(client)
+        self.logging_in.pop(client, None)
         if self.cancel_keys.get(client.cancel_pid) is client:
             del self.cancel_keys[client.cancel_pid]
 
     def issue_cancel_key(self, client: ClientConnection) -> tuple[int, bytes]:
         while True:
             pid = secrets.randbits(31) or 1
-            if pid not in self.cancel_keys:
+            if self.worker is not None:
+                pid = self.worker.issue_pid(pid)  # the low byte names this worker
+            if pid and pid not in self.cancel_keys:
                 break
         self.cancel_keys[pid] = client
         return pid, secrets.token_bytes(4)
 
     def cancel(self, pid: int, key: bytes) -> None:
         """A CancelRequest: forward it to the server running that client's query."""
+        if self.worker is not None and self.worker.forward_cancel(pid, key):
+            return  # another worker's client: that worker cancels
         client = self.cancel_keys.get(pid)
         if client is None or not hmac.compare_digest(client.cancel_key, key):
             return  # unknown or forged key: silently nothing, as PostgreSQL does
-        if client.server is not None:
-            self.cancel_server(client.server)
+        # Only while the client is linked and has a request on its server: the
+        # key names the client, so a server it gave back is never cancelled.
+        server = client.server
+        if server is not None and client.expect_rfq > 0:
+            log.info("cancel_forwarded", server_id=server.id, **client.log_fields())
+            self.cancel_server(server)
 
     def cancel_server(self, server) -> None:  # server: ServerConnection
-        """Ask PostgreSQL to cancel what this backend runs (a new connection, its key)."""
+        """Ask PostgreSQL to cancel what this backend runs (a new connection, its key).
+
+        Until PostgreSQL has taken the request, the pool holds the server back
+        (Pool.release), so the cancel cannot land on the next client's query.
+        """
         if server.backend_pid:
-            spawn(
-                _send_cancel(server.credentials, server.backend_pid, server.backend_key)
-            )
+            server.cancels_in_flight += 1
+            spawn(self._forward_cancel(server))
+
+    async def _forward_cancel(self, server) -> None:  # server: ServerConnection
+        try:
+            timeout = server.pool.timeouts.cancel_wait or 10.0
+            await _send_cancel(server.credentials, server.backend_pid, server.backend_key, timeout)
+        finally:
+            server.cancels_in_flight -= 1
+            if not server.cancels_in_flight and server.release_pending:
+                server.release_pending = False
+                server.pool.release(server)
 
 
-async def _send_cancel(creds: ServerCredentials, pid: int, key: bytes) -> None:
+async def _send_cancel(creds: ServerCredentials, pid: int, key: bytes, timeout: float) -> None:
     try:
         if creds.host.startswith("/"):
             path = f"{creds.host}/.s.PGSQL.{creds.port}"
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 5)
+            connect = asyncio.open_unix_connection(path)
         else:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(creds.host, creds.port), 5
-            )
-        writer.write(messages.cancel_request(pid, key))
-        await writer.drain()
-        await asyncio.wait_for(reader.read(1), 5)  # PostgreSQL closes when done
-        writer.close()
+            connect = asyncio.open_connection(creds.host, creds.port)
+        reader, writer = await asyncio.wait_for(connect, timeout)
+        try:
+            writer.write(messages.cancel_request(pid, key))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(1), timeout)  # PostgreSQL closes when done
+        finally:
+            writer.close()
     except (OSError, TimeoutError) as exc:
-        log.warning("cancel_forward_failed", error=str(exc))
+        log.warning("cancel_forward_failed", error=str(exc) or type(exc).__name__)
 

@@ -16,20 +16,29 @@ import asyncio
 import enum
 import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-from pgmux.protocol.auth import ScramClient, md5_response
-from pgmux.protocol.errors import ProtocolError
+from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
+from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
 
 from .log import get_logger
+from .responses import ResponseFilter
+from .tasks import spawn
 
 if TYPE_CHECKING:
+    import ssl
+
+    from .prepared import Statement, Translator
+
+    from .auth import LearnedSecret
     from .client import ClientConnection
     from .pool import Pool
+    from .tls import ServerTls
 
 log = get_logger("pgmux.server")
 
@@ -104,7 +113,16 @@ class ServerConnection(asyncio.Protocol):
         self.tx_status = _IDLE
         self.copy_in = False
         self.close_when_released = False
+        self.cancels_in_flight = 0  # CancelRequests sent to PostgreSQL for this backend
+        self.release_pending = False  # released while a cancel was in flight
         self.local_address = ""
+        # transaction pooling: prepared statements, replies owed, session state
+        self.prepared: OrderedDict[bytes, Statement] = OrderedDict()  # an LRU
+        self.responses = ResponseFilter()
+        self.unnamed_owner: Translator | None = None  # whose unnamed statement it holds
+        self.unnamed_gen = 0
+        self.dirty: set[str] = set()  # session state to reset on release
+        self.evicted = 0
         # hot-path scan state: bytes of a message still to pass, bytes held back
         self._skip = 0
         self._hold = b""
@@ -113,6 +131,7 @@ class ServerConnection(asyncio.Protocol):
         self._reader = MessageReader()
         self._login: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._scram: ScramClient | None = None
+        self._tls_wanted: ServerTls | None = None  # SSLRequest sent, answer pending
         self._rfq_wanted = 0
         self._rfq_waiter: asyncio.Future[None] | None = None
         self._query_error: ServerError | None = None
@@ -123,11 +142,59 @@ class ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         sockname = transport.get_extra_info("sockname")
         self.local_address = str(sockname[1]) if isinstance(sockname, tuple) else "unix"
+        tls = self.pool.registry.tls.server
+        if tls.context is not None and isinstance(sockname, tuple):  # no TLS on unix sockets
+            self._tls_wanted = tls
+            transport.write(messages.ssl_request())
+            return
+        self._send_startup()
+
+    def _send_startup(self) -> None:
+        assert self.transport is not None
         creds = self.credentials
         params = {"user": creds.user, "database": creds.dbname}
         if creds.application_name:
             params["application_name"] = creds.application_name
-        transport.write(messages.startup_message(params))
+        self.transport.write(messages.startup_message(params))
+
+    # --- TLS to PostgreSQL (tls.server.mode) ------------------------------
+
+    def _tls_answer(self, data: bytes) -> None:
+        """PostgreSQL's one-byte answer to our SSLRequest."""
+        tls, self._tls_wanted = self._tls_wanted, None
+        assert tls is not None
+        if data == b"S":
+            spawn(self._start_tls(tls.context))
+        elif data == b"N" and not tls.required:
+            self._send_startup()  # prefer/allow: plain is fine
+        elif data == b"N":
+            self._login_failed(f"server does not support SSL, but tls.server.mode is {tls.mode}")
+        else:
+            # Bytes after 'S' were not encrypted: someone in between wrote them.
+            self._login_failed("received invalid response to SSL negotiation")
+
+    async def _start_tls(self, context: ssl.SSLContext | None) -> None:
+        assert context is not None and self.transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_hostname=self.credentials.host
+            )
+        except (OSError, ConnectionError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._login_failed(f"TLS handshake with the server failed: {exc}")
+            return
+        if transport is None or self.state is ServerState.CLOSED or self._login.done():
+            if transport is not None:
+                transport.abort()
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self._send_startup()
+
+    def _login_failed(self, message: str) -> None:
+        if not self._login.done():
+            fields = {"S": "FATAL", "C": sqlstate.CONNECTION_FAILURE, "M": message}
+            self._login.set_exception(ServerError(fields))
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
@@ -152,7 +219,7 @@ class ServerConnection(asyncio.Protocol):
     def close(self, reason: str = "") -> None:
         if self.transport is not None and not self.transport.is_closing():
             if reason:
-                log.debug("server_close", server_id=self.id, reason=reason, **self._log_fields())
+                log.debug("server_close", reason=reason, **self._log_fields())
             if self.state is not ServerState.LOGIN:
                 self.transport.write(messages.terminate())
             self.transport.close()
@@ -172,9 +239,16 @@ class ServerConnection(asyncio.Protocol):
     # --- hot path ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._tls_wanted is not None:
+            self._tls_answer(data)
+            return
         client = self.client
         if self._slow or client is None:
             self._slow_received(data)
+            return
+        self.pool.stats.total_sent += len(data)  # all of it reaches the client
+        if client.translator is not None:
+            self.responses.received(data, self, client)
             return
         if self._hold:
             data = self._hold + data
@@ -196,7 +270,7 @@ class ServerConnection(asyncio.Protocol):
             elif kind == _PARAMETER_STATUS:
                 if end > n:
                     break
-                self._parameter_status(data[pos + 5 : end], client)
+                self.parameter_status(data[pos + 5 : end], client)
             elif kind == _COPY_IN_RESPONSE or kind == _COPY_BOTH_RESPONSE:
                 self.copy_in = True
             pos = end
@@ -211,7 +285,7 @@ class ServerConnection(asyncio.Protocol):
         if ready and not self._skip:
             client.transaction_done(self)
 
-    def _parameter_status(self, body: bytes, client: ClientConnection | None) -> None:
+    def parameter_status(self, body: bytes, client: ClientConnection | None) -> None:
         try:
             name, value = messages.parse_parameter_status(body)
         except ProtocolError:
@@ -238,13 +312,26 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = time.monotonic()
         self._slow = True
         self.copy_in = False
+        self.responses.reset()
 
     @property
     def clean_for_release(self) -> bool:
         """At a message boundary, outside a transaction, with nothing held."""
         return (
-            self.tx_status == _IDLE and not self._skip and not self._hold and not self.copy_in
+            self.tx_status == _IDLE
+            and not self._skip
+            and not self._hold
+            and not self.copy_in
+            and not self.responses.mid_message
         )
+
+    def client_send(self, data: bytes) -> None:
+        """A reply pgmux makes up for the linked client."""
+        if self.client is not None:
+            self.client.send(data)
+
+    def stats_evicted(self, count: int) -> None:
+        self.evicted += count
 
     # --- the pooler's own queries ----------------------------------------
 
@@ -256,6 +343,7 @@ class ServerConnection(asyncio.Protocol):
         """
         self._slow = True
         self._query_error = None
+        self.unnamed_owner = None  # a simple Query destroys the unnamed statement
         await self.wait_ready_for_query(1, messages.query(sql), timeout)
         if self._query_error is not None:
             raise self._query_error
@@ -294,7 +382,7 @@ class ServerConnection(asyncio.Protocol):
     # --- slow path --------------------------------------------------------
 
     def _slow_received(self, data: bytes) -> None:
-        if self._hold or self._skip:
+        if self._hold or self._skip or self.responses.mid_message:
             # Left over from the hot path (a client went away mid-message):
             # the stream position is unknown, so this server cannot be trusted.
             self.close("unsynchronised stream")
@@ -320,7 +408,7 @@ class ServerConnection(asyncio.Protocol):
             if self._rfq_wanted <= 0:
                 self._wake_rfq_waiter(None)
         elif kind == _PARAMETER_STATUS:
-            self._parameter_status(body, self.client)
+            self.parameter_status(body, self.client)
         elif kind == _ERROR_RESPONSE:
             self._slow_error(messages.parse_error_fields(body))
         elif kind == _COPY_IN_RESPONSE:
@@ -346,7 +434,7 @@ class ServerConnection(asyncio.Protocol):
         if kind == ord("R"):
             self._authentication(body)
         elif kind == _PARAMETER_STATUS:
-            self._parameter_status(body, None)
+            self.parameter_status(body, None)
         elif kind == ord("K"):
             self.backend_pid, self.backend_key = messages.parse_backend_key_data(body)
         elif kind == _READY_FOR_QUERY:
@@ -360,35 +448,73 @@ class ServerConnection(asyncio.Protocol):
 
     def _authentication(self, body: bytes) -> None:
         code, rest = messages.parse_authentication(body)
-        creds = self.credentials
         if code == messages.AUTH_OK:
             return
-        if creds.password is None:
-            raise ServerError(
-                {
-                    "S": "FATAL",
-                    "C": sqlstate.INVALID_PASSWORD,
-                    "M": f'no password known for server login as user "{creds.user}"',
-                }
-            )
         assert self.transport is not None
+        creds = self.credentials
+        password, learned = self._login_secret()
         if code == messages.AUTH_CLEARTEXT_PASSWORD:
-            self.transport.write(messages.password_message(creds.password))
+            if password is None or is_md5_hash(password):
+                raise self._no_password("password")
+            self.transport.write(messages.password_message(password))
         elif code == messages.AUTH_MD5_PASSWORD:
-            response = md5_response(creds.user, creds.password, rest[:4])
+            if password is None:
+                raise self._no_password("md5")
+            response = md5_response(creds.user, password, rest[:4])
             self.transport.write(messages.password_message(response))
         elif code == messages.AUTH_SASL:
             if "SCRAM-SHA-256" not in messages.parse_sasl_mechanisms(rest):
                 raise ProtocolError("server offers no supported SASL mechanism")
-            self._scram = ScramClient(creds.password)
+            self._scram = self._scram_client(password, learned)
             first = self._scram.client_first()
             self.transport.write(messages.sasl_initial_response("SCRAM-SHA-256", first))
-        elif code == messages.AUTH_SASL_CONTINUE and self._scram is not None:
-            self.transport.write(messages.sasl_response(self._scram.handle_server_first(rest)))
-        elif code == messages.AUTH_SASL_FINAL and self._scram is not None:
-            self._scram.verify_server_final(rest)
+        elif code in (messages.AUTH_SASL_CONTINUE, messages.AUTH_SASL_FINAL) and self._scram:
+            try:
+                if code == messages.AUTH_SASL_CONTINUE:
+                    self.transport.write(
+                        messages.sasl_response(self._scram.handle_server_first(rest))
+                    )
+                else:
+                    self._scram.verify_server_final(rest)
+            except AuthError as exc:
+                raise ServerError(
+                    {"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": exc.message}
+                ) from None
         else:
             raise ProtocolError(f"unsupported server authentication request {code}")
+
+    def _login_secret(self) -> tuple[str | None, LearnedSecret | None]:
+        """The configured password, else what a client's login taught us."""
+        creds = self.credentials
+        if creds.password is not None:
+            return creds.password, None
+        learned = self.pool.registry.learned.get(creds.user)
+        if learned is not None and learned.password is not None:
+            return learned.password, learned
+        return None, learned
+
+    def _scram_client(self, password: str | None, learned: LearnedSecret | None) -> ScramClient:
+        if password is not None and not is_md5_hash(password):
+            return ScramClient(password)
+        if learned is not None and learned.client_key is not None and learned.scram is not None:
+            # SCRAM passthrough: the key a client proved, for the secret it proved it against.
+            secret = learned.scram
+            return ScramClient(
+                client_key=learned.client_key,
+                server_key=secret.server_key,
+                salt=secret.salt,
+                iterations=secret.iterations,
+            )
+        raise self._no_password("scram-sha-256")
+
+    def _no_password(self, method: str) -> ServerError:
+        user = self.credentials.user
+        message = f'no password known for server login as user "{user}" ({method})'
+        if method == "scram-sha-256" and self.pool.registry.users.get(user, "").startswith(
+            "SCRAM-SHA-256$"
+        ):
+            message += "; a client must log in with SCRAM first (passthrough)"
+        return ServerError({"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": message})
 
     def _log_fields(self) -> dict[str, object]:
         return {"db": self.pool.dbname, "user": self.pool.user, "server_id": self.id}

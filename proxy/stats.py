@@ -3,38 +3,175 @@
 Names follow PgBouncer's SHOW STATS (total_xact_count, total_query_count,
 total_received, total_sent, total_xact_time, total_query_time, total_wait_time)
 so the console and the metrics endpoint read them without translation.
+Times are kept in float seconds and shown in microseconds, as PgBouncer does.
+
+The three latency histograms are plain bucket lists (bisect + one add), so
+observing a query costs about as much as counting it; metrics.py turns them
+into Prometheus histograms when /metrics is scraped.
 """
 
 from __future__ import annotations
+
+import time
+from bisect import bisect_left
+
+# Upper bounds in seconds, shared by the wait, transaction and query histograms.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class Histogram:
+    """Counts per LATENCY_BUCKETS bound (the last slot is +Inf) and their sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[int]:
+        total, out = 0, []
+        for count in self.counts:
+            total += count
+            out.append(total)
+        return out
+
+
+# The counters SHOW STATS averages over a stats period, in PoolStats.snapshot() order.
+PERIOD_FIELDS = (
+    "server_assignments",
+    "total_xact_count",
+    "total_query_count",
+    "total_received",
+    "total_sent",
+    "total_xact_time",
+    "total_query_time",
+    "total_wait_time",
+)
 
 
 class PoolStats:
     __slots__ = (
         "abandoned_cleaned",
+        "born",
         "connect_errors",
+        "errors",
+        "newer",
+        "older",
+        "query_hist",
         "server_assignments",
         "servers_opened",
+        "session_resets",
+        "timeouts",
         "total_query_count",
+        "total_query_time",
         "total_received",
         "total_sent",
         "total_wait_time",
         "total_xact_count",
         "total_xact_time",
+        "wait_hist",
         "wait_timeouts",
+        "xact_hist",
     )
 
     def __init__(self) -> None:
+        self.born = time.monotonic()
         self.total_xact_count = 0
         self.total_query_count = 0
         self.total_received = 0  # bytes from clients
         self.total_sent = 0  # bytes to clients
         self.total_xact_time = 0.0  # seconds a server was linked to a client
         self.total_wait_time = 0.0  # seconds clients waited for a server
+        self.total_query_time = 0.0  # seconds from a request to its ReadyForQuery
         self.server_assignments = 0
         self.servers_opened = 0
         self.connect_errors = 0
         self.wait_timeouts = 0
         self.abandoned_cleaned = 0
+        self.session_resets = 0  # servers cleaned of session state (session_state: reset)
+        self.timeouts: dict[str, int] = {}  # client_idle, idle_transaction, query, ...
+        self.errors: dict[str, int] = {}  # server_connect, server_lost, ...
+        self.wait_hist = Histogram()
+        self.xact_hist = Histogram()
+        self.query_hist = Histogram()
+        # (time, counters) at the last two stats_period ticks, for the averages
+        self.newer: tuple[float, tuple[float, ...]] | None = None
+        self.older: tuple[float, tuple[float, ...]] | None = None
+
+    def add_timeout(self, name: str) -> None:
+        self.timeouts[name] = self.timeouts.get(name, 0) + 1
+
+    def add_error(self, name: str) -> None:
+        self.errors[name] = self.errors.get(name, 0) + 1
 
     def add_wait(self, seconds: float) -> None:
         self.total_wait_time += seconds
+        self.wait_hist.observe(seconds)
+
+    def add_xact(self, seconds: float) -> None:
+        self.total_xact_count += 1
+        self.total_xact_time += seconds
+        self.xact_hist.observe(seconds)
+
+    def add_query(self, seconds: float) -> None:
+        self.total_query_count += 1
+        self.total_query_time += seconds
+        self.query_hist.observe(seconds)
+
+    # --- stats_period -------------------------------------------------------
+
+    def snapshot(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in PERIOD_FIELDS)
+
+    def tick(self, now: float) -> None:
+        """A stats_period ended: the averages now cover the period just closed."""
+        if self.newer is None:
+            # A pool born mid-period starts from zero at its birth.
+            self.newer = (self.born, (0.0,) * len(PERIOD_FIELDS))
+        self.older = self.newer
+        self.newer = (now, self.snapshot())
+
+    def averages(self) -> dict[str, float]:
+        """Per-second rates and per-event durations over the last full stats period."""
+        return averages(self.older, self.newer)
+
+
+def averages(
+    older: tuple[float, tuple[float, ...]] | None, newer: tuple[float, tuple[float, ...]] | None
+) -> dict[str, float]:
+    """PgBouncer's avg_* values between two snapshots (zeros before two ticks)."""
+    out = dict.fromkeys(PERIOD_FIELDS, 0.0)
+    if older is None or newer is None or newer[0] <= older[0]:
+        return out
+    seconds = newer[0] - older[0]
+    pairs = zip(PERIOD_FIELDS, newer[1], older[1], strict=True)
+    delta = {name: new - old for name, new, old in pairs}
+    for name in ("server_assignments", "total_xact_count", "total_query_count",
+                 "total_received", "total_sent"):
+        out[name] = delta[name] / seconds
+    for time_name, count_name in (("total_xact_time", "total_xact_count"),
+                                  ("total_query_time", "total_query_count"),
+                                  ("total_wait_time", "server_assignments")):
+        if delta[count_name] > 0:
+            out[time_name] = delta[time_name] / delta[count_name]
+    return out
+
+
+class GlobalStats:
+    """Events that belong to no pool (a login that failed before one was chosen)."""
+
+    def __init__(self) -> None:
+        self.login_failures: dict[str, int] = {}  # by SQLSTATE
+        self.logins = 0
+
+    def login_failed(self, code: str) -> None:
+        self.login_failures[code] = self.login_failures.get(code, 0) + 1
+
+
+GLOBAL = GlobalStats()

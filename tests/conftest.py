@@ -157,6 +157,8 @@ def default_config(pg: TempPostgres, workdir: Path) -> dict[str, Any]:
             "addresses": ["127.0.0.1"],
             "port": _free_port(),
             "unix_socket_dir": str(workdir),
+            # PGMUX_TEST_WORKERS=2 runs every test against a multi-process pgmux.
+            "workers": int(os.environ.get("PGMUX_TEST_WORKERS", "1")),
         },
         "auth": {"type": "scram-sha-256", "users_file": str(workdir / "users.txt")},
         "logging": {"format": "console", "level": "info"},

@@ -94,15 +94,15 @@ async def connect_asyncpg(
     password: str = APP_PASSWORD,
     **kwargs: Any,
 ) -> asyncpg.Connection:
-    """asyncpg through pgmux, unnamed statements only (no named prepared statements yet)."""
+    """asyncpg through pgmux; unnamed statements unless statement_cache_size is given."""
     kwargs.setdefault("timeout", 15)
+    kwargs.setdefault("statement_cache_size", 0)
     return await asyncpg.connect(
         host=mux.host,
         port=mux.port,
         user=user,
         password=password,
         database=dbname,
-        statement_cache_size=0,
         **kwargs,
     )
 
@@ -114,8 +114,9 @@ async def connect_psycopg(
     password: str = APP_PASSWORD,
     **kwargs: Any,
 ) -> psycopg.AsyncConnection[Any]:
-    """psycopg 3 through pgmux: autocommit, never server-side prepared."""
+    """psycopg 3 through pgmux: autocommit, server-side prepared only if prepare_threshold given."""
     kwargs.setdefault("autocommit", True)
+    kwargs.setdefault("prepare_threshold", None)
     kwargs.setdefault("connect_timeout", 15)
     return await psycopg.AsyncConnection.connect(
         host=mux.host,
@@ -123,7 +124,6 @@ async def connect_psycopg(
         user=user,
         password=password,
         dbname=dbname,
-        prepare_threshold=None,
         **kwargs,
     )
 
@@ -385,6 +385,17 @@ class RawClient:
             elif kind == b"Z":
                 result.status = body.decode()
                 return result
+
+    async def read_until_ready(self, timeout: float = 10) -> list[tuple[bytes, bytes]]:
+        """Every message up to and including the next ReadyForQuery."""
+        replies = []
+        while True:
+            msg = await self.read_message(timeout)
+            if msg is None:
+                raise ConnectionError(f"closed before ReadyForQuery: {replies!r}")
+            replies.append(msg)
+            if msg[0] == b"Z":
+                return replies
 
     async def close(self) -> None:
         self.writer.close()

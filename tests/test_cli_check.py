@@ -98,6 +98,21 @@ def test_bad_config_is_reported(tmp_path: Path, keys: str, value: Any, reported:
     assert "Traceback" not in output, output
 
 
+def test_min_sizes_above_the_global_cap_are_reported(tmp_path: Path) -> None:
+    """An impossible limit across pools: the warm servers alone would exceed the cap."""
+    config = copy.deepcopy(VALID)
+    config["pool"]["max_server_connections"] = 3
+    config["databases"] = {
+        name: {"host": "127.0.0.1", "pool_size": 4, "min_size": 2} for name in ("a", "b")
+    }
+    path = write_config(tmp_path, config)
+    result = check(path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "pool.max_server_connections" in output, output
+    assert path.name in output and "Traceback" not in output, output
+
+
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     result = check(tmp_path / "nope.yaml")
     assert result.returncode != 0

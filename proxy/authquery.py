@@ -1,0 +1,170 @@
+"""auth_query: secrets of users the users file does not list, asked of PostgreSQL.
+
+PgBouncer's auth_query. `auth.query` (e.g. `SELECT usename, passwd FROM
+pg_shadow WHERE usename = $1`) runs as `auth.query_user` in the database the
+client asked for, through asyncpg; the second column of the first row is the
+user's secret (plain, md5 hash or SCRAM secret). Answers are cached for
+`auth.query_cache_ttl` so a burst of logins costs one query, and concurrent
+logins of one user share a single lookup.
+
+A lookup that fails (PostgreSQL down, wrong query, bad query_user password)
+is logged and treated as "no such user": the client gets the ordinary
+password failure (28P01), never a crash and never the reason. The query user
+itself is never looked up, so it cannot log in through its own query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from .log import get_logger
+from .userlist import secret_kind
+
+if TYPE_CHECKING:
+    from .config import DatabaseConfig
+    from .registry import Registry
+
+log = get_logger("pgmux.authquery")
+
+MAX_CONNECTIONS = 8  # asyncpg connections kept, one per upstream database
+MAX_CACHED = 10_000  # cached answers; the oldest go first
+
+
+class AuthQuery:
+    """Cached, concurrency-safe auth_query lookups for one daemon."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._cache: OrderedDict[tuple[Any, str], tuple[float, str | None]] = OrderedDict()
+        self._inflight: dict[tuple[Any, str], asyncio.Future[str | None]] = {}
+        self._conns: OrderedDict[tuple[str, int, str], asyncpg.Connection] = OrderedDict()
+        self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.registry.config.auth.query)
+
+    async def secret(self, dbname: str, database: DatabaseConfig, user: str) -> str | None:
+        """The user's secret, or None when unknown or when the lookup failed."""
+        auth = self.registry.config.auth
+        if not auth.query or user == self._query_user():
+            return None
+        target = (database.host, database.port, database.dbname or dbname)
+        key = (target, user)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup_and_remember(key, target, user))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _lookup_and_remember(
+        self, key: tuple[Any, str], target: tuple[str, int, str], user: str
+    ) -> str | None:
+        try:
+            result = await self._lookup(target, user)
+        except Exception as exc:  # any failure is "no such user" for the client
+            log.warning("auth_query_failed", db=target[2], user=user, error=_describe(exc))
+            return None
+        self._remember(key, result)
+        return result
+
+    def forget(self, dbname: str, database: DatabaseConfig, user: str) -> None:
+        """Drop a cached answer (a login failed with it: the password may have changed)."""
+        self._cache.pop(((database.host, database.port, database.dbname or dbname), user), None)
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.terminate()
+        self._conns.clear()
+
+    # --- internals ------------------------------------------------------------
+
+    def _query_user(self) -> str:
+        auth = self.registry.config.auth
+        return auth.query_user or ""
+
+    def _remember(self, key: tuple[Any, str], secret: str | None) -> None:
+        ttl = self.registry.config.auth.query_cache_ttl
+        if not ttl:
+            return
+        self._cache[key] = (time.monotonic() + ttl, secret)
+        self._cache.move_to_end(key)
+        while len(self._cache) > MAX_CACHED:
+            self._cache.popitem(last=False)
+
+    async def _lookup(self, target: tuple[str, int, str], user: str) -> str | None:
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        timeout = self.registry.config.timeouts.server_connect or None
+        async with lock:  # one asyncpg connection runs one query at a time
+            conn = await self._connection(target, timeout)
+            try:
+                row = await conn.fetchrow(self.registry.config.auth.query, user, timeout=timeout)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError):
+                self._drop(target)
+                raise
+        if row is None or len(row) < 2 or row[1] is None:
+            return None
+        return str(row[1])
+
+    async def _connection(self, target: tuple[str, int, str], timeout: float | None):
+        conn = self._conns.get(target)
+        if conn is not None and not conn.is_closed():
+            self._conns.move_to_end(target)
+            return conn
+        host, port, dbname = target
+        conn = await asyncpg.connect(
+            host=host,
+            port=port,
+            database=dbname,
+            user=self._query_user(),
+            password=self._password(),
+            ssl=self._ssl(),
+            timeout=timeout or 60,
+            statement_cache_size=0,
+            server_settings={"application_name": "pgmux auth_query"},
+        )
+        self._conns[target] = conn
+        while len(self._conns) > MAX_CONNECTIONS:
+            _, oldest = self._conns.popitem(last=False)
+            oldest.terminate()
+        return conn
+
+    def _drop(self, target: tuple[str, int, str]) -> None:
+        conn = self._conns.pop(target, None)
+        if conn is not None:
+            conn.terminate()
+
+    def _password(self) -> str | None:
+        auth = self.registry.config.auth
+        if auth.query_password is not None:
+            return auth.query_password
+        secret = self.registry.users.get(self._query_user())
+        # asyncpg needs the plain password; a hash in the users file cannot log in.
+        if secret is None or secret_kind(secret) != "plain":
+            return None
+        return secret
+
+    def _ssl(self) -> Any:
+        tls = self.registry.tls.server
+        if tls.context is None:
+            return False
+        if tls.required:
+            return tls.context
+        return "prefer"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{exc.sqlstate} {exc}"  # PostgreSQL's message never holds the password
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,402 @@
+"""Named prepared statements under transaction pooling (PgBouncer 1.21's scheme).
+
+A client's statement names mean nothing to the server it happens to get, so:
+
+* a global StatementCache maps (query text, parameter types) to one Statement
+  with a server-side name of pgmux's own (`pgmux_17`);
+* each client keeps its own map, client name -> Statement (Translator.statements);
+* each server keeps an LRU of the Statements it has prepared, capped by
+  `pool.max_prepared_statements`; the overflow is closed before the next Sync.
+
+The Translator rewrites a client's Parse / Bind / Describe / Close on their way
+to the linked server: it renames statements, injects the Parse a server is
+missing, answers a Parse of an already prepared statement and a Close of a
+client name itself, and turns misuse into PostgreSQL's own errors. Every
+request it sends leaves an Entry on the server's ResponseFilter
+(responses.py), which keeps the replies in step.
+
+Unnamed statements need care too: a driver may Parse in one implicit
+transaction and Bind in the next (pg8000), which may run on another server,
+so a client's last unnamed Parse is replayed where it is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
+from struct import Struct
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages, sqlstate
+from pgmux.protocol.extended import (
+    build_bind,
+    build_close_statement,
+    build_describe_statement,
+    build_parse,
+    parse_query_text,
+    split_bind,
+    split_parse,
+    split_target,
+)
+
+from . import session_state
+from .responses import (
+    BIND,
+    CLOSE,
+    DESCRIBE,
+    EMIT,
+    EXECUTE,
+    PARSE,
+    PLAIN,
+    QUERY,
+    SYNC,
+    Entry,
+    ResponseFilter,
+    error_entry,
+)
+
+if TYPE_CHECKING:
+    from .server import ServerConnection
+
+_LENGTH = Struct("!I").unpack_from
+_PARSE, _BIND, _DESCRIBE, _CLOSE = ord("P"), ord("B"), ord("D"), ord("C")
+_EXECUTE, _SYNC, _QUERY, _FUNCTION_CALL = ord("E"), ord("S"), ord("Q"), ord("F")
+_COPY_DATA = ord("d")
+_STATEMENT = ord("S")
+
+_PARSE_COMPLETE = messages.parse_complete()
+_CLOSE_COMPLETE = messages.close_complete()
+_DEALLOCATE_DONE = messages.command_complete("DEALLOCATE")
+# A Parse PostgreSQL rejects (syntax error): it makes the server skip to the
+# next Sync exactly as the client's own failing request would; the client
+# sees pgmux's error in its place.
+_FAILING_PARSE = build_parse(b"", b"pgmux refused this request\0\0\0")
+_EMPTY_QUERY = messages.query("")
+_GLOBAL_CACHE_LIMIT = 100_000
+
+
+class Statement:
+    """One distinct (query, parameter types), under pgmux's server-side name."""
+
+    __slots__ = ("name", "parse", "text")
+
+    def __init__(self, name: bytes, rest: bytes) -> None:
+        self.name = name
+        self.parse = build_parse(name, rest)
+        self.text = parse_query_text(rest)
+
+
+class StatementCache:
+    """Shared by all pools: the same text gets the same server-side name everywhere."""
+
+    def __init__(self, limit: int = _GLOBAL_CACHE_LIMIT) -> None:
+        self._by_key: dict[bytes, Statement] = {}
+        self._ids = itertools.count(1)
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, rest: bytes) -> Statement:
+        statement = self._by_key.get(rest)
+        if statement is None:
+            if len(self._by_key) >= self._limit:
+                # Clients and servers hold their Statements themselves; a
+                # forgotten text just gets a new name when it comes back.
+                self._by_key.pop(next(iter(self._by_key)))
+            statement = Statement(b"pgmux_%d" % next(self._ids), rest)
+            self._by_key[rest] = statement
+        return statement
+
+
+class Translator:
+    """One client's extended-protocol traffic, rewritten for whichever server it has."""
+
+    def __init__(self, cache: StatementCache, limit: int, session_mode: str) -> None:
+        self.cache = cache
+        self.limit = limit  # pool.max_prepared_statements; 0 = names pass through
+        self.refuse_session_state = session_mode == "error"
+        self.track_text = session_mode != "ignore"
+        self.statements: dict[bytes, Statement] = {}
+        self.portal_text: dict[bytes, bytes] = {}
+        self.unnamed_parse: bytes | None = None
+        self.unnamed_text = b""
+        self.unnamed_gen = 0
+        self._partial = b""
+        self._copy_left = 0
+        self._handlers = {
+            _PARSE: self._parse,
+            _BIND: self._bind,
+            _DESCRIBE: self._describe,
+            _CLOSE: self._close,
+            _QUERY: self._query,
+        }
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self._partial or self._copy_left)
+
+    def translate(self, data: bytes, server: ServerConnection) -> bytes:
+        """Client bytes in, the bytes to write to `server` out (entries pushed)."""
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        responses: ResponseFilter = server.responses
+        handlers = self._handlers
+        out: list[bytes] = []
+        n = len(data)
+        pos = 0
+        if self._copy_left:
+            pos = min(self._copy_left, n)
+            self._copy_left -= pos
+        run = 0
+        while pos + 5 <= n:
+            kind = data[pos]
+            end = pos + 1 + _LENGTH(data, pos + 1)[0]
+            if end > n:
+                if kind == _COPY_DATA:  # stream large COPY rows through
+                    self._copy_left = end - n
+                    pos = n
+                break
+            handler = handlers.get(kind)
+            if handler is not None:
+                message = data[pos:end]
+                sent = handler(data[pos + 5 : end], message, server)
+                if sent is not message:
+                    out.append(data[run:pos])
+                    out.append(sent)
+                    run = end
+            elif kind == _EXECUTE:
+                responses.push(self._execute_entry(data, pos + 5))
+            elif kind == _SYNC:
+                closes = self._evict(server)
+                if closes:
+                    out.append(data[run:pos])
+                    out.append(closes)
+                    run = pos
+                responses.push(PLAIN[SYNC])
+            elif kind == _FUNCTION_CALL:
+                responses.push(PLAIN[QUERY])
+            pos = end
+        if pos < n:
+            self._partial = data[pos:]
+        out.append(data[run:pos])
+        return b"".join(out)
+
+    # --- requests ---------------------------------------------------------
+
+    def _parse(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
+        responses = server.responses
+        name, rest = split_parse(body)
+        if self.refuse_session_state and not responses.skipping:
+            refusal = session_state.refusal(parse_query_text(rest), server.params)
+            if refusal:
+                return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
+        if not name:
+            self.unnamed_parse = message
+            self.unnamed_text = parse_query_text(rest)
+            self.unnamed_gen += 1
+            server.unnamed_owner = self
+            server.unnamed_gen = self.unnamed_gen
+            responses.push(PLAIN[PARSE])
+            return message
+        if not self.limit or responses.skipping:
+            responses.push(PLAIN[PARSE])
+            return message
+        if name in self.statements:
+            return self._fail(
+                server,
+                sqlstate.DUPLICATE_PREPARED_STATEMENT,
+                f'prepared statement "{_show(name)}" already exists',
+            )
+        statement = self.cache.get(rest)
+        self.statements[name] = statement
+        prepared = server.prepared
+
+        def forget_name() -> None:
+            if self.statements.get(name) is statement:
+                del self.statements[name]
+
+        if statement.name in prepared:
+            prepared.move_to_end(statement.name)
+            self._emit(server, _PARSE_COMPLETE, forget_name)
+            return b""
+
+        def forget_both() -> None:
+            forget_name()
+            prepared.pop(statement.name, None)
+
+        prepared[statement.name] = statement
+        responses.push(Entry(PARSE, rollback=forget_both))
+        return statement.parse
+
+    def _bind(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
+        responses = server.responses
+        if responses.skipping:
+            return message
+        portal, name, rest = split_bind(body)
+        if not name:
+            prefix = self._ensure_unnamed(server)
+            if prefix is None:
+                return self._unknown(server, name)
+            responses.push(PLAIN[BIND])
+            if self.track_text:
+                self.portal_text[portal] = self.unnamed_text
+            return prefix + message if prefix else message
+        if not self.limit:
+            responses.push(PLAIN[BIND])
+            return message
+        statement = self.statements.get(name)
+        if statement is None:
+            return self._unknown(server, name)
+        prefix = self._ensure_prepared(server, statement)
+        responses.push(PLAIN[BIND])
+        if self.track_text:
+            self.portal_text[portal] = statement.text
+        return prefix + build_bind(portal, statement.name, rest)
+
+    def _describe(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
+        responses = server.responses
+        target, name = split_target(body)
+        if target != _STATEMENT or responses.skipping:
+            responses.push(PLAIN[DESCRIBE])
+            return message
+        if not name:
+            prefix = self._ensure_unnamed(server)
+            if prefix is None:
+                return self._unknown(server, name)
+            responses.push(PLAIN[DESCRIBE])
+            return prefix + message if prefix else message
+        if not self.limit:
+            responses.push(PLAIN[DESCRIBE])
+            return message
+        statement = self.statements.get(name)
+        if statement is None:
+            return self._unknown(server, name)
+        prefix = self._ensure_prepared(server, statement)
+        responses.push(PLAIN[DESCRIBE])
+        return prefix + build_describe_statement(statement.name)
+
+    def _close(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
+        responses = server.responses
+        target, name = split_target(body)
+        if target != _STATEMENT or not name or not self.limit or responses.skipping:
+            if target == _STATEMENT and not name and server.unnamed_owner is self:
+                server.unnamed_owner = None
+            responses.push(PLAIN[CLOSE])
+            return message
+        # The server keeps the statement for others; only the client's name goes.
+        statement = self.statements.pop(name, None)
+
+        def restore() -> None:
+            if statement is not None:
+                self.statements.setdefault(name, statement)
+
+        self._emit(server, _CLOSE_COMPLETE, restore)
+        return b""
+
+    def _query(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
+        # A simple Query destroys the unnamed statement, in PostgreSQL and here.
+        self.unnamed_parse = None
+        server.unnamed_owner = None
+        text = body[:-1]
+        if self.refuse_session_state:
+            refusal = session_state.refusal(text, server.params)
+            if refusal:
+                server.responses.push(error_entry(sqlstate.FEATURE_NOT_SUPPORTED, refusal))
+                return _FAILING_QUERY
+        name = session_state.deallocated_name(text) if self.limit else None
+        if name is not None and name in self.statements:
+            # The name exists only in pgmux; answer for the server.
+            del self.statements[name]
+            server.responses.push(Entry(QUERY, emit=_DEALLOCATE_DONE))
+            return _EMPTY_QUERY
+        server.responses.push(Entry(QUERY, text=text) if self.track_text else PLAIN[QUERY])
+        return message
+
+    def _execute_entry(self, data: bytes, start: int) -> Entry:
+        if not self.track_text:
+            return PLAIN[EXECUTE]
+        portal = data[start : data.find(b"\0", start)]
+        text = self.portal_text.get(portal)
+        return Entry(EXECUTE, text=text) if text else PLAIN[EXECUTE]
+
+    # --- making sure the server has what the client refers to ------------
+
+    def _ensure_prepared(self, server: ServerConnection, statement: Statement) -> bytes:
+        prepared = server.prepared
+        if statement.name in prepared:
+            prepared.move_to_end(statement.name)
+            return b""
+        prepared[statement.name] = statement
+        server.responses.push(
+            Entry(PARSE, skip=True, rollback=lambda: prepared.pop(statement.name, None))
+        )
+        return statement.parse
+
+    def _ensure_unnamed(self, server: ServerConnection) -> bytes | None:
+        """The Parse to replay before a Bind/Describe of the unnamed statement.
+
+        b"" when the server has this client's unnamed statement (or none at
+        all, so PostgreSQL reports the error), None when the server holds
+        another client's unnamed statement and this client has none.
+        """
+        if server.unnamed_owner is self and server.unnamed_gen == self.unnamed_gen:
+            return b""
+        if self.unnamed_parse is None:
+            return None if server.unnamed_owner is not None else b""
+        server.unnamed_owner = self
+        server.unnamed_gen = self.unnamed_gen
+        server.responses.push(Entry(PARSE, skip=True))
+        return self.unnamed_parse
+
+    def _evict(self, server: ServerConnection) -> bytes:
+        """Close what exceeds the server's cap (only here, so no open portal loses its plan)."""
+        prepared = server.prepared
+        if len(prepared) <= self.limit or server.responses.skipping:
+            return b""
+        closes = []
+        while len(prepared) > self.limit:
+            name, statement = prepared.popitem(last=False)
+            closes.append(build_close_statement(name))
+            server.responses.push(
+                Entry(CLOSE, skip=True, rollback=_restorer(prepared, name, statement))
+            )
+        server.stats_evicted(len(closes))
+        return b"".join(closes)
+
+    # --- replies pgmux makes up -------------------------------------------
+
+    def _emit(self, server: ServerConnection, reply: bytes, rollback: Callable[[], None]) -> None:
+        responses = server.responses
+        if not responses.entries:
+            server.client_send(reply)  # nothing owed before it: it can go now
+        else:
+            responses.push(Entry(EMIT, emit=reply, rollback=rollback))
+
+    def _fail(self, server: ServerConnection, code: str, message: str) -> bytes:
+        server.responses.push(error_entry(code, message))
+        if server.unnamed_owner is not None:
+            server.unnamed_owner = None  # the failing Parse replaces the unnamed statement
+        return _FAILING_PARSE
+
+    def _unknown(self, server: ServerConnection, name: bytes) -> bytes:
+        what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
+        return self._fail(server, sqlstate.INVALID_SQL_STATEMENT_NAME, f"{what} does not exist")
+
+
+_FAILING_QUERY = messages.query("pgmux refused this statement")
+
+
+def _restorer(
+    prepared: OrderedDict[bytes, Statement], name: bytes, statement: Statement
+) -> Callable[[], None]:
+    def restore() -> None:
+        prepared[name] = statement
+
+    return restore
+
+
+def _show(name: bytes) -> str:
+    return name.decode("utf-8", "replace")

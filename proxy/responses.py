@@ -1,0 +1,241 @@
+"""What a server owes its client, request by request (PgBouncer's prepare.c, server side).
+
+When pgmux rewrites a client's extended-protocol traffic it sends the server
+messages the client never wrote (a Parse for a statement this server has not
+seen, a Close for an evicted one) and leaves out messages the client did write
+(a Parse of a statement the server already has, a Close of the client's own
+name). The client must still get exactly the replies PostgreSQL would have
+sent, in order. So every request sent to a linked server in transaction mode
+puts an Entry on the server's ResponseFilter, and the filter walks the
+server's reply headers against them: forward, drop (a reply to our own
+message), emit a reply the server never sends (a ParseComplete for a cached
+statement), or replace an error with the one the client should see.
+
+An ErrorResponse in the extended protocol makes PostgreSQL skip everything up
+to the next Sync; the filter drops those entries too and undoes what they had
+registered (a client's statement name, a server's prepared statement).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from struct import Struct
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages
+from pgmux.protocol.extended import command_tag
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .server import ServerConnection
+
+_LENGTH = Struct("!I").unpack_from
+
+# What a request is waiting for.
+PARSE = 1  # ParseComplete '1'
+BIND = 2  # BindComplete '2'
+CLOSE = 3  # CloseComplete '3'
+DESCRIBE = 4  # [ParameterDescription 't'] then RowDescription 'T' or NoData 'n'
+EXECUTE = 5  # CommandComplete 'C', EmptyQueryResponse 'I' or PortalSuspended 's'
+SYNC = 6  # ReadyForQuery 'Z'
+QUERY = 7  # simple Query / FunctionCall: everything up to ReadyForQuery 'Z'
+EMIT = 8  # nothing from the server: send `emit` to the client when it is next
+
+_Z, _E, _C, _S, _I = ord("Z"), ord("E"), ord("C"), ord("S"), ord("I")
+_COPY_IN, _COPY_BOTH = ord("G"), ord("W")
+# Replies that end a request, by the request they end.
+_ENDS = {
+    ord("1"): PARSE,
+    ord("2"): BIND,
+    ord("3"): CLOSE,
+    ord("T"): DESCRIBE,
+    ord("n"): DESCRIBE,
+    ord("s"): EXECUTE,
+}
+# Replies that may be split across chunks and forwarded as they come.
+_STREAMED = frozenset((ord("D"), ord("d")))
+
+
+class Entry:
+    """One request sent to the server (or one reply to make up)."""
+
+    __slots__ = ("emit", "error", "op", "rollback", "skip", "text")
+
+    def __init__(
+        self,
+        op: int,
+        *,
+        skip: bool = False,
+        emit: bytes = b"",
+        error: bytes = b"",
+        rollback: Callable[[], None] | None = None,
+        text: bytes = b"",
+    ) -> None:
+        self.op = op
+        self.skip = skip  # a reply to pgmux's own message: drop it
+        self.emit = emit  # EMIT: what to send; QUERY: replaces EmptyQueryResponse
+        self.error = error  # replaces the server's ErrorResponse for this request
+        self.rollback = rollback  # undo a registration if PostgreSQL skips the request
+        self.text = text  # query text, for session-state detection
+
+
+# Entries without options are shared.
+PLAIN = {op: Entry(op) for op in (PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, QUERY)}
+
+
+class ResponseFilter:
+    """Replies of one linked server, matched against what its client is owed."""
+
+    __slots__ = ("entries", "hold", "skip_bytes", "skip_forward", "skipping")
+
+    def __init__(self) -> None:
+        self.entries: deque[Entry] = deque()
+        self.skipping = False  # an error arrived; PostgreSQL ignores requests until Sync
+        self.hold = b""
+        self.skip_bytes = 0
+        self.skip_forward = True
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self.hold or self.skip_bytes)
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.skipping = False
+        self.hold = b""
+        self.skip_bytes = 0
+
+    def push(self, entry: Entry) -> None:
+        if self.skipping:
+            if entry.op == SYNC:
+                self.skipping = False
+                self.entries.append(entry)
+            return  # PostgreSQL will skip this request: no reply, no fake reply
+        self.entries.append(entry)
+
+    def emit_ready(self, out: list[bytes]) -> None:
+        """Made-up replies at the head of the queue go out now."""
+        entries = self.entries
+        while entries and entries[0].op == EMIT:
+            out.append(entries.popleft().emit)
+
+    # --- the server's replies --------------------------------------------
+
+    def received(self, data: bytes, server: ServerConnection, client: ClientConnection) -> None:
+        if self.hold:
+            data = self.hold + data
+            self.hold = b""
+        out: list[bytes] = []
+        n = len(data)
+        pos = 0
+        if self.skip_bytes:
+            pos = min(self.skip_bytes, n)
+            if self.skip_forward:
+                out.append(data[:pos])
+            self.skip_bytes -= pos
+        run = pos  # start of the bytes to forward as they are
+        ready = False
+        entries = self.entries
+        while pos + 5 <= n:
+            kind = data[pos]
+            end = pos + 1 + _LENGTH(data, pos + 1)[0]
+            if end > n and kind not in _STREAMED:
+                break  # wait for the whole message
+            if kind == _Z:
+                client.expect_rfq -= 1
+                status = data[pos + 5]
+                server.tx_status = status
+                client.stats_query_done()
+                while entries and entries[0].op not in (SYNC, QUERY):
+                    entries.popleft()  # out of step: never wait for a reply that cannot come
+                if entries:
+                    entries.popleft()
+                    if entries and entries[0].op == EMIT:
+                        out.append(data[run:end])
+                        run = end
+                        self.emit_ready(out)
+                ready = status == _I and client.expect_rfq <= 0 and not client.in_batch
+            elif kind == _E:
+                replaced = self._error(out, data, run, pos, end)
+                if replaced:
+                    run = end
+            elif kind == _C:
+                if entries:
+                    head = entries[0]
+                    if head.op == EXECUTE or head.op == QUERY:
+                        client.command_done(command_tag(data[pos + 5 : end]), head.text, server)
+                    if head.op == EXECUTE:
+                        entries.popleft()
+                        if entries and entries[0].op == EMIT:
+                            out.append(data[run:end])
+                            run = end
+                            self.emit_ready(out)
+            elif kind == _S:
+                server.parameter_status(data[pos + 5 : end], client)
+            elif kind == _I and entries and entries[0].op != QUERY:
+                entries.popleft()  # EmptyQueryResponse ends an Execute
+                if entries and entries[0].op == EMIT:
+                    out.append(data[run:end])
+                    run = end
+                    self.emit_ready(out)
+            elif kind == _I and entries and entries[0].emit:
+                out.append(data[run:pos])  # a DEALLOCATE pgmux answered itself
+                out.append(entries[0].emit)
+                run = end
+            elif kind in _ENDS and entries and _ENDS[kind] == entries[0].op:
+                head = entries.popleft()
+                if head.skip:
+                    out.append(data[run:pos])
+                    run = end
+                if entries and entries[0].op == EMIT:
+                    out.append(data[run:end])
+                    run = end
+                    self.emit_ready(out)
+            elif kind in (_COPY_IN, _COPY_BOTH):
+                server.copy_in = True
+            pos = end
+        if pos > n:
+            # A DataRow or CopyData continues in the next chunk.
+            out.append(data[run:n])
+            self.skip_bytes = pos - n
+            self.skip_forward = True
+        else:
+            out.append(data[run:pos])
+            if pos < n:
+                self.hold = data[pos:]
+        payload = b"".join(out)
+        if payload:
+            client.send(payload)
+        if ready and not self.mid_message:
+            client.transaction_done(server)
+
+    def _error(self, out: list[bytes], data: bytes, run: int, pos: int, end: int) -> bool:
+        """An ErrorResponse; returns True when it was replaced (not forwarded as is)."""
+        entries = self.entries
+        if not entries:
+            return False
+        head = entries[0]
+        if head.op in (QUERY, SYNC):
+            if head.error:
+                out.append(data[run:pos])
+                out.append(head.error)
+                return True
+            return False
+        # Extended protocol: PostgreSQL now skips every request up to the next Sync.
+        replaced = bool(head.error)
+        if replaced:
+            out.append(data[run:pos])
+            out.append(head.error)
+        while entries and entries[0].op != SYNC:
+            dropped = entries.popleft()
+            if dropped.rollback is not None:
+                dropped.rollback()
+        if not entries:
+            self.skipping = True
+        return replaced
+
+
+def error_entry(code: str, message: str) -> Entry:
+    """A request pgmux makes fail on purpose, whose error the client sees as `message`."""
+    return Entry(PARSE, error=messages.error_response(code, message, severity="ERROR"))
