@@ -335,6 +335,7 @@ def measure(pg: TempPostgres, target: Target, cell: Cell, duration: float, cores
 
 def idle_clients_rss(port: int, pids_of: callable, count: int) -> tuple[int, int, int, int]:
     """(RSS before KiB, RSS with COUNT idle clients KiB, logged in, refused)."""
+    time.sleep(1.0)  # the port accepts before every worker has started
     base = rss_kib(pids_of())
     opener = subprocess.Popen(
         [
@@ -421,6 +422,7 @@ def profile_pgmux(
             "200",
             "-f",
             "raw",
+            "--native",  # shows the time in write/read/epoll (the kernel's share)
             "-o",
             str(out),
             "--nonblocking",
@@ -729,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
                     Cell("select", "simple", 64),
                     10,
                     cores,
-                    args.out / f"profile-{args.stamp}-raw.txt",
+                    workdir / "pyspy-raw.txt",
                 )
                 if raw:
                     profile_text = summarize_profile(raw)

@@ -166,17 +166,15 @@ class AdminSession:
             self.client.transport.close()  # type: ignore[union-attr]
             self.client.connection_lost(None)
             return
-        if tag == "Q":
-            await self._simple_query(messages.parse_query(body))
-            return
         if tag == "S":
             self._skip_to_sync = False
             self._portals.pop("", None)
             self.send(messages.ready_for_query("I"))
             return
-        if tag == "H":
-            return  # every answer is written at once: nothing to flush
-        if self._skip_to_sync:
+        if self._skip_to_sync or tag == "H":
+            return  # after an error PostgreSQL ignores all until Sync; Flush: nothing held
+        if tag == "Q":
+            await self._simple_query(messages.parse_query(body))
             return
         try:
             await self._extended(tag, body)

@@ -166,8 +166,9 @@ SOCKET_COLUMNS = (
     "type", "user", "database", "replication", "state", "addr", "port", "local_addr",
     "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr",
     "link", "remote_pid", "tls", "application_name", "prepared_statements", "id",
+    "session_state",  # pgmux: what pins a client / what a server must reset
 )  # fmt: skip
-SOCKET_TYPES = "ssssssisiTTiiississii"
+SOCKET_TYPES = "ssssssisiTTiiississiis"
 
 
 def _client_row(client: ClientConnection, state: str, now: float, wall: float) -> tuple:
@@ -176,12 +177,13 @@ def _client_row(client: ClientConnection, state: str, now: float, wall: float) -
     if addr == "unix":
         port = client.registry.config.listen.port
     waited = _us(now - client.wait_started) if client.wait_started else 0
-    prepared = getattr(client, "prepared", None)
+    translator = client.translator
     return (
         "C", client.user, client.dbname, "none", state, addr, port, local_addr, local_port,
         _wall(client.connected_at, now, wall), _wall(client.last_active, now, wall),
         waited // 1_000_000, waited % 1_000_000, 0, _ptr(client), _ptr(client.server), 0, "",
-        client.application_name, len(prepared) if isinstance(prepared, dict) else 0, client.id,
+        client.application_name, len(translator.statements) if translator else 0, client.id,
+        ",".join(sorted(client.pinned)),
     )  # fmt: skip
 
 
@@ -214,14 +216,13 @@ def _server_row(pool: Pool, server: ServerConnection, now: float, wall: float) -
     creds = server.credentials
     local_addr, local_port = _address(server.transport, "sockname")
     client = server.client
-    prepared = getattr(server, "prepared", None)
     return (
         "S", pool.user, pool.dbname, "none", server_state(pool, server), creds.host, creds.port,
         local_addr, local_port, _wall(server.connected_at, now, wall),
         _wall(server.last_used, now, wall), 0, 0, int(server.close_when_released),
         _ptr(server), _ptr(client), server.backend_pid, "",
         client.application_name if client is not None else "",
-        len(prepared) if isinstance(prepared, dict) else 0, server.id,
+        len(server.prepared), server.id, ",".join(sorted(server.dirty)),
     )  # fmt: skip
 
 

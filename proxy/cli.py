@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0,
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
         help="log more: -v one level more than logging.level, -vv debug",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")

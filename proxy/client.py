@@ -145,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
         self._closed("client closed the connection" if exc is None else str(exc))
 
     def _closed(self, reason: str) -> None:
-        was_ready = self.phase is Phase.READY
+        was_ready = self.phase is Phase.READY or self.phase is Phase.ADMIN
         self.phase = Phase.CLOSED
         self.registry.remove_client(self)
         if self._counted:

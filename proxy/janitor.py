@@ -74,7 +74,8 @@ class Janitor:
         while pool.waiting:  # no server will open for them any more
             pool.waiting.popleft().wait_failed(sqlstate.ADMIN_SHUTDOWN, message)
         for client in list(pool.clients):
-            if client.server is None and not client.running:
+            server = client.server  # session mode: linked, but maybe between transactions
+            if not client.running and (server is None or server.clean_for_release):
                 client.fail(sqlstate.ADMIN_SHUTDOWN, message)
         self._expire_clients(pool, now)
         if not pool.clients and not pool.servers:
@@ -119,14 +120,16 @@ class Janitor:
         if server is None:
             return  # still waiting for a server: query_wait covers that
         limits = pool.timeouts
-        started = max(client.query_started, server.linked_at)
+        # The oldest request still running began at its send, at the previous
+        # ReadyForQuery (pipelines) or when the server was linked, the latest.
+        started = max(client.query_started, client.query_mark, server.linked_at)
         if now - started < limits.query:
             return
-        if client.query_cancelled != client.query_started:
+        if client.query_cancelled != started:
             # PostgreSQL stops the statement and answers 57014 itself, so the
             # client and the server stay in step and the server stays usable.
             self._fire(pool, client, "query", now - started)
-            client.query_cancelled = client.query_started
+            client.query_cancelled = started
             client.cancel_sent_at = now
             self.registry.cancel_server(server)
         elif limits.cancel_wait and now - client.cancel_sent_at >= limits.cancel_wait:

@@ -238,7 +238,7 @@ class Daemon:
                 self.janitor.drain(pool)
                 continue
             settings, credentials = registry.pool_setup(dbname, database, pool.user)
-            if (database, settings, credentials) != (pool.database, pool.settings,
-                                                     pool.credentials):
+            current = (pool.database, pool.settings, pool.credentials)
+            if (database, settings, credentials) != current:
                 pool.reconfigure(database, credentials, settings)
         registry.create_configured_pools()

@@ -117,6 +117,7 @@ _POOL_COUNTERS = (
     ("pgmux_sent_bytes", "total_sent", 1, "Bytes sent to clients."),
     ("pgmux_server_assignments", "server_assignments", 1, "Times a server was linked."),
     ("pgmux_servers_opened", "servers_opened", 1, "Server connections opened."),
+    ("pgmux_session_resets", "session_resets", 1, "Servers cleaned of session state."),
     ("pgmux_client_wait_seconds", "total_wait_time", 1, "Time clients waited for a server."),
     ("pgmux_transaction_seconds", "total_xact_time", 1, "Time spent in transactions."),
     ("pgmux_query_seconds", "total_query_time", 1, "Time spent in queries."),
@@ -163,6 +164,14 @@ class PgmuxCollector:
             maxwait.add_metric([pool.dbname, pool.user], c["maxwait_us_total"] / 1_000_000)
         yield size
         yield maxwait
+        pinned = GaugeMetricFamily(
+            "pgmux_pool_client_pinned",
+            "Clients kept on their server by session state (pool.session_state: pin).",
+            labels=LABELS,
+        )
+        for pool in pools:
+            pinned.add_metric([pool.dbname, pool.user], sum(1 for c in pool.clients if c.pinned))
+        yield pinned
 
     def _counters(self, pools: list[Pool]) -> Iterator[Metric]:
         for name, attr, _scale, help_text in _POOL_COUNTERS:

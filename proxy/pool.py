@@ -107,6 +107,10 @@ class Pool:
             # could stop the next client's query. The registry releases it after.
             server.release_pending = True
             return
+        if server.dirty and server.state is not ServerState.CLOSED:
+            # Session state left behind (a pinned client that disconnected): clean first.
+            self.release_after_reset(server)
+            return
         self.active.discard(server)
         if server.state is ServerState.CLOSED:
             return
@@ -133,18 +137,26 @@ class Pool:
         spawn(self._reset_then_release(server))
 
     async def _reset_then_release(self, server: ServerConnection) -> None:
-        kinds, server.dirty = server.dirty, set()
         server.client = None
         try:
-            for sql in session_state.reset_statements(kinds):
-                await server.query(sql, self.timeouts.server_connect or 10.0)
+            await self._reset_session_state(server, self.timeouts.server_connect or 10.0)
         except (ServerError, ServerLost) as exc:
             self.close_server(server, f"session state reset failed: {exc}")
             return
+        self.release(server)
+
+    async def _reset_session_state(self, server: ServerConnection, timeout: float) -> None:
+        """Undo what a client left behind (session_state.py), so the next one starts clean."""
+        if not server.dirty:
+            return
+        kinds, server.dirty = server.dirty, set()
+        for sql in session_state.reset_statements(kinds):
+            await server.query(sql, timeout)
         if session_state.PREPARE in kinds:
             server.prepared.clear()  # DEALLOCATE ALL took pgmux's statements too
+        if session_state.SET in kinds:
+            server.applied = {}  # RESET ALL undid the GUCs pgmux had applied
         self.stats.session_resets += 1
-        self.release(server)
 
     def _should_close(self, server: ServerConnection) -> bool:
         if server.close_when_released or self.closed:
@@ -183,7 +195,10 @@ class Pool:
         with half a message from the client on the wire is always closed.
         """
         expect = max(client.expect_rfq, 0)
-        clean = not expect and not client.in_batch and server.clean_for_release
+        server.dirty |= client.pinned  # a pinned client's state must not reach the next one
+        clean = (
+            not expect and not client.in_batch and server.clean_for_release and not server.dirty
+        )
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")
         elif clean and self.mode == "transaction":
@@ -205,6 +220,7 @@ class Pool:
             )
             if not server.clean_for_release:
                 await server.query("ROLLBACK", timeout)
+            await self._reset_session_state(server, timeout)
             if self.mode != "transaction":
                 await server.query("DISCARD ALL", timeout)
                 server.applied = {}
@@ -373,8 +389,10 @@ class Pool:
                 self.close_server(server, "reload")
             else:
                 server.close_when_released = True
-        log.info("pool_reconfigured", db=self.dbname, user=self.user, size=settings.size,
-                 mode=settings.mode)
+        log.info(
+            "pool_reconfigured", db=self.dbname, user=self.user, size=settings.size,
+            mode=settings.mode,
+        )
         self.grow()
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ QUERY = 7  # simple Query / FunctionCall: everything up to ReadyForQuery 'Z'
 EMIT = 8  # nothing from the server: send `emit` to the client when it is next
 
 _Z, _E, _C, _S, _I = ord("Z"), ord("E"), ord("C"), ord("S"), ord("I")
+_SUSPENDED = ord("s")
 _COPY_IN, _COPY_BOTH = ord("G"), ord("W")
 # Replies that end a request, by the request they end.
 _ENDS = {
@@ -185,6 +186,10 @@ class ResponseFilter:
                 run = end
             elif kind in _ENDS and entries and _ENDS[kind] == entries[0].op:
                 head = entries.popleft()
+                if kind == _SUSPENDED and head.text:
+                    # A row limit (asyncpg's fetchval) ends the Execute without a
+                    # tag; only a statement returning rows gets here: a SELECT.
+                    client.command_done(b"SELECT", head.text, server)
                 if head.skip:
                     out.append(data[run:pos])
                     run = end

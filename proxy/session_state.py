@@ -166,7 +166,6 @@ def deallocated_name(text: bytes) -> bytes | None:
 
 def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text: bytes) -> None:
     """A statement of the client completed on the server: track what it left behind."""
-    import sys; print("OBSERVE", tag, text, file=sys.stderr, flush=True)  # DEBUGXX
     if tag == b"DISCARD ALL":
         forget_all(client, server)
         return
@@ -174,8 +173,6 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
         server.prepared.clear()
         if client.translator is not None:
             client.translator.statements.clear()
-    if not text:
-        return
     created, cleared = detect(tag, text, server.params)
     if created is not None:
         _created(client, server, created)
@@ -189,6 +186,7 @@ def _created(client: ClientConnection, server: ServerConnection, kind: str) -> N
     mode = pool.settings.session_state if pool is not None else "ignore"
     if mode == "pin":
         client.pinned.add(kind)
+        server.dirty.add(kind)  # cleaned if the client leaves without clearing it
     elif mode in ("reset", "error"):
         # error refuses up front; whatever slipped through is cleaned instead.
         server.dirty.add(kind)
@@ -198,6 +196,7 @@ def forget_all(client: ClientConnection, server: ServerConnection) -> None:
     """DISCARD ALL: the session is as new, and so are pgmux's records of it."""
     client.pinned.clear()
     server.dirty.clear()
+    server.applied = {}
     server.prepared.clear()
     server.unnamed_owner = None
     if client.translator is not None:

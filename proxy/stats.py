@@ -114,15 +114,22 @@ class PoolStats:
         self.total_wait_time += seconds
         self.wait_hist.observe(seconds)
 
+    # add_xact and add_query run once per transaction / ReadyForQuery: the
+    # histogram update is inlined (one call less on the data path).
+
     def add_xact(self, seconds: float) -> None:
         self.total_xact_count += 1
         self.total_xact_time += seconds
-        self.xact_hist.observe(seconds)
+        hist = self.xact_hist
+        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist.sum += seconds
 
     def add_query(self, seconds: float) -> None:
         self.total_query_count += 1
         self.total_query_time += seconds
-        self.query_hist.observe(seconds)
+        hist = self.query_hist
+        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hist.sum += seconds
 
     # --- stats_period -------------------------------------------------------
 

@@ -128,9 +128,7 @@ async def test_fuzzing_client_over_tcp(pgmux: PgmuxFactory) -> None:
 
     async def send(payload: bytes) -> None:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(mux.host, mux.port), 10
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(mux.host, mux.port), 10)
         except (OSError, TimeoutError):
             return
         try:

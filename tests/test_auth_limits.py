@@ -38,7 +38,6 @@ pytestmark = pytest.mark.timeout(300)
 FLOOD = 2000
 GARBAGE = 200
 GOOD = 20
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 def rss_kib(pid: int, field: str = "VmHWM") -> int:
@@ -66,9 +65,7 @@ async def stalled_connection(mux: Any, index: int) -> Stream | None:
 async def garbage_sender(mux: Any, rng: random.Random, rounds: int) -> None:
     for _ in range(rounds):
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(mux.host, mux.port), 10
-            )
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(mux.host, mux.port), 10)
         except (OSError, TimeoutError):
             continue
         try:
@@ -103,9 +100,7 @@ async def well_behaved(mux: Any, index: int, table: str) -> int:
     return written
 
 
-async def test_login_flood_cannot_block_good_clients(
-    pgmux: PgmuxFactory, pg: TempPostgres
-) -> None:
+async def test_login_flood_cannot_block_good_clients(pgmux: PgmuxFactory, pg: TempPostgres) -> None:
     """Defaults: max_client_conn 2000 and max_logins_in_progress 1000; the flood
     exceeds both, yet every well-behaved client logs in and commits."""
     mux = pgmux({"timeouts": {"client_login": "60s"}})
@@ -135,10 +130,7 @@ async def test_login_flood_cannot_block_good_clients(
     peak = rss_kib(mux.pid)
     note = (f"login flood: {len(held)} stalled + {GARBAGE}x5 garbage + {GOOD} good clients; "
             f"pgmux RSS before {baseline} KiB, peak {peak} KiB")  # fmt: skip
-    print(note)
-    with contextlib.suppress(OSError):
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "login_flood_rss.txt").write_text(note + "\n")
+    print(note)  # pytest -s shows it; the closing note of issue 8 records it
     assert peak < 512 * 1024, note
     # ...and afterwards it still serves.
     assert await login_and_query(mux, "asyncpg") == "app"

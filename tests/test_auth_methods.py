@@ -140,9 +140,7 @@ async def scram_exchange(mux: Any, user: str, proof: bytes = b"\0" * 32) -> tupl
         assert kind == b"R" and struct.unpack("!I", body[:4])[0] == 10, (kind, body)
         assert b"SCRAM-SHA-256\0" in body[4:]
         first = b"n,,n=,r=clientnonce"
-        await raw.send(
-            message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
-        )
+        await raw.send(message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
         kind, body = await raw.read_message() or (b"", b"")
         assert kind == b"R" and struct.unpack("!I", body[:4])[0] == 11, (kind, body)
         attributes = dict(part.split(b"=", 1) for part in body[4:].split(b","))

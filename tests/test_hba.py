@@ -126,8 +126,7 @@ async def test_host_rule_rejects_one_database_allows_another(
 ) -> None:
     hba = tmp_path / "hba.conf"
     hba.write_text(
-        "host other all 127.0.0.1/32 reject\n"
-        "host appdb all 127.0.0.1/32 scram-sha-256\n"
+        "host other all 127.0.0.1/32 reject\nhost appdb all 127.0.0.1/32 scram-sha-256\n"
     )
     mux = pgmux({"auth": {"hba_file": str(hba)}})
     conn = await connect_asyncpg(mux, "appdb")

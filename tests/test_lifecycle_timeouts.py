@@ -23,6 +23,7 @@ from helpers import (
     direct,
     error_fields,
     fresh_database,
+    query_message,
     startup_packet,
     wait_until,
 )
@@ -264,3 +265,27 @@ async def test_client_login_timeout(pg: TempPostgres, pgmux: PgmuxFactory) -> No
         assert await conn.fetchval("SELECT 1") == 1
     finally:
         await close_quietly(conn)
+
+
+async def test_query_timeout_times_each_pipelined_query(
+    pg: TempPostgres, pgmux: PgmuxFactory
+) -> None:
+    """30 pipelined 0.1s queries take 3s in all, each well under query=1s: none is cancelled."""
+    mux = pgmux({"timeouts": {"query": "1s"}})
+    raw = await raw_login(mux, "appdb")
+    try:
+        count = 30
+        await raw.send(query_message("SELECT pg_sleep(0.1)") * count)
+        errors, ready = [], 0
+        while ready < count:
+            msg = await raw.read_message(20)
+            assert msg is not None, "pgmux closed the connection"
+            kind, body = msg
+            if kind == b"E":
+                errors.append(error_fields(body))
+            elif kind == b"Z":
+                ready += 1
+        assert not errors, errors
+    finally:
+        await raw.close()
+    assert "query_timeout" not in mux.logs()

@@ -29,8 +29,8 @@ from helpers import (
     fresh_database,
     message,
 )
-
 from pgmux.protocol import messages
+
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,16 +89,16 @@ def pg8000_worker(mux: Any, dbname: str, client: int, rounds: int) -> None:
     )
     try:
         for i in range(rounds):
-            rows = conn.run(
-                "UPDATE hits SET n = n + 1 WHERE client = :c RETURNING n", c=client
-            )
+            rows = conn.run("UPDATE hits SET n = n + 1 WHERE client = :c RETURNING n", c=client)
             assert rows == [[i + 1]]
             assert conn.run("SELECT CAST(:v AS int) * 4", v=client) == [[client * 4]]
     finally:
         conn.close()
 
 
-async def test_forty_preparing_clients_on_two_servers(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+async def test_forty_preparing_clients_on_two_servers(
+    pg: TempPostgres, pgmux: PgmuxFactory
+) -> None:
     dbname = fresh_database(pg)
     make_counters(pg, dbname)
     mux = pgmux(TWO_SERVERS)
@@ -143,8 +143,20 @@ async def test_forty_preparing_clients_on_two_servers(pg: TempPostgres, pgmux: P
 
 def run_pgbench(pg: TempPostgres, mux: Any, dbname: str, *args: str) -> str:
     cmd = [
-        f"{pg.bindir}/pgbench", "-h", mux.host, "-p", str(mux.port), "-U", APP_USER,
-        "-n", "-M", "prepared", "-T", "5", *args, dbname,
+        f"{pg.bindir}/pgbench",
+        "-h",
+        mux.host,
+        "-p",
+        str(mux.port),
+        "-U",
+        APP_USER,
+        "-n",
+        "-M",
+        "prepared",
+        "-T",
+        "5",
+        *args,
+        dbname,
     ]
     env = {"PGPASSWORD": APP_PASSWORD, "PATH": "/usr/bin:/bin"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
@@ -163,9 +175,24 @@ def run_pgbench(pg: TempPostgres, mux: Any, dbname: str, *args: str) -> str:
 def test_pgbench_prepared(pg: TempPostgres, pgmux: PgmuxFactory, args: tuple[str, ...]) -> None:
     dbname = fresh_database(pg)
     init = subprocess.run(
-        [f"{pg.bindir}/pgbench", "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port),
-         "-U", APP_USER, dbname],
-        capture_output=True, text=True, env={"PGPASSWORD": APP_PASSWORD}, timeout=60,
+        [
+            f"{pg.bindir}/pgbench",
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            pg.host,
+            "-p",
+            str(pg.port),
+            "-U",
+            APP_USER,
+            dbname,
+        ],
+        capture_output=True,
+        text=True,
+        env={"PGPASSWORD": APP_PASSWORD},
+        timeout=60,
     )
     assert init.returncode == 0, init.stderr
     mux = pgmux(TWO_SERVERS)
@@ -285,14 +312,16 @@ async def test_misuse_gets_postgres_errors_and_the_connection_stays(pgmux: Pgmux
         assert [k for k, _ in await raw.read_until_ready()] == [b"3", b"Z"]
         # The original statement still works; after Close the name is free again.
         await raw.send(
-            messages.bind("", "dup", []) + messages.execute("") + messages.close("S", "dup")
-            + messages.parse("dup", "SELECT 3") + messages.bind("", "dup", [])
-            + messages.execute("") + messages.sync()
+            messages.bind("", "dup", [])
+            + messages.execute("")
+            + messages.close("S", "dup")
+            + messages.parse("dup", "SELECT 3")
+            + messages.bind("", "dup", [])
+            + messages.execute("")
+            + messages.sync()
         )
         replies = await raw.read_until_ready()
-        assert [k for k, _ in replies] == [
-            b"2", b"D", b"C", b"3", b"1", b"2", b"D", b"C", b"Z"
-        ]
+        assert [k for k, _ in replies] == [b"2", b"D", b"C", b"3", b"1", b"2", b"D", b"C", b"Z"]
         rows = [body for kind, body in replies if kind == b"D"]
         assert rows[0].endswith(b"1") and rows[1].endswith(b"3")
     finally:
@@ -346,6 +375,7 @@ async def test_asyncpg_statement_cache_with_many_clients(pgmux: PgmuxFactory) ->
     mux = pgmux({"pool": {"size": 2}})
     conns = [await connect_asyncpg(mux, statement_cache_size=100) for _ in range(10)]
     try:
+
         async def work(conn: asyncpg.Connection, k: int) -> None:
             for i in range(20):
                 assert await conn.fetchval("SELECT $1::int + $2::int", k, i) == k + i

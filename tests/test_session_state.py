@@ -32,7 +32,9 @@ from helpers import (
     connect_asyncpg,
     connect_psycopg,
     direct,
+    fresh_database,
     query_message,
+    wait_until,
 )
 
 from pgmux.tempgres import TempPostgres
@@ -110,6 +112,7 @@ OTHER_CLEARS = [
 ]
 
 PID = "SELECT pg_backend_pid()"
+LOCKS_HELD = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1"
 
 
 def config(mode: str, size: int = 1) -> dict[str, Any]:
@@ -221,10 +224,7 @@ async def test_pin_state_never_outlives_its_client(
         await holder.close()
         second, _ = await gets_server(mux)
         assert await probe(second, kind) == kind.absent
-        locks = await monitor.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
-            LOCK_KEY,
-        )
+        locks = await monitor.fetchval(LOCKS_HELD, LOCK_KEY)
         assert locks == 0
     finally:
         await close_quietly(holder, second, monitor)
@@ -249,8 +249,10 @@ async def test_pin_advisory_lock_never_leaks(pg: TempPostgres, pgmux: PgmuxFacto
                     other_pid = await other.fetchval(PID)
                     assert other_pid != holder_pid, (round_, i)
                     assert await other.fetchval(KINDS["advisory_lock"].probe) == 0
+                    # (the transaction-level try: a failed session-level try would pin too)
                     assert (
-                        await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY) is False
+                        await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_KEY)
+                        is False
                     )
                 lockers = await monitor.fetch(
                     "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = $1"
@@ -263,13 +265,60 @@ async def test_pin_advisory_lock_never_leaks(pg: TempPostgres, pgmux: PgmuxFacto
                 else:
                     await taker.close()  # leaves without unlocking
                     clients[i] = await connect_asyncpg(mux)
-                free = await monitor.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
-                    LOCK_KEY,
+                # Unlocked, or cleaned by pgmux once the holder left (that takes a moment).
+                await wait_until(
+                    lambda: monitor.fetchval(LOCKS_HELD, LOCK_KEY),
+                    lambda held: held == 0,
+                    timeout=10,
+                    what="advisory lock released",
                 )
-                assert free == 0
     finally:
         await close_quietly(*clients, monitor)
+
+
+async def test_pin_advisory_lock_is_a_mutex(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+    """Concurrent clients use a session advisory lock around a read-modify-write.
+
+    If a server went back to the pool with the lock held, the next client on it
+    would get the lock at once (advisory locks are re-entrant per session) while
+    the owner is still in its critical section, and an update would be lost.
+    """
+    dbname = fresh_database(pg)
+    mux = pgmux({**config("pin", size=2), "timeouts": {"query_wait": "30s"}})
+    setup = await direct(pg, dbname)
+    await setup.execute(
+        "CREATE TABLE counter (v int); INSERT INTO counter VALUES (0);GRANT ALL ON counter TO app"
+    )
+    rounds, workers = 5, 6
+
+    async def worker(n: int) -> None:
+        conn = await connect_asyncpg(mux, dbname)
+        try:
+            for r in range(rounds):
+                if n % 2:
+                    await conn.execute(f"SELECT pg_advisory_lock({LOCK_KEY})")  # simple protocol
+                else:
+                    await conn.fetchval("SELECT pg_advisory_lock($1)", LOCK_KEY)  # extended
+                value = await conn.fetchval("SELECT v FROM counter")
+                await asyncio.sleep(0.01)  # let the others try to get in
+                await conn.execute(f"UPDATE counter SET v = {value + 1}")
+                if r == rounds - 1 and n % 3 == 0:
+                    return  # leave holding the lock: it must not pass to anyone
+                await conn.fetchval("SELECT pg_advisory_unlock_all()::text")
+        finally:
+            await close_quietly(conn)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker(n) for n in range(workers))), 60)
+        assert await setup.fetchval("SELECT v FROM counter") == rounds * workers
+        await wait_until(
+            lambda: setup.fetchval(LOCKS_HELD, LOCK_KEY),
+            lambda held: held == 0,
+            timeout=10,
+            what="advisory lock released after its holders left",
+        )
+    finally:
+        await close_quietly(setup)
 
 
 # -- reset -----------------------------------------------------------------------------
@@ -293,10 +342,7 @@ async def test_reset_cleans_state_on_release(
         assert second_pid == pid
         assert await probe(second, kind) == kind.absent
         assert await probe(first, kind) == kind.absent
-        locks = await monitor.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
-            LOCK_KEY,
-        )
+        locks = await monitor.fetchval(LOCKS_HELD, LOCK_KEY)
         assert locks == 0
         assert await first.fetchval("SELECT 40 + 2") == 42
     finally:

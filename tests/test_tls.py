@@ -162,9 +162,7 @@ async def test_channel_binding_scram_plus(pgmux: PgmuxFactory, certs: Path) -> N
         await conn.close()
     # and a wrong password still fails with 28P01 under channel binding
     with pytest.raises(psycopg.OperationalError) as info:
-        await connect_psycopg(
-            mux, password="wrong", sslmode="require", channel_binding="require"
-        )
+        await connect_psycopg(mux, password="wrong", sslmode="require", channel_binding="require")
     assert "password authentication failed" in str(info.value)
 
 
