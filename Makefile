@@ -40,7 +40,7 @@ check: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Knobs: CLIENTS="8 64 256" MODES="simple extended prepared" DURATION=4 ROUNDS=3
+# Knobs: CLIENTS="8 64 256" MODES="simple extended prepared" DURATION=2 ROUNDS=3
 # WORKERS="1 2" MEMORY="1000 10000" PROFILE=1 QUICK=1 (about two minutes).
 BENCH_ARGS = $(if $(CLIENTS),--clients "$(CLIENTS)") $(if $(MODES),--modes "$(MODES)") \
 	$(if $(DURATION),--duration $(DURATION)) $(if $(ROUNDS),--rounds $(ROUNDS)) \

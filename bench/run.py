@@ -10,7 +10,7 @@ printed at the end. A memory benchmark measures the RSS of each pooler
 holding 1 000 and 10 000 idle client connections.
 
     python bench/run.py --clients "8 64 256" --modes "simple extended prepared" \
-        --duration 4 --rounds 3 --workers "1 2"
+        --duration 10 --rounds 3 --workers "1 2"
     python bench/run.py --quick        # about two minutes
 """
 
@@ -474,8 +474,13 @@ def median_run(runs: list[Run]) -> Run:
     )
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if a and b else "n/a"
+def ratio(a: Run | None, b: Run | None) -> str:
+    """a.tps / b.tps; "aborted" when either side lost clients (its TPS means little)."""
+    if a is None or b is None or not a.tps or not b.tps:
+        return "n/a"
+    if a.aborted or b.aborted:
+        return "aborted"
+    return f"{a.tps / b.tps:.2f}"
 
 
 def report(
@@ -509,9 +514,8 @@ def report(
     for cell in cells:
         row = [cell.label] + [f"{medians[cell, n].tps:,.0f}" for n in names]
         for m in muxes:
-            bouncer = medians.get((cell, "pgbouncer"))
-            row.append(ratio(medians[cell, m].tps, bouncer.tps if bouncer else 0))
-            row.append(ratio(medians[cell, m].tps, medians[cell, "direct"].tps))
+            row.append(ratio(medians[cell, m], medians.get((cell, "pgbouncer"))))
+            row.append(ratio(medians[cell, m], medians[cell, "direct"]))
         out.append("| " + " | ".join(row) + " |")
     out += [
         "",
@@ -618,7 +622,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "connect_clients": [64],
         "modes": ["simple", "prepared"] if quick else ["simple", "extended", "prepared"],
         "workloads": ["select", "tpcb", "connect"],
-        "duration": 3.0,
+        "duration": 2.0,
         "rounds": 1 if quick else 3,
         "workers": [1, 2] if (os.cpu_count() or 1) > 1 else [1],
         "memory": [1000] if quick else [1000, 10000],
@@ -763,10 +767,9 @@ def print_ratios(cells: list[Cell], names: list[str], medians: dict) -> None:
     for cell in cells:
         parts = []
         for m in (n for n in names if n.startswith("pgmux")):
-            bouncer = medians.get((cell, "pgbouncer"))
             parts.append(
-                f"{m}: {ratio(medians[cell, m].tps, bouncer.tps if bouncer else 0)} / "
-                f"{ratio(medians[cell, m].tps, medians[cell, 'direct'].tps)}"
+                f"{m}: {ratio(medians[cell, m], medians.get((cell, 'pgbouncer')))} / "
+                f"{ratio(medians[cell, m], medians[cell, 'direct'])}"
             )
         print(f"  {cell.label:28} " + "   ".join(parts))
 

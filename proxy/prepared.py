@@ -79,12 +79,14 @@ _GLOBAL_CACHE_LIMIT = 100_000
 class Statement:
     """One distinct (query, parameter types), under pgmux's server-side name."""
 
-    __slots__ = ("name", "parse", "text")
+    __slots__ = ("name", "parse", "text", "watched")
 
     def __init__(self, name: bytes, rest: bytes) -> None:
         self.name = name
         self.parse = build_parse(name, rest)
         self.text = parse_query_text(rest)
+        # Session-state detection looks at the text only of statements that may need it.
+        self.watched = self.text if session_state.needs_text(self.text) else b""
 
 
 class StatementCache:
@@ -119,7 +121,8 @@ class Translator:
         self.refuse_session_state = session_mode == "error"
         self.track_text = session_mode != "ignore"
         self.statements: dict[bytes, Statement] = {}
-        self.portal_text: dict[bytes, bytes] = {}
+        self.portal_text: dict[bytes, bytes] = {}  # named portals -> watched query text
+        self.unnamed_portal_text = b""
         self.unnamed_parse: bytes | None = None
         self.unnamed_text = b""
         self.unnamed_gen = 0
@@ -195,7 +198,8 @@ class Translator:
                 return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
         if not name:
             self.unnamed_parse = message
-            self.unnamed_text = parse_query_text(rest)
+            text = parse_query_text(rest)
+            self.unnamed_text = text if session_state.needs_text(text) else b""
             self.unnamed_gen += 1
             server.unnamed_owner = self
             server.unnamed_gen = self.unnamed_gen
@@ -242,7 +246,7 @@ class Translator:
                 return self._unknown(server, name)
             responses.push(PLAIN[BIND])
             if self.track_text:
-                self.portal_text[portal] = self.unnamed_text
+                self._bound(portal, self.unnamed_text)
             return prefix + message if prefix else message
         if not self.limit:
             responses.push(PLAIN[BIND])
@@ -253,7 +257,7 @@ class Translator:
         prefix = self._ensure_prepared(server, statement)
         responses.push(PLAIN[BIND])
         if self.track_text:
-            self.portal_text[portal] = statement.text
+            self._bound(portal, statement.watched)
         return prefix + build_bind(portal, statement.name, rest)
 
     def _describe(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
@@ -306,20 +310,32 @@ class Translator:
             if refusal:
                 server.responses.push(error_entry(sqlstate.FEATURE_NOT_SUPPORTED, refusal))
                 return _FAILING_QUERY
-        name = session_state.deallocated_name(text) if self.limit else None
+        name = session_state.deallocated_name(text) if self.statements else None
         if name is not None and name in self.statements:
             # The name exists only in pgmux; answer for the server.
             del self.statements[name]
             server.responses.push(Entry(QUERY, emit=_DEALLOCATE_DONE))
             return _EMPTY_QUERY
-        server.responses.push(Entry(QUERY, text=text) if self.track_text else PLAIN[QUERY])
+        if self.track_text and session_state.needs_text(text):
+            server.responses.push(Entry(QUERY, text=text))
+        else:
+            server.responses.push(PLAIN[QUERY])
         return message
+
+    def _bound(self, portal: bytes, text: bytes) -> None:
+        """Remember which text a portal runs, for the tag of its Execute."""
+        if portal:
+            self.portal_text[portal] = text
+        else:
+            self.unnamed_portal_text = text
 
     def _execute_entry(self, data: bytes, start: int) -> Entry:
         if not self.track_text:
             return PLAIN[EXECUTE]
-        portal = data[start : data.find(b"\0", start)]
-        text = self.portal_text.get(portal)
+        if data[start] == 0:
+            text = self.unnamed_portal_text
+        else:
+            text = self.portal_text.get(data[start : data.find(b"\0", start)], b"")
         return Entry(EXECUTE, text=text) if text else PLAIN[EXECUTE]
 
     # --- making sure the server has what the client refers to ------------

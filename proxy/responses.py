@@ -54,8 +54,20 @@ _ENDS = {
     ord("n"): DESCRIBE,
     ord("s"): EXECUTE,
 }
-# Replies that may be split across chunks and forwarded as they come.
-_STREAMED = frozenset((ord("D"), ord("d")))
+
+
+# What the filter does with each reply type (one table lookup per message).
+_FORWARD, _RFQ, _END, _COMPLETE, _ERROR, _STATUS, _EMPTY, _COPY = range(8)
+_ACTIONS = [_FORWARD] * 256
+for _kind in _ENDS:
+    _ACTIONS[_kind] = _END
+_ACTIONS[_Z] = _RFQ
+_ACTIONS[_C] = _COMPLETE
+_ACTIONS[_E] = _ERROR
+_ACTIONS[_S] = _STATUS
+_ACTIONS[_I] = _EMPTY
+_ACTIONS[_COPY_IN] = _COPY
+_ACTIONS[_COPY_BOTH] = _COPY
 
 
 class Entry:
@@ -138,66 +150,66 @@ class ResponseFilter:
         run = pos  # start of the bytes to forward as they are
         ready = False
         entries = self.entries
+        actions = _ACTIONS
         while pos + 5 <= n:
             kind = data[pos]
             end = pos + 1 + _LENGTH(data, pos + 1)[0]
-            if end > n and kind not in _STREAMED:
+            action = actions[kind]
+            if action == _FORWARD:  # DataRow, RowDescription mid-query, notices, ...
+                pos = end
+                continue
+            if end > n:
                 break  # wait for the whole message
-            if kind == _Z:
+            if action == _RFQ:
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
                 client.stats_query_done()
-                while entries and entries[0].op not in (SYNC, QUERY):
+                while entries and entries[0].op != SYNC and entries[0].op != QUERY:
                     entries.popleft()  # out of step: never wait for a reply that cannot come
                 if entries:
                     entries.popleft()
                     if entries and entries[0].op == EMIT:
-                        out.append(data[run:end])
-                        run = end
-                        self.emit_ready(out)
+                        run = self._emit_after(out, data, run, end)
                 ready = status == _I and client.expect_rfq <= 0 and not client.in_batch
-            elif kind == _E:
-                replaced = self._error(out, data, run, pos, end)
-                if replaced:
-                    run = end
-            elif kind == _C:
+            elif action == _END:
+                if entries and _ENDS[kind] == entries[0].op:
+                    head = entries.popleft()
+                    if kind == _SUSPENDED and head.text:
+                        # A row limit (asyncpg's fetchval) ends the Execute without a
+                        # tag; only a statement returning rows gets here: a SELECT.
+                        client.command_done(b"SELECT", head.text, server)
+                    if head.skip:
+                        out.append(data[run:pos])
+                        run = end
+                    if entries and entries[0].op == EMIT:
+                        run = self._emit_after(out, data, run, end)
+            elif action == _COMPLETE:
                 if entries:
                     head = entries[0]
-                    if head.op == EXECUTE or head.op == QUERY:
+                    op = head.op
+                    # Tags alone tell LISTEN, PREPARE, DISCARD ...; SELECT and SET need text.
+                    if op in (EXECUTE, QUERY) and (head.text or data[pos + 5] != _S):
                         client.command_done(command_tag(data[pos + 5 : end]), head.text, server)
-                    if head.op == EXECUTE:
+                    if op == EXECUTE:
                         entries.popleft()
                         if entries and entries[0].op == EMIT:
-                            out.append(data[run:end])
-                            run = end
-                            self.emit_ready(out)
-            elif kind == _S:
+                            run = self._emit_after(out, data, run, end)
+            elif action == _ERROR:
+                if self._error(out, data, run, pos, end):
+                    run = end
+            elif action == _STATUS:
                 server.parameter_status(data[pos + 5 : end], client)
-            elif kind == _I and entries and entries[0].op != QUERY:
-                entries.popleft()  # EmptyQueryResponse ends an Execute
-                if entries and entries[0].op == EMIT:
-                    out.append(data[run:end])
+            elif action == _EMPTY:
+                if entries and entries[0].op != QUERY:
+                    entries.popleft()  # EmptyQueryResponse ends an Execute
+                    if entries and entries[0].op == EMIT:
+                        run = self._emit_after(out, data, run, end)
+                elif entries and entries[0].emit:
+                    out.append(data[run:pos])  # a DEALLOCATE pgmux answered itself
+                    out.append(entries[0].emit)
                     run = end
-                    self.emit_ready(out)
-            elif kind == _I and entries and entries[0].emit:
-                out.append(data[run:pos])  # a DEALLOCATE pgmux answered itself
-                out.append(entries[0].emit)
-                run = end
-            elif kind in _ENDS and entries and _ENDS[kind] == entries[0].op:
-                head = entries.popleft()
-                if kind == _SUSPENDED and head.text:
-                    # A row limit (asyncpg's fetchval) ends the Execute without a
-                    # tag; only a statement returning rows gets here: a SELECT.
-                    client.command_done(b"SELECT", head.text, server)
-                if head.skip:
-                    out.append(data[run:pos])
-                    run = end
-                if entries and entries[0].op == EMIT:
-                    out.append(data[run:end])
-                    run = end
-                    self.emit_ready(out)
-            elif kind in (_COPY_IN, _COPY_BOTH):
+            else:  # _COPY
                 server.copy_in = True
             pos = end
         if pos > n:
@@ -209,11 +221,17 @@ class ResponseFilter:
             out.append(data[run:pos])
             if pos < n:
                 self.hold = data[pos:]
-        payload = b"".join(out)
+        payload = b"".join(out) if len(out) > 1 else out[0]
         if payload:
             client.send(payload)
         if ready and not self.mid_message:
             client.transaction_done(server)
+
+    def _emit_after(self, out: list[bytes], data: bytes, run: int, end: int) -> int:
+        """Forward up to `end`, then the made-up replies now at the head; the new run start."""
+        out.append(data[run:end])
+        self.emit_ready(out)
+        return end
 
     def _error(self, out: list[bytes], data: bytes, run: int, pos: int, end: int) -> bool:
         """An ErrorResponse; returns True when it was replaced (not forwarded as is)."""

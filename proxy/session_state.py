@@ -71,6 +71,16 @@ _RESET_ALL = re.compile(rb"\breset\s+all\b", _F)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(\"[^\"]+\"|\w+)\s*;?\s*$", _F)
 
 
+# Any statement that can leave state the tag alone does not reveal mentions one
+# of these; the others skip the finer checks (most of them: SELECT ... FROM).
+_MAYBE = re.compile(rb"advisory|set|listen|hold|temp", _F)
+
+
+def needs_text(text: bytes) -> bool:
+    """Whether detect() needs this statement's text (a cheap pre-filter)."""
+    return _MAYBE.search(text) is not None
+
+
 def _session_set(text: bytes, reported: dict[str, str]) -> bool:
     """A SET (not LOCAL) of a parameter the server does not report to pgmux.
 

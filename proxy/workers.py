@@ -372,8 +372,13 @@ class Supervisor:
 
         self.shared = inherited_sockets()
         if not self.shared:
-            self.tcp = bind_tcp(self.config.listen, self.count)
-            unix, self.unix_path = bind_unix(self.config.listen)
+            try:
+                self.tcp = bind_tcp(self.config.listen, self.count)
+                unix, self.unix_path = bind_unix(self.config.listen)
+            except OSError as exc:
+                log.error("listen_failed", port=self.config.listen.port, error=str(exc))
+                self._close_sockets()
+                return 1
             if unix is not None:
                 self.shared.append(unix)
         self.rundir = tempfile.mkdtemp(prefix="pgmux-")

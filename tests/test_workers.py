@@ -220,3 +220,23 @@ async def test_metrics_gather_every_worker(
         assert types and len(types) == len(set(types)), "a metric family repeated"
     finally:
         await close_quietly(*conns)
+
+
+async def test_sighup_reloads_every_worker(pgmux: PgmuxFactory, pg: TempPostgres) -> None:
+    mux = pgmux(WORKERS)
+    await wait_for_workers(mux.pid, 2)
+    alias = {"databases": {"aliasdb": {"host": pg.host, "port": pg.port, "dbname": "appdb"}}}
+    mux.write_config({**WORKERS, **alias})
+    mux.signal(signal.SIGHUP)
+
+    async def reloaded() -> int:
+        return mux.logs().count("reload")
+
+    await wait_until(reloaded, lambda n: n >= 2, timeout=15, what="both workers reloading")
+    conns = [await connect_asyncpg(mux, dbname="aliasdb") for _ in range(16)]
+    try:
+        assert {worker_of(c.get_server_pid()) for c in conns} == {0, 1}
+        for conn in conns:
+            assert await conn.fetchval("SELECT current_database()") == "appdb"
+    finally:
+        await close_quietly(*conns)
