@@ -60,6 +60,7 @@ _COPY_DATA = ord("d")
 _COPY_DONE = ord("c")
 _COPY_FAIL = ord("f")
 _PASSWORD = ord("p")
+_IDLE = ord("I")
 _FLUSH = ord("H")
 
 # Messages after which the server owes nothing until a Sync arrives.
@@ -101,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self.expect_rfq = 0
         self.in_batch = False
         self.release_on_idle = True
+        self.statement_mode = False
         self.translator: Translator | None = None  # transaction mode's rewriting
         self.pinned: set[str] = set()  # session state that keeps the server (session_state.py)
         self.wait_started = 0.0
@@ -379,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
     def _make_translator(self, pool: Pool) -> Translator | None:
         """Transaction mode rewrites extended-protocol traffic and tracks session state."""
         settings = pool.settings
-        if pool.mode != "transaction":
+        if pool.mode == "session":
             return None
         if settings.max_prepared_statements == 0 and settings.session_state == "ignore":
             return None  # plain forwarding, as PgBouncer without prepared statements
@@ -401,6 +403,16 @@ class ClientConnection(asyncio.Protocol):
             now = time.monotonic()
             pool.stats.add_query(now - max(self.query_started, self.query_mark))
             self.query_mark = now
+        if self.statement_mode and self.server is not None and self.server.tx_status != _IDLE:
+            asyncio.get_running_loop().call_soon(self._transaction_in_statement_mode)
+
+    def _transaction_in_statement_mode(self) -> None:
+        # PgBouncer's statement mode forbids transaction blocks; the server is
+        # rolled back and reused like any abandoned one.
+        self.fail(
+            sqlstate.ACTIVE_SQL_TRANSACTION,
+            "transaction blocks are not allowed in statement pooling mode (pool.mode = statement)",
+        )
 
     def server_parameter(self, name: str, value: str) -> None:
         """The server reported a parameter change made by this client (SET ...)."""
@@ -696,7 +708,8 @@ class ClientConnection(asyncio.Protocol):
         pool = self.registry.pool_for(self.dbname, self._database, self.user)
         self.pool = pool
         pool.clients.add(self)
-        self.release_on_idle = pool.mode == "transaction"
+        self.release_on_idle = pool.mode != "session"
+        self.statement_mode = pool.mode == "statement"
         self.translator = self._make_translator(pool)
         leftover = self._reader.take_remaining() if self._reader else b""  # type: ignore[attr-defined]
         if leftover:

@@ -201,7 +201,7 @@ class Pool:
         )
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")
-        elif clean and self.mode == "transaction":
+        elif clean and self.mode != "session":
             self.release(server)
         elif clean or self.settings.rollback_abandoned:
             server.client = None
@@ -221,7 +221,7 @@ class Pool:
             if not server.clean_for_release:
                 await server.query("ROLLBACK", timeout)
             await self._reset_session_state(server, timeout)
-            if self.mode != "transaction":
+            if self.mode == "session":
                 await server.query("DISCARD ALL", timeout)
                 server.applied = {}
         except (ServerError, ServerLost) as exc:

@@ -13,11 +13,17 @@ import asyncio
 import asyncpg
 import pytest
 from helpers import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
     PgmuxFactory,
+    RawClient,
     close_quietly,
     connect_asyncpg,
     direct,
+    error_fields,
     fresh_database,
+    query_message,
 )
 
 from pgmux.tempgres import TempPostgres
@@ -100,3 +106,28 @@ async def test_session_mode_discard_all_on_release(pg: TempPostgres, pgmux: Pgmu
         )
     finally:
         await close_quietly(monitor, first, second)
+
+
+async def test_statement_mode_releases_after_each_statement(pgmux: PgmuxFactory) -> None:
+    """pool.mode: statement, as PgBouncer: one server for many clients, no transaction blocks."""
+    mux = pgmux({"pool": {"mode": "statement", "size": 1}, "timeouts": {"query_wait": "5s"}})
+    a = await connect_asyncpg(mux)
+    b = await connect_asyncpg(mux)
+    try:
+        pid = await a.fetchval("SELECT pg_backend_pid()")
+        assert await b.fetchval("SELECT pg_backend_pid()") == pid
+        raw = await RawClient.open(mux)
+        await raw.login(APP_USER, APP_PASSWORD, APP_DB)
+        await raw.send(query_message("BEGIN"))
+        replies = await raw.read_until_closed()
+        kinds = [kind for kind, _ in replies]
+        assert kinds == [b"C", b"Z", b"E"], replies
+        assert error_fields(replies[-1][1])["C"] == "25001"
+        assert "statement pooling mode" in error_fields(replies[-1][1])["M"]
+        await raw.close()
+        # The server was rolled back and is b's again, outside any transaction.
+        assert await b.fetchval("SELECT pg_backend_pid()") == pid
+        with pytest.raises(asyncpg.NoActiveSQLTransactionError):
+            await b.execute("SAVEPOINT s")
+    finally:
+        await close_quietly(a, b)
