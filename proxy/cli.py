@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pidfile", help="write the process id here (overrides `pidfile`)")
     # PgBouncer's command line, where it makes sense (docs/migrating-from-pgbouncer.md)
     parser.add_argument(
-        "--strict", action="store_true",
+        "--strict",
+        action="store_true",
         help="with --check: reject PgBouncer settings that pgmux does not support",
     )
     parser.add_argument("-u", "--user", help="switch to this OS user after binding (as root)")
@@ -147,8 +148,9 @@ def run(
     if warning:
         from .log import get_logger
 
-        get_logger("pgmux.config").warning("unsupported_settings", detail=warning,
-                                           config=config.path)
+        get_logger("pgmux.config").warning(
+            "unsupported_settings", detail=warning, config=config.path
+        )
     if user is not None:
         from .privileges import PrivilegeError, check_user
 

@@ -29,14 +29,14 @@ from pgmux.protocol.startup import (
 
 from . import session_state, varcache
 from .admin import open_console
-from .config import ADMIN_DATABASES
 from .auth import ClientAuth
+from .config import ADMIN_DATABASES
 from .hba import Connection
 from .log import get_logger
 from .prepared import Translator
-from .tasks import spawn
 from .server import ServerConnection, ServerError, ServerLost
 from .stats import GLOBAL
+from .tasks import spawn
 from .tls import ClientTls, peer_common_name
 
 if TYPE_CHECKING:
@@ -163,8 +163,8 @@ class ClientConnection(asyncio.Protocol):
                 self.server = None
                 pool.abandon(server, self)
         if was_ready:
-            log.info("logout", reason=reason, duration=round(time.monotonic() - self.connected_at, 3),
-                     **self.log_fields())
+            duration = round(time.monotonic() - self.connected_at, 3)
+            log.info("logout", reason=reason, duration=duration, **self.log_fields())
 
     def log_fields(self) -> dict[str, str]:
         return {
@@ -281,7 +281,10 @@ class ClientConnection(asyncio.Protocol):
     def running(self) -> bool:
         """A request of this client is queued, being linked or on a server."""
         return (
-            self.expect_rfq > 0 or self.in_batch or self._waiting or self._linking
+            self.expect_rfq > 0
+            or self.in_batch
+            or self._waiting
+            or self._linking
             or bool(self._pending)
         )
 
@@ -742,8 +745,11 @@ class ClientConnection(asyncio.Protocol):
         self.params, self.gucs = varcache.split_by_reported(self._startup_gucs, server_params)
         self.application_name = self.params.get("application_name", self.application_name)
         self.cancel_pid, self.cancel_key = self.registry.issue_cancel_key(self)
-        out = [messages.parameter_status(k, v) for k, v in server_params.items()
-               if k not in self.params]
+        out = [
+            messages.parameter_status(k, v)
+            for k, v in server_params.items()
+            if k not in self.params
+        ]
         out += [messages.parameter_status(k, v) for k, v in self.params.items()]
         out.append(messages.backend_key_data(self.cancel_pid, self.cancel_key))
         out.append(messages.ready_for_query("I"))

@@ -962,4 +962,3 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
 def show_setting(key: str, value: Any) -> str:
     """How SHOW CONFIG spells a RUNTIME_SETTINGS value."""
     return _show(RUNTIME_SETTINGS[key], value)
-

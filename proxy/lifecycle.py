@@ -22,10 +22,10 @@ from .janitor import Janitor
 from .listener import Listener
 from .log import get_logger
 from .metrics import Observer
-from .tasks import spawn
 from .registry import Registry
-from .tls import load_security
 from .sdnotify import Notifier
+from .tasks import spawn
+from .tls import load_security
 from .userlist import load_users_file
 from .workers import WorkerInfo
 
@@ -124,9 +124,7 @@ class Daemon:
         """One line for systemctl status (STATUS=...)."""
         registry = self.registry
         servers = sum(len(pool.servers) for pool in registry.pools.values())
-        return (
-            f"{len(registry.clients)} clients, {servers} servers, {len(registry.pools)} pools"
-        )
+        return f"{len(registry.clients)} clients, {servers} servers, {len(registry.pools)} pools"
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self.shutdown, "SIGTERM")

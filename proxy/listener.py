@@ -64,8 +64,12 @@ class Listener:
             server = await loop.create_unix_server(factory, self.unix_path, backlog=listen.backlog)
             os.chmod(self.unix_path, listen.unix_socket_mode)
             self.servers.append(server)
-        log.info("listening", addresses=list(listen.addresses), port=listen.port,
-                 unix_socket=self.unix_path)
+        log.info(
+            "listening",
+            addresses=list(listen.addresses),
+            port=listen.port,
+            unix_socket=self.unix_path,
+        )
 
     def close(self) -> None:
         """Stop accepting; connected clients stay."""

@@ -9,6 +9,7 @@ here, so the lists the console shows cannot drift from reality.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -18,9 +19,9 @@ from pgmux.protocol.errors import ProtocolError
 
 from . import session_state
 from .log import get_logger
-from .tasks import spawn
 from .server import ServerConnection, ServerCredentials, ServerError, ServerLost, ServerState
 from .stats import PoolStats
+from .tasks import spawn
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -79,10 +80,8 @@ class Pool:
         self.grow()
 
     def cancel_wait(self, client: ClientConnection) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self.waiting.remove(client)
-        except ValueError:
-            pass
 
     def _link(self, server: ServerConnection, client: ClientConnection) -> None:
         self.active.add(server)
@@ -94,8 +93,13 @@ class Pool:
             client.wait_started = 0.0
             threshold = self.registry.config.logging.wait_threshold
             if threshold and waited >= threshold:
-                log.warning("wait_exceeded", waited=round(waited, 3), threshold=threshold,
-                            server_id=server.id, **client.log_fields())
+                log.warning(
+                    "wait_exceeded",
+                    waited=round(waited, 3),
+                    threshold=threshold,
+                    server_id=server.id,
+                    **client.log_fields(),
+                )
         client.server_assigned(server)
 
     # --- servers coming back ---------------------------------------------
@@ -169,8 +173,14 @@ class Pool:
         self._forget(server)
         server.close(reason)
         if known:
-            log.info("pool_shrink", db=self.dbname, user=self.user, server_id=server.id,
-                     reason=reason, servers=len(self.servers))
+            log.info(
+                "pool_shrink",
+                db=self.dbname,
+                user=self.user,
+                server_id=server.id,
+                reason=reason,
+                servers=len(self.servers),
+            )
 
     def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
         """connection_lost of a server (expected or not)."""
@@ -196,9 +206,7 @@ class Pool:
         """
         expect = max(client.expect_rfq, 0)
         server.dirty |= client.pinned  # a pinned client's state must not reach the next one
-        clean = (
-            not expect and not client.in_batch and server.clean_for_release and not server.dirty
-        )
+        clean = not expect and not client.in_batch and server.clean_for_release and not server.dirty
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")
         elif clean and self.mode != "session":
@@ -307,8 +315,14 @@ class Pool:
             log.info("server_connect_recovered", db=self.dbname, user=self.user)
         self.last_connect_error = None
         self.stats.servers_opened += 1
-        log.info("pool_grow", db=self.dbname, user=self.user, server_id=server.id,
-                 backend_pid=server.backend_pid, servers=len(self.servers))
+        log.info(
+            "pool_grow",
+            db=self.dbname,
+            user=self.user,
+            server_id=server.id,
+            backend_pid=server.backend_pid,
+            servers=len(self.servers),
+        )
         self.release(server)
 
     def _connect_failed(self, exc: BaseException) -> None:
@@ -390,7 +404,10 @@ class Pool:
             else:
                 server.close_when_released = True
         log.info(
-            "pool_reconfigured", db=self.dbname, user=self.user, size=settings.size,
+            "pool_reconfigured",
+            db=self.dbname,
+            user=self.user,
+            size=settings.size,
             mode=settings.mode,
         )
         self.grow()

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
 
-from .config import Config, DatabaseConfig, PoolSettings
 from .auth import LearnedSecret
 from .authquery import AuthQuery
+from .config import Config, DatabaseConfig, PoolSettings
 from .hba import Hba
 from .log import get_logger
-from .tasks import spawn
-from .prepared import StatementCache
 from .pool import Pool
+from .prepared import StatementCache
 from .server import ServerCredentials
+from .tasks import spawn
 from .tls import TlsContexts
 
 if TYPE_CHECKING:
@@ -85,8 +85,9 @@ class Registry:
 
     def _new_pool(self, dbname: str, database: DatabaseConfig, server_user: str) -> Pool:
         settings, credentials = self.pool_setup(dbname, database, server_user)
-        log.info("pool_created", db=dbname, user=server_user, size=settings.size,
-                 mode=settings.mode)
+        log.info(
+            "pool_created", db=dbname, user=server_user, size=settings.size, mode=settings.mode
+        )
         return Pool(self, database, dbname, server_user, credentials, settings)
 
     def pool_setup(
@@ -372,4 +373,3 @@ async def _send_cancel(creds: ServerCredentials, pid: int, key: bytes, timeout: 
             writer.close()
     except (OSError, TimeoutError) as exc:
         log.warning("cancel_forward_failed", error=str(exc) or type(exc).__name__)
-

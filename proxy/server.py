@@ -33,11 +33,10 @@ from .tasks import spawn
 if TYPE_CHECKING:
     import ssl
 
-    from .prepared import Statement, Translator
-
     from .auth import LearnedSecret
     from .client import ClientConnection
     from .pool import Pool
+    from .prepared import Statement, Translator
     from .tls import ServerTls
 
 log = get_logger("pgmux.server")
@@ -271,7 +270,7 @@ class ServerConnection(asyncio.Protocol):
                 if end > n:
                     break
                 self.parameter_status(data[pos + 5 : end], client)
-            elif kind == _COPY_IN_RESPONSE or kind == _COPY_BOTH_RESPONSE:
+            elif kind in (_COPY_IN_RESPONSE, _COPY_BOTH_RESPONSE):
                 self.copy_in = True
             pos = end
         if pos < n:

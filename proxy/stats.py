@@ -17,7 +17,21 @@ from bisect import bisect_left
 
 # Upper bounds in seconds, shared by the wait, transaction and query histograms.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 
@@ -159,12 +173,19 @@ def averages(
     seconds = newer[0] - older[0]
     pairs = zip(PERIOD_FIELDS, newer[1], older[1], strict=True)
     delta = {name: new - old for name, new, old in pairs}
-    for name in ("server_assignments", "total_xact_count", "total_query_count",
-                 "total_received", "total_sent"):
+    for name in (
+        "server_assignments",
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+    ):
         out[name] = delta[name] / seconds
-    for time_name, count_name in (("total_xact_time", "total_xact_count"),
-                                  ("total_query_time", "total_query_count"),
-                                  ("total_wait_time", "server_assignments")):
+    for time_name, count_name in (
+        ("total_xact_time", "total_xact_count"),
+        ("total_query_time", "total_query_count"),
+        ("total_wait_time", "server_assignments"),
+    ):
         if delta[count_name] > 0:
             out[time_name] = delta[time_name] / delta[count_name]
     return out

@@ -178,7 +178,9 @@ def sync_statement(
         for name, value in want_unreported.items()
         if have_unreported.get(name) != value
     ]
-    resets = [f"RESET {_quote_guc(name)}" for name in have_unreported if name not in want_unreported]
+    resets = [
+        f"RESET {_quote_guc(name)}" for name in have_unreported if name not in want_unreported
+    ]
     if not sets and not resets:
         return None
     statements = (["SELECT " + ", ".join(sets)] if sets else []) + resets

@@ -111,7 +111,8 @@ def test_random_salt_differs():
         "SCRAM-SHA-256$4096:c2FsdA=$" + "A" * 44 + ":" + "A" * 44,
         "SCRAM-SHA-256$4096:c2FsdA==$QUJD:QUJD",  # keys not 32 bytes
         "SCRAM-SHA-256$4096:$" + "A" * 43 + "=:" + "A" * 43 + "=",  # empty salt
-        "SCRAM-SHA-256$４０９６:c2FsdA==$" + "A" * 43 + "=:" + "A" * 43 + "=",
+        # fullwidth digits: int() would accept them, PostgreSQL does not
+        "SCRAM-SHA-256$\uff14\uff10\uff19\uff16:c2FsdA==$" + "A" * 43 + "=:" + "A" * 43 + "=",
     ],
 )
 def test_parse_scram_secret_rejects(text):
