@@ -425,7 +425,6 @@ def profile_pgmux(
             "--native",  # shows the time in write/read/epoll (the kernel's share)
             "-o",
             str(out),
-            "--nonblocking",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

@@ -64,6 +64,7 @@ _PARSE, _BIND, _DESCRIBE, _CLOSE = ord("P"), ord("B"), ord("D"), ord("C")
 _EXECUTE, _SYNC, _QUERY, _FUNCTION_CALL = ord("E"), ord("S"), ord("Q"), ord("F")
 _COPY_DATA = ord("d")
 _STATEMENT = ord("S")
+_FAILED = ord("E")  # ReadyForQuery status: in a failed transaction
 
 _PARSE_COMPLETE = messages.parse_complete()
 _CLOSE_COMPLETE = messages.close_complete()
@@ -197,13 +198,16 @@ class Translator:
             if refusal:
                 return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
         if not name:
+            if responses.skipping:
+                return message  # PostgreSQL skips it: the old unnamed statement stays
+            restore = self._unnamed_restorer(server)
             self.unnamed_parse = message
             text = parse_query_text(rest)
             self.unnamed_text = text if session_state.needs_text(text) else b""
             self.unnamed_gen += 1
             server.unnamed_owner = self
             server.unnamed_gen = self.unnamed_gen
-            responses.push(PLAIN[PARSE])
+            responses.push(Entry(PARSE, rollback=restore, failed=self._unnamed_dropper(server)))
             return message
         if not self.limit or responses.skipping:
             responses.push(PLAIN[PARSE])
@@ -224,6 +228,12 @@ class Translator:
 
         if statement.name in prepared:
             prepared.move_to_end(statement.name)
+            if server.tx_status == _FAILED:
+                # In a failed transaction PostgreSQL refuses a Parse (but of COMMIT,
+                # ROLLBACK...): let it judge, on the unnamed statement.
+                server.unnamed_owner = None
+                responses.push(Entry(PARSE, rollback=forget_name))
+                return build_parse(b"", rest)
             self._emit(server, _PARSE_COMPLETE, forget_name)
             return b""
 
@@ -285,9 +295,15 @@ class Translator:
     def _close(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
         target, name = split_target(body)
+        if target == _STATEMENT and not name and not responses.skipping:
+            # Whoever's it was, the server's unnamed statement is gone, and so is
+            # this client's (unless PostgreSQL skips the Close).
+            restore = self._unnamed_restorer(server)
+            self.unnamed_parse = None
+            server.unnamed_owner = None
+            responses.push(Entry(CLOSE, rollback=restore))
+            return message
         if target != _STATEMENT or not name or not self.limit or responses.skipping:
-            if target == _STATEMENT and not name and server.unnamed_owner is self:
-                server.unnamed_owner = None
             responses.push(PLAIN[CLOSE])
             return message
         # The server keeps the statement for others; only the client's name goes.
@@ -362,10 +378,35 @@ class Translator:
             return b""
         if self.unnamed_parse is None:
             return None if server.unnamed_owner is not None else b""
+        owner, gen = server.unnamed_owner, server.unnamed_gen
+
+        def restore() -> None:  # the replay was skipped: the server has what it had
+            server.unnamed_owner, server.unnamed_gen = owner, gen
+
         server.unnamed_owner = self
         server.unnamed_gen = self.unnamed_gen
-        server.responses.push(Entry(PARSE, skip=True))
+        server.responses.push(Entry(PARSE, skip=True, rollback=restore))
         return self.unnamed_parse
+
+    def _unnamed_restorer(self, server: ServerConnection) -> Callable[[], None]:
+        """Undo for a skipped Parse/Close of the unnamed statement: back to how it was."""
+        mine = (self.unnamed_parse, self.unnamed_text, self.unnamed_gen)
+        owner, gen = server.unnamed_owner, server.unnamed_gen
+
+        def restore() -> None:
+            self.unnamed_parse, self.unnamed_text, self.unnamed_gen = mine
+            server.unnamed_owner, server.unnamed_gen = owner, gen
+
+        return restore
+
+    def _unnamed_dropper(self, server: ServerConnection) -> Callable[[], None]:
+        """A failing unnamed Parse: PostgreSQL dropped the old unnamed statement first."""
+
+        def drop() -> None:
+            self.unnamed_parse = None
+            server.unnamed_owner = None
+
+        return drop
 
     def _evict(self, server: ServerConnection) -> bytes:
         """Close what exceeds the server's cap (only here, so no open portal loses its plan)."""

@@ -73,7 +73,7 @@ _ACTIONS[_COPY_BOTH] = _COPY
 class Entry:
     """One request sent to the server (or one reply to make up)."""
 
-    __slots__ = ("emit", "error", "op", "rollback", "skip", "text")
+    __slots__ = ("emit", "error", "failed", "op", "rollback", "skip", "text")
 
     def __init__(
         self,
@@ -83,6 +83,7 @@ class Entry:
         emit: bytes = b"",
         error: bytes = b"",
         rollback: Callable[[], None] | None = None,
+        failed: Callable[[], None] | None = None,
         text: bytes = b"",
     ) -> None:
         self.op = op
@@ -90,6 +91,7 @@ class Entry:
         self.emit = emit  # EMIT: what to send; QUERY: replaces EmptyQueryResponse
         self.error = error  # replaces the server's ErrorResponse for this request
         self.rollback = rollback  # undo a registration if PostgreSQL skips the request
+        self.failed = failed  # instead of rollback when the request itself fails
         self.text = text  # query text, for session-state detection
 
 
@@ -250,10 +252,14 @@ class ResponseFilter:
         if replaced:
             out.append(data[run:pos])
             out.append(head.error)
+        undo = []
         while entries and entries[0].op != SYNC:
             dropped = entries.popleft()
-            if dropped.rollback is not None:
-                dropped.rollback()
+            action = dropped.failed if dropped is head and dropped.failed else dropped.rollback
+            if action is not None:
+                undo.append(action)
+        for action in reversed(undo):  # latest first: each one restores what came before it
+            action()
         if not entries:
             self.skipping = True
         return replaced
