@@ -65,6 +65,9 @@ _EXECUTE, _SYNC, _QUERY, _FUNCTION_CALL = ord("E"), ord("S"), ord("Q"), ord("F")
 _COPY_DATA = ord("d")
 _STATEMENT = ord("S")
 _FAILED = ord("E")  # ReadyForQuery status: in a failed transaction
+# server.unnamed_gen of an unnamed statement that may exist but is no client's:
+# a generation no client has, so Binds of "" replay their Parse or get 26000.
+_NOBODY = -1
 
 _PARSE_COMPLETE = messages.parse_complete()
 _CLOSE_COMPLETE = messages.close_complete()
@@ -75,6 +78,7 @@ _DEALLOCATE_DONE = messages.command_complete("DEALLOCATE")
 _FAILING_PARSE = build_parse(b"", b"pgmux refused this request\0\0\0")
 _EMPTY_QUERY = messages.query("")
 _GLOBAL_CACHE_LIMIT = 100_000
+_RENAMING_LIMIT = 1_000  # per client; past it, Binds just allocate their entry
 
 
 class Statement:
@@ -127,6 +131,7 @@ class Translator:
         self.unnamed_parse: bytes | None = None
         self.unnamed_text = b""
         self.unnamed_gen = 0
+        self._renaming_entries: dict[tuple[int, bytes], Entry] = {}
         self._partial = b""
         self._copy_left = 0
         self._handlers = {
@@ -213,11 +218,7 @@ class Translator:
             responses.push(PLAIN[PARSE])
             return message
         if name in self.statements:
-            return self._fail(
-                server,
-                sqlstate.DUPLICATE_PREPARED_STATEMENT,
-                f'prepared statement "{_show(name)}" already exists',
-            )
+            return self._duplicate(server, name, rest)
         statement = self.cache.get(rest)
         self.statements[name] = statement
         prepared = server.prepared
@@ -230,8 +231,10 @@ class Translator:
             prepared.move_to_end(statement.name)
             if server.tx_status == _FAILED:
                 # In a failed transaction PostgreSQL refuses a Parse (but of COMMIT,
-                # ROLLBACK...): let it judge, on the unnamed statement.
-                server.unnamed_owner = None
+                # ROLLBACK...): let it judge, on the unnamed statement, which then
+                # is nobody's.
+                server.unnamed_owner = self
+                server.unnamed_gen = _NOBODY
                 responses.push(Entry(PARSE, rollback=forget_name))
                 return build_parse(b"", rest)
             self._emit(server, _PARSE_COMPLETE, forget_name)
@@ -244,6 +247,18 @@ class Translator:
         prepared[statement.name] = statement
         responses.push(Entry(PARSE, rollback=forget_both))
         return statement.parse
+
+    def _duplicate(self, server: ServerConnection, name: bytes, rest: bytes) -> bytes:
+        """A Parse of a name the client already uses.
+
+        PostgreSQL parses and analyses the text (syntax error, unknown table, failed
+        transaction) before it finds the name taken, so it is asked, under the
+        server-side name of the client's statement; its 42P05 names the client's.
+        """
+        existing = self.statements[name]
+        prefix = self._ensure_prepared(server, existing)
+        server.responses.push(Entry(PARSE, rename=(existing.name, name)))
+        return prefix + build_parse(existing.name, rest)
 
     def _bind(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
@@ -265,7 +280,7 @@ class Translator:
         if statement is None:
             return self._unknown(server, name)
         prefix = self._ensure_prepared(server, statement)
-        responses.push(PLAIN[BIND])
+        responses.push(self._renaming(BIND, name, statement))
         if self.track_text:
             self._bound(portal, statement.watched)
         return prefix + build_bind(portal, statement.name, rest)
@@ -289,8 +304,19 @@ class Translator:
         if statement is None:
             return self._unknown(server, name)
         prefix = self._ensure_prepared(server, statement)
-        responses.push(PLAIN[DESCRIBE])
+        responses.push(self._renaming(DESCRIBE, name, statement))
         return prefix + build_describe_statement(statement.name)
+
+    def _renaming(self, op: int, name: bytes, statement: Statement) -> Entry:
+        """The entry for a Bind/Describe of a named statement: its errors show the
+        client's name (PostgreSQL's name them). Kept per name, as Binds are many."""
+        key = (op, name)
+        entry = self._renaming_entries.get(key)
+        if entry is None or entry.rename is None or entry.rename[0] != statement.name:
+            entry = Entry(op, rename=(statement.name, name))
+            if len(self._renaming_entries) < _RENAMING_LIMIT:
+                self._renaming_entries[key] = entry
+        return entry
 
     def _close(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
@@ -434,8 +460,10 @@ class Translator:
 
     def _fail(self, server: ServerConnection, code: str, message: str) -> bytes:
         server.responses.push(error_entry(code, message))
-        if server.unnamed_owner is not None:
-            server.unnamed_owner = None  # the failing Parse replaces the unnamed statement
+        # The failing Parse drops the server's unnamed statement, unless PostgreSQL
+        # skips it after an earlier error: either way it is nobody's now.
+        server.unnamed_owner = self
+        server.unnamed_gen = _NOBODY
         return _FAILING_PARSE
 
     def _unknown(self, server: ServerConnection, name: bytes) -> bytes:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .server import ServerConnection
 
 _LENGTH = Struct("!I").unpack_from
+_PACK_LENGTH = Struct("!I").pack
 
 # What a request is waiting for.
 PARSE = 1  # ParseComplete '1'
@@ -73,7 +74,7 @@ _ACTIONS[_COPY_BOTH] = _COPY
 class Entry:
     """One request sent to the server (or one reply to make up)."""
 
-    __slots__ = ("emit", "error", "failed", "op", "rollback", "skip", "text")
+    __slots__ = ("emit", "error", "failed", "op", "rename", "rollback", "skip", "text")
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class Entry:
         error: bytes = b"",
         rollback: Callable[[], None] | None = None,
         failed: Callable[[], None] | None = None,
+        rename: tuple[bytes, bytes] | None = None,
         text: bytes = b"",
     ) -> None:
         self.op = op
@@ -92,6 +94,7 @@ class Entry:
         self.error = error  # replaces the server's ErrorResponse for this request
         self.rollback = rollback  # undo a registration if PostgreSQL skips the request
         self.failed = failed  # instead of rollback when the request itself fails
+        self.rename = rename  # (server-side, client) name: errors show the client's
         self.text = text  # query text, for session-state detection
 
 
@@ -248,10 +251,13 @@ class ResponseFilter:
                 return True
             return False
         # Extended protocol: PostgreSQL now skips every request up to the next Sync.
-        replaced = bool(head.error)
+        error = head.error
+        if not error and head.rename is not None:
+            error = _renamed(data[pos + 5 : end], *head.rename)
+        replaced = bool(error)
         if replaced:
             out.append(data[run:pos])
-            out.append(head.error)
+            out.append(error)
         undo = []
         while entries and entries[0].op != SYNC:
             dropped = entries.popleft()
@@ -263,6 +269,15 @@ class ResponseFilter:
         if not entries:
             self.skipping = True
         return replaced
+
+
+def _renamed(body: bytes, server_name: bytes, client_name: bytes) -> bytes:
+    """The ErrorResponse with the client's statement name in place of pgmux's, or b""."""
+    quoted = b'"' + server_name + b'"'
+    if quoted not in body:
+        return b""
+    body = body.replace(quoted, b'"' + client_name + b'"')
+    return b"E" + _PACK_LENGTH(len(body) + 4) + body
 
 
 def error_entry(code: str, message: str) -> Entry:

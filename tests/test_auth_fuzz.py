@@ -9,6 +9,7 @@ Then a fuzzing client over TCP: the daemon stays up and keeps serving.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from types import SimpleNamespace
 
@@ -20,7 +21,12 @@ from pgmux.protocol.auth import ScramClient, ScramServer, make_scram_secret, par
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.auth import ClientAuth
 
-FUZZ = settings(max_examples=10000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 2 000 examples per run keep the suite short; PGMUX_FUZZ_DEEP=10000 (or more) digs deeper.
+FUZZ = settings(
+    max_examples=int(os.environ.get("PGMUX_FUZZ_DEEP", "2000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 SECRET = parse_scram_secret(make_scram_secret("pw", salt=b"0123456789abcdef", iterations=16))
 BINDING = b"\x11" * 32
 MOCK_KEY = b"fuzz"

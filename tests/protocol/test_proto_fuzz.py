@@ -7,6 +7,7 @@ socket, never an unexpected exception in the proxy.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,12 @@ from pgmux.protocol.startup import (
     StartupReader,
 )
 
-FUZZ = settings(max_examples=10000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 2 000 examples per run keep the suite short; PGMUX_FUZZ_DEEP=10000 (or more) digs deeper.
+FUZZ = settings(
+    max_examples=int(os.environ.get("PGMUX_FUZZ_DEEP", "2000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 SECRET = parse_scram_secret(make_scram_secret("pw", salt=b"0123456789abcdef"))
 MOCK_KEY = b"fuzz"
 
