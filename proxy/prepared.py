@@ -353,8 +353,9 @@ class Translator:
                 server.responses.push(error_entry(sqlstate.FEATURE_NOT_SUPPORTED, refusal))
                 return _FAILING_QUERY
         name = session_state.deallocated_name(text) if self.statements else None
-        if name is not None and name in self.statements:
-            # The name exists only in pgmux; answer for the server.
+        if name is not None and name in self.statements and server.tx_status != _FAILED:
+            # The name exists only in pgmux; answer for the server (which, in a
+            # failed transaction, refuses it: then it is left to say so).
             del self.statements[name]
             server.responses.push(Entry(QUERY, emit=_DEALLOCATE_DONE))
             return _EMPTY_QUERY
@@ -409,9 +410,12 @@ class Translator:
         def restore() -> None:  # the replay was skipped: the server has what it had
             server.unnamed_owner, server.unnamed_gen = owner, gen
 
+        def gone() -> None:  # the replay failed (a failed transaction): none is left
+            server.unnamed_owner = None
+
         server.unnamed_owner = self
         server.unnamed_gen = self.unnamed_gen
-        server.responses.push(Entry(PARSE, skip=True, rollback=restore))
+        server.responses.push(Entry(PARSE, skip=True, rollback=restore, failed=gone))
         return self.unnamed_parse
 
     def _unnamed_restorer(self, server: ServerConnection) -> Callable[[], None]:

@@ -3,7 +3,8 @@
 Hypothesis writes a program for each of three clients: batches of Parse /
 Bind / Describe / Execute / Close / Flush ending in a Sync (or only in a Flush,
 so the next batch continues the same pipeline), and a few simple Queries, over
-the statement names "", a, b, c and a handful of query texts, misuse included
+the statement names "", a, b, c, the portals "" and p and a handful of query
+texts, misuse included
 (duplicate names, unknown names, wrong parameter counts, division by zero
 mid-batch, a syntax error, an unnamed statement Bound after a Sync, a
 statement Closed then used, explicit BEGIN / COMMIT through Parse/Bind/Execute).
@@ -14,7 +15,8 @@ one client after the other; the replies are recorded in a normalized form
 transaction status). Then the three run at the same time through pgmux, whose
 pool has fewer servers than clients, so statements move between servers and
 are injected, cached and evicted; each client must get exactly what it got
-from PostgreSQL.
+from PostgreSQL (but for one documented limit in failed transactions, see
+same_replies).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.timeout(600)
 
 CLIENTS = 3
 NAMES = ("", "a", "b", "c")
+PORTALS = ("", "", "p")
 # (query text, number of parameters)
 QUERIES = (
     ("SELECT 1", 0),
@@ -85,6 +88,7 @@ def extended_op(draw: st.DrawFn, believed: dict[str, int]) -> Op:
         st.sampled_from(["parse", "parse", "bind", "bind", "execute", "describe", "close", "flush"])
     )
     name = draw(st.sampled_from(NAMES))
+    portal = draw(st.sampled_from(PORTALS))
     if kind == "parse":
         index = draw(st.integers(0, len(QUERIES) - 1))
         believed[name] = QUERIES[index][1]
@@ -94,14 +98,16 @@ def extended_op(draw: st.DrawFn, believed: dict[str, int]) -> Op:
         if draw(st.integers(0, 9)) == 0:
             count = 1 - min(count, 1)  # the wrong number of parameters
         params = tuple(draw(st.sampled_from(PARAMS)) for _ in range(count))
-        return ("bind", name, params)
+        return ("bind", portal, name, params)
     if kind == "execute":
-        return ("execute", draw(st.sampled_from([0, 0, 2])))
+        return ("execute", portal, draw(st.sampled_from([0, 0, 2])))
     if kind == "describe":
-        return ("describe", draw(st.sampled_from(["S", "S", "P"])), name)
+        if draw(st.integers(0, 2)) == 0:
+            return ("describe", "P", portal)
+        return ("describe", "S", name)
     if kind == "close":
         if draw(st.integers(0, 4)) == 0:
-            return ("close", "P", "")
+            return ("close", "P", portal)
         believed.pop(name, None)
         return ("close", "S", name)
     return ("flush",)
@@ -124,7 +130,12 @@ def programs(draw: st.DrawFn) -> list[Batch]:
             believed[name] = QUERIES[index][1]
             params = tuple(draw(st.sampled_from(PARAMS)) for _ in range(QUERIES[index][1]))
             ops: list[Op] = [("parse", name, index)] if draw(st.booleans()) else []
-            ops += [("bind", name, params), ("describe", "P", ""), ("execute", 0)]
+            portal = draw(st.sampled_from(PORTALS))
+            ops += [
+                ("bind", portal, name, params),
+                ("describe", "P", portal),
+                ("execute", portal, 0),
+            ]
         else:
             ops = [draw(extended_op(believed)) for _ in range(draw(st.integers(1, 5)))]
         batches.append(Batch(tuple(ops), sync=draw(st.integers(0, 4)) > 0))
@@ -138,9 +149,9 @@ def encode(op: Op) -> bytes:
     if kind == "parse":
         return messages.parse(op[1], QUERIES[op[2]][0])
     if kind == "bind":
-        return messages.bind("", op[1], [p.encode() for p in op[2]])
+        return messages.bind(op[1], op[2], [p.encode() for p in op[3]])
     if kind == "execute":
-        return messages.execute("", op[1])
+        return messages.execute(op[1], op[2])
     if kind == "describe":
         return messages.describe(op[1], op[2])
     if kind == "close":
@@ -151,7 +162,8 @@ def encode(op: Op) -> bytes:
 def batch_bytes(batch: Batch) -> bytes:
     if batch.query is not None:
         return messages.query(batch.query)
-    return b"".join(encode(op) for op in batch.ops) + (messages.sync() if batch.sync else b"")
+    end = messages.sync() if batch.sync else messages.flush()
+    return b"".join(encode(op) for op in batch.ops) + end
 
 
 # -- replies ---------------------------------------------------------------------------
@@ -271,7 +283,43 @@ def check(pg: TempPostgres, mux: Any, programs_: list[list[Batch]]) -> None:
     finally:
         loop.close()
     for n, (program, want, have) in enumerate(zip(programs_, expected, got, strict=True)):
-        assert have == want, _explain(n, program, want, have)
+        assert same_replies(want, have), _explain(n, program, want, have)
+
+
+def same_replies(want: list[Reply], have: list[Reply]) -> bool:
+    """Equal, but for the one documented difference (docs/prepared-statements.md):
+    in a failed transaction PostgreSQL refuses to prepare anything, so a request
+    for a statement the server lacks gets 25P02 where PostgreSQL, which had it,
+    could answer otherwise (a Describe of BEGIN, a Bind with a wrong count)."""
+    if want == have:
+        return True
+    wanted, got = _by_sync(want), _by_sync(have)
+    if len(wanted) != len(got):
+        return False
+    status = "I"
+    for w, h in zip(wanted, got, strict=True):
+        if w != h and not (status == "E" and _refused_in_failed_transaction(w, h)):
+            return False
+        status = w[-1][1] if w[-1][0] == "Z" else status
+    return True
+
+
+def _by_sync(replies: list[Reply]) -> list[list[Reply]]:
+    """Replies cut after each ReadyForQuery."""
+    cut: list[list[Reply]] = [[]]
+    for reply in replies:
+        cut[-1].append(reply)
+        if reply[0] == "Z":
+            cut.append([])
+    return [c for c in cut if c]
+
+
+def _refused_in_failed_transaction(want: list[Reply], have: list[Reply]) -> bool:
+    first = next((i for i, (w, h) in enumerate(zip(want, have, strict=False)) if w != h), None)
+    if first is None:
+        return False  # one is a prefix of the other
+    aborted = have[first][:3] == ("E", "ERROR", "25P02")
+    return aborted and have[first + 1 :] == [("Z", "E")] and want[-1] == ("Z", "E")
 
 
 def _explain(n: int, program: list[Batch], want: list[Reply], have: list[Reply]) -> str:

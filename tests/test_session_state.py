@@ -16,6 +16,8 @@ next client necessarily gets the same backend:
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -423,6 +425,25 @@ async def test_error_refusal_inside_transaction_keeps_protocol_in_step(
         assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
     finally:
         await close_quietly(conn)
+
+
+def test_error_refusal_over_psql(pgmux: PgmuxFactory) -> None:
+    """psql (simple protocol, one session for the whole script) sees the refusal
+    with its SQLSTATE and goes on with the next statement."""
+    mux = pgmux(config("error"))
+    script = "SET work_mem = '7MB';\nSHOW work_mem;\nSELECT pg_advisory_xact_lock(1)::text;\n"
+    done = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-h", mux.host,
+         "-p", str(mux.port), "-U", APP_USER, "-d", APP_DB],
+        input=script, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PGPASSWORD": APP_PASSWORD, "PGCONNECT_TIMEOUT": "10"},
+    )  # fmt: skip
+    assert "0A000" in done.stderr, done.stderr
+    assert "SET LOCAL" in done.stderr
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout.splitlines()
+    assert shown and shown[0] != "7MB", done.stdout  # the SET never reached the server
+    assert "ERROR" not in done.stderr.split("0A000", 1)[1], done.stderr  # the rest ran
 
 
 # -- what must not pin -------------------------------------------------------------------
