@@ -392,6 +392,7 @@ class ClientConnection(asyncio.Protocol):
             self.registry.statement_cache,
             settings.max_prepared_statements,
             settings.session_state,
+            pool.stats,
         )
 
     def command_done(self, tag: bytes, text: bytes, server: ServerConnection) -> None:

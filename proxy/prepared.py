@@ -55,6 +55,7 @@ from .responses import (
     ResponseFilter,
     error_entry,
 )
+from .stats import PoolStats
 
 if TYPE_CHECKING:
     from .server import ServerConnection
@@ -120,8 +121,11 @@ class StatementCache:
 class Translator:
     """One client's extended-protocol traffic, rewritten for whichever server it has."""
 
-    def __init__(self, cache: StatementCache, limit: int, session_mode: str) -> None:
+    def __init__(
+        self, cache: StatementCache, limit: int, session_mode: str, stats: PoolStats | None = None
+    ) -> None:
         self.cache = cache
+        self.stats = stats if stats is not None else PoolStats()  # SHOW STATS' prepared counts
         self.limit = limit  # pool.max_prepared_statements; 0 = names pass through
         self.refuse_session_state = session_mode == "error"
         self.track_text = session_mode != "ignore"
@@ -217,6 +221,7 @@ class Translator:
         if not self.limit or responses.skipping:
             responses.push(PLAIN[PARSE])
             return message
+        self.stats.total_client_parse_count += 1
         if name in self.statements:
             return self._duplicate(server, name, rest)
         statement = self.cache.get(rest)
@@ -246,6 +251,7 @@ class Translator:
 
         prepared[statement.name] = statement
         responses.push(Entry(PARSE, rollback=forget_both))
+        self.stats.total_server_parse_count += 1
         return statement.parse
 
     def _duplicate(self, server: ServerConnection, name: bytes, rest: bytes) -> bytes:
@@ -280,6 +286,7 @@ class Translator:
         if statement is None:
             return self._unknown(server, name)
         prefix = self._ensure_prepared(server, statement)
+        self.stats.total_bind_count += 1
         responses.push(self._renaming(BIND, name, statement))
         if self.track_text:
             self._bound(portal, statement.watched)
@@ -392,6 +399,7 @@ class Translator:
         server.responses.push(
             Entry(PARSE, skip=True, rollback=lambda: prepared.pop(statement.name, None))
         )
+        self.stats.total_server_parse_count += 1
         return statement.parse
 
     def _ensure_unnamed(self, server: ServerConnection) -> bytes | None:

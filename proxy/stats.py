@@ -82,10 +82,13 @@ class PoolStats:
         "servers_opened",
         "session_resets",
         "timeouts",
+        "total_bind_count",
+        "total_client_parse_count",
         "total_query_count",
         "total_query_time",
         "total_received",
         "total_sent",
+        "total_server_parse_count",
         "total_wait_time",
         "total_xact_count",
         "total_xact_time",
@@ -108,6 +111,9 @@ class PoolStats:
         self.connect_errors = 0
         self.wait_timeouts = 0
         self.abandoned_cleaned = 0
+        self.total_client_parse_count = 0  # named Parse messages from clients
+        self.total_server_parse_count = 0  # Parse messages pgmux sent to servers
+        self.total_bind_count = 0  # Binds of named statements
         self.session_resets = 0  # servers cleaned of session state (session_state: reset)
         self.timeouts: dict[str, int] = {}  # client_idle, idle_transaction, query, ...
         self.errors: dict[str, int] = {}  # server_connect, server_lost, ...

@@ -385,3 +385,28 @@ async def test_asyncpg_statement_cache_with_many_clients(pgmux: PgmuxFactory) ->
         await asyncio.gather(*(work(c, k) for k, c in enumerate(conns)))
     finally:
         await close_quietly(*conns)
+
+
+async def test_show_stats_counts_prepared_statements(pgmux: PgmuxFactory) -> None:
+    """SHOW STATS' parse and bind counters come from the real traffic."""
+    mux = pgmux({"pool": {"size": 1}, "admin": {"users": ["admin"]}})
+    a = await open_raw(mux)
+    b = await open_raw(mux)
+    console = await asyncpg.connect(
+        host=mux.host, port=mux.port, user="admin", password="admin-secret", database="pgmux"
+    )
+    try:
+        for raw in (a, b):  # the same text twice: parsed once on the only server
+            await raw.send(messages.parse("s", "SELECT 41 + 1") + messages.sync())
+            await raw.read_until_ready()
+        for _ in range(3):
+            await a.send(messages.bind("", "s", []) + messages.execute("") + messages.sync())
+            await a.read_until_ready()
+        row = next(r for r in await console.fetch("SHOW STATS") if r["database"] == APP_DB)
+        assert row["total_client_parse_count"] == 2
+        assert row["total_server_parse_count"] == 1
+        assert row["total_bind_count"] == 3
+    finally:
+        await a.close()
+        await b.close()
+        await console.close()
