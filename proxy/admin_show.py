@@ -427,7 +427,8 @@ def totals(pools: Sequence[Pool]) -> list[int]:
     for pool in pools:
         for i, value in enumerate(pool.stats.snapshot()):
             sums[i] += value
-    return [_us(v) if n in _TIMES else int(v) for n, v in zip(_STAT_NAMES, sums, strict=True)]
+    main = zip(_STAT_NAMES, sums[: len(_STAT_NAMES)], strict=True)
+    return [_us(v) if n in _TIMES else int(v) for n, v in main]
 
 
 def averages(pools: Sequence[Pool]) -> list[int]:
@@ -444,7 +445,7 @@ def averages(pools: Sequence[Pool]) -> list[int]:
             deltas[i] += delta
             rates[i] += delta / seconds
     out = []
-    counts = dict(zip(_STAT_NAMES, deltas, strict=True))
+    counts = dict(zip(_STAT_NAMES, deltas[: len(_STAT_NAMES)], strict=True))
     per = {"xact_time": "xact_count", "query_time": "query_count",
            "wait_time": "server_assignment_count"}  # fmt: skip
     for i, name in enumerate(_STAT_NAMES):
@@ -453,12 +454,13 @@ def averages(pools: Sequence[Pool]) -> list[int]:
             out.append(_us(deltas[i] / count) if count else 0)
         else:
             out.append(int(rates[i]))
+    out += [int(rate) for rate in rates[len(_STAT_NAMES) :]]  # parses and binds per second
     return out
 
 
 def show_stats(registry: Registry, now: float) -> Result:
     rows = [
-        (db, *totals(pools), *_ps_counts(pools), *averages(pools), 0, 0, 0)
+        (db, *totals(pools), *_ps_counts(pools), *averages(pools))
         for db, pools in _by_database(registry).items()
     ]
     return table("s" + "N" * 22, STATS_COLUMNS, rows)
@@ -470,7 +472,7 @@ def show_stats_totals(registry: Registry, now: float) -> Result:
 
 
 def show_stats_averages(registry: Registry, now: float) -> Result:
-    rows = [(db, *averages(p), 0, 0, 0) for db, p in _by_database(registry).items()]
+    rows = [(db, *averages(p)) for db, p in _by_database(registry).items()]
     return table("s" + "N" * 11, STATS_AVERAGES_COLUMNS, rows)
 
 
@@ -478,7 +480,7 @@ def show_totals(registry: Registry, now: float) -> Result:
     pools = list(registry.pools.values())
     values = [*totals(pools), *_ps_counts(pools)]
     rows = [(f"total_{n}", v) for n, v in zip(TOTALS_NAMES, values, strict=True)]
-    avg = [*averages(pools), 0, 0, 0]
+    avg = averages(pools)
     rows += [(f"avg_{n}", v) for n, v in zip(TOTALS_NAMES, avg, strict=True)]
     return table("sN", ("name", "value"), rows)
 

@@ -66,6 +66,9 @@ PERIOD_FIELDS = (
     "total_xact_time",
     "total_query_time",
     "total_wait_time",
+    "total_client_parse_count",
+    "total_server_parse_count",
+    "total_bind_count",
 )
 
 
@@ -185,6 +188,9 @@ def averages(
         "total_query_count",
         "total_received",
         "total_sent",
+        "total_client_parse_count",
+        "total_server_parse_count",
+        "total_bind_count",
     ):
         out[name] = delta[name] / seconds
     for time_name, count_name in (

@@ -389,7 +389,7 @@ async def test_asyncpg_statement_cache_with_many_clients(pgmux: PgmuxFactory) ->
 
 async def test_show_stats_counts_prepared_statements(pgmux: PgmuxFactory) -> None:
     """SHOW STATS' parse and bind counters come from the real traffic."""
-    mux = pgmux({"pool": {"size": 1}, "admin": {"users": ["admin"]}})
+    mux = pgmux({"pool": {"size": 1}, "admin": {"users": ["admin"], "stats_period": "1s"}})
     a = await open_raw(mux)
     b = await open_raw(mux)
     console = await asyncpg.connect(
@@ -406,6 +406,17 @@ async def test_show_stats_counts_prepared_statements(pgmux: PgmuxFactory) -> Non
         assert row["total_client_parse_count"] == 2
         assert row["total_server_parse_count"] == 1
         assert row["total_bind_count"] == 3
+        # The per-second averages cover a whole stats period (1 s here).
+        await asyncio.sleep(2.2)
+        row = next(r for r in await console.fetch("SHOW STATS") if r["database"] == APP_DB)
+        assert row["avg_client_parse_count"] == 0  # nothing in the last period
+        for _ in range(25):  # about 10 binds a second for 2.5 s
+            await a.send(messages.bind("", "s", []) + messages.execute("") + messages.sync())
+            await a.read_until_ready()
+            await asyncio.sleep(0.1)
+        row = next(r for r in await console.fetch("SHOW STATS") if r["database"] == APP_DB)
+        assert row["total_bind_count"] == 28
+        assert 3 <= row["avg_bind_count"] <= 11
     finally:
         await a.close()
         await b.close()
