@@ -168,6 +168,8 @@ def sync_statement(
     startup packet and postgresql.conf do (search_path lists, for instance).
     Unreported GUCs the server has but the client did not ask for are RESET.
     """
+    if want_reported.items() <= have_reported.items() and want_unreported == have_unreported:
+        return None  # the common case, checked in C
     sets = [
         f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
         for name, value in want_reported.items()
