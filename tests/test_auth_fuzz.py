@@ -21,12 +21,15 @@ from pgmux.protocol.auth import ScramClient, ScramServer, make_scram_secret, par
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.auth import ClientAuth
 
-# 2 000 examples per run keep the suite short; PGMUX_FUZZ_DEEP=10000 (or more) digs deeper.
+# The startup phase, the framing and the auth exchange get 10 000 examples each;
+# the rest 2 000 to keep the suite short. PGMUX_FUZZ_DEEP=N raises both.
+_DEEP = int(os.environ.get("PGMUX_FUZZ_DEEP", "0"))
 FUZZ = settings(
-    max_examples=int(os.environ.get("PGMUX_FUZZ_DEEP", "2000")),
+    max_examples=max(2_000, _DEEP),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+FUZZ_10K = settings(FUZZ, max_examples=max(10_000, _DEEP))
 SECRET = parse_scram_secret(make_scram_secret("pw", salt=b"0123456789abcdef", iterations=16))
 BINDING = b"\x11" * 32
 MOCK_KEY = b"fuzz"
@@ -88,7 +91,7 @@ password_bodies = st.one_of(
 )  # fmt: skip
 
 
-@FUZZ
+@FUZZ_10K
 @given(
     method=st.sampled_from(["password", "md5", "scram-sha-256"]),
     secret=st.sampled_from([None, "pw", "md5" + "0" * 32, str(SECRET)]),

@@ -25,12 +25,15 @@ from pgmux.protocol.startup import (
     StartupReader,
 )
 
-# 2 000 examples per run keep the suite short; PGMUX_FUZZ_DEEP=10000 (or more) digs deeper.
+# The startup phase, the framing and the auth exchange get 10 000 examples each;
+# the rest 2 000 to keep the suite short. PGMUX_FUZZ_DEEP=N raises both.
+_DEEP = int(os.environ.get("PGMUX_FUZZ_DEEP", "0"))
 FUZZ = settings(
-    max_examples=int(os.environ.get("PGMUX_FUZZ_DEEP", "2000")),
+    max_examples=max(2_000, _DEEP),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+FUZZ_10K = settings(FUZZ, max_examples=max(10_000, _DEEP))
 SECRET = parse_scram_secret(make_scram_secret("pw", salt=b"0123456789abcdef"))
 MOCK_KEY = b"fuzz"
 
@@ -97,7 +100,7 @@ def feed_in_chunks(reader, data: bytes, sizes: list[int], pull) -> None:
             pass
 
 
-@FUZZ
+@FUZZ_10K
 @given(
     data=st.one_of(wireish, startup_packets, st.lists(startup_packets, max_size=3).map(b"".join)),
     sizes=chunkings,
@@ -108,7 +111,7 @@ def test_startup_reader(data, sizes):
         feed_in_chunks(reader, data, sizes, reader.next_event)
 
 
-@FUZZ
+@FUZZ_10K
 @given(data=wireish, sizes=chunkings)
 def test_message_reader(data, sizes):
     reader = MessageReader(max_size=64)
