@@ -133,6 +133,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.pause)
         loop.add_signal_handler(signal.SIGUSR2, self.resume)
+        # A worker starts with these blocked (workers.py); now they can arrive.
+        signal.pthread_sigmask(
+            signal.SIG_UNBLOCK,
+            {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+            | {signal.SIGUSR1, signal.SIGUSR2},
+        )
 
     def pause(self) -> None:
         log.info("pause", signal="SIGUSR1")

@@ -477,9 +477,9 @@ class Supervisor:
         try:
             for signo in _WAITED:
                 signal.signal(signo, signal.SIG_DFL)
-            for signo in (signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(signo, signal.SIG_IGN)  # until the daemon handles them
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            # Signals stay blocked (pending, not lost) until the daemon's handlers
+            # are in place: an early SIGHUP must reload, not kill, the worker.
+            signal.pthread_sigmask(signal.SIG_SETMASK, set(_FORWARDED))
             _die_with_parent()
             if os.getppid() != parent:
                 os._exit(1)  # the supervisor died before prctl took effect
