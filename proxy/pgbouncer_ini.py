@@ -765,24 +765,35 @@ def _translate_database(name: str, entry: IniEntry, result: Translation, socket_
     if "host" not in pairs:
         result.put(f"{prefix}\0host", socket_dir)
     for key, text in pairs.items():
-        conn_key = DATABASE_KEYS.get(key)
+        conn_key = _supported_key(DATABASE_KEYS, "connection", key, text, entry, label, result)
         if conn_key is None:
-            raise ConfigError(
-                entry.where.file,
-                label,
-                f"unrecognized connection parameter: {key}",
-                line=entry.where.line,
-            )
-        if conn_key.target is None:
-            result.unsupported.append(
-                Unsupported(f"{label}: {key}", text, entry.where, conn_key.note)
-            )
             continue
         value = _parse_conn_value(conn_key, key, text, entry, label)
         if key == "host":
             value = _first_host(value, prefix, result)
         if value is not None:
             result.put(f"{prefix}\0{conn_key.target}", value, entry.where, f"{label}: {key}")
+
+
+def _supported_key(
+    table: Mapping[str, ConnKey],
+    kind: str,
+    key: str,
+    text: str,
+    entry: IniEntry,
+    label: str,
+    result: Translation,
+) -> ConnKey | None:
+    """The mapping of one key=value of a [databases] / [users] line; None if unsupported."""
+    conn_key = table.get(key)
+    if conn_key is None:
+        raise ConfigError(
+            entry.where.file, label, f"unrecognized {kind} parameter: {key}", line=entry.where.line
+        )
+    if conn_key.target is None:
+        result.unsupported.append(Unsupported(f"{label}: {key}", text, entry.where, conn_key.note))
+        return None
+    return conn_key
 
 
 def _first_host(value: str, prefix: str, result: Translation) -> str:
@@ -813,18 +824,8 @@ def _translate_user(name: str, entry: IniEntry, result: Translation) -> None:
     prefix = f"users\0{name}"
     result.put(prefix, {}, entry.where, label)
     for key, text in pairs.items():
-        conn_key = USER_KEYS.get(key)
+        conn_key = _supported_key(USER_KEYS, "user", key, text, entry, label, result)
         if conn_key is None:
-            raise ConfigError(
-                entry.where.file,
-                label,
-                f"unrecognized user parameter: {key}",
-                line=entry.where.line,
-            )
-        if conn_key.target is None:
-            result.unsupported.append(
-                Unsupported(f"{label}: {key}", text, entry.where, conn_key.note)
-            )
             continue
         value = _parse_conn_value(conn_key, key, text, entry, label)
         result.put(f"{prefix}\0{conn_key.target}", value, entry.where, f"{label}: {key}")
