@@ -374,10 +374,7 @@ class ClientConnection(asyncio.Protocol):
             return  # session mode, or session state pins the server to this client
         self.server = None
         self.expect_rfq = 0
-        if server.dirty:
-            pool.release_after_reset(server)
-        else:
-            pool.release(server)
+        pool.release(server)  # resets session state first if the server has any
         if self._pending and not self._waiting:
             self._request_server()
 

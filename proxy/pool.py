@@ -112,8 +112,9 @@ class Pool:
             server.release_pending = True
             return
         if server.dirty and server.state is not ServerState.CLOSED:
-            # Session state left behind (a pinned client that disconnected): clean first.
-            self.release_after_reset(server)
+            # Session state left behind (session_state: reset, or a pinned client
+            # that disconnected): clean it before anyone else gets the server.
+            spawn(self._reset_then_release(server))
             return
         self.active.discard(server)
         if server.state is ServerState.CLOSED:
@@ -135,10 +136,6 @@ class Pool:
             self.close_server(server, "slot handed to another pool")
             return
         self.idle.append(server)
-
-    def release_after_reset(self, server: ServerConnection) -> None:
-        """pool.session_state = reset: clean what the client left on the server first."""
-        spawn(self._reset_then_release(server))
 
     async def _reset_then_release(self, server: ServerConnection) -> None:
         server.client = None
@@ -205,7 +202,6 @@ class Pool:
         with half a message from the client on the wire is always closed.
         """
         expect = max(client.expect_rfq, 0)
-        server.dirty |= client.pinned  # a pinned client's state must not reach the next one
         clean = not expect and not client.in_batch and server.clean_for_release and not server.dirty
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")

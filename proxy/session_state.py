@@ -194,12 +194,13 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
 def _created(client: ClientConnection, server: ServerConnection, kind: str) -> None:
     pool = client.pool
     mode = pool.settings.session_state if pool is not None else "ignore"
+    if mode == "ignore":
+        return
     if mode == "pin":
         client.pinned.add(kind)
-        server.dirty.add(kind)  # cleaned if the client leaves without clearing it
-    elif mode in ("reset", "error"):
-        # error refuses up front; whatever slipped through is cleaned instead.
-        server.dirty.add(kind)
+    # Cleaned on release: at once for reset (and whatever slipped past error's
+    # refusal), or when a pinned client leaves without clearing it.
+    server.dirty.add(kind)
 
 
 def forget_all(client: ClientConnection, server: ServerConnection) -> None:
