@@ -458,7 +458,6 @@ class Translator:
             server.responses.push(
                 Entry(CLOSE, skip=True, rollback=_restorer(prepared, name, statement))
             )
-        server.stats_evicted(len(closes))
         return b"".join(closes)
 
     # --- replies pgmux makes up -------------------------------------------

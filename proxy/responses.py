@@ -132,12 +132,6 @@ class ResponseFilter:
             return  # PostgreSQL will skip this request: no reply, no fake reply
         self.entries.append(entry)
 
-    def emit_ready(self, out: list[bytes]) -> None:
-        """Made-up replies at the head of the queue go out now."""
-        entries = self.entries
-        while entries and entries[0].op == EMIT:
-            out.append(entries.popleft().emit)
-
     # --- the server's replies --------------------------------------------
 
     def received(self, data: bytes, server: ServerConnection, client: ClientConnection) -> None:
@@ -235,7 +229,9 @@ class ResponseFilter:
     def _emit_after(self, out: list[bytes], data: bytes, run: int, end: int) -> int:
         """Forward up to `end`, then the made-up replies now at the head; the new run start."""
         out.append(data[run:end])
-        self.emit_ready(out)
+        entries = self.entries
+        while entries and entries[0].op == EMIT:
+            out.append(entries.popleft().emit)
         return end
 
     def _error(self, out: list[bytes], data: bytes, run: int, pos: int, end: int) -> bool:

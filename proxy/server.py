@@ -121,7 +121,6 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_owner: Translator | None = None  # whose unnamed statement it holds
         self.unnamed_gen = 0
         self.dirty: set[str] = set()  # session state to reset on release
-        self.evicted = 0
         # hot-path scan state: bytes of a message still to pass, bytes held back
         self._skip = 0
         self._hold = b""
@@ -328,9 +327,6 @@ class ServerConnection(asyncio.Protocol):
         """A reply pgmux makes up for the linked client."""
         if self.client is not None:
             self.client.send(data)
-
-    def stats_evicted(self, count: int) -> None:
-        self.evicted += count
 
     # --- the pooler's own queries ----------------------------------------
 
