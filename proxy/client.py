@@ -79,6 +79,12 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+# Globals for the hot path: an Enum member or a module attribute costs a lookup more.
+_READY = Phase.READY
+_WELCOME = Phase.WELCOME
+_monotonic = time.monotonic
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -121,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
         self._waiting = False
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._reading_paused = False  # by the _PENDING_LIMIT backpressure
         self._skip = 0
         self._header = b""
         self._max_packet = self.config.limits.max_packet_size
@@ -190,7 +197,7 @@ class ClientConnection(asyncio.Protocol):
     # --- hot path ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is not Phase.READY:
+        if self.phase is not _READY:
             self._login_received(data)
             return
         requests = self.expect_rfq
@@ -199,12 +206,12 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.fail(exc.sqlstate, exc.message)
             return
-        self.last_active = time.monotonic()
+        self.last_active = now = _monotonic()
         self.pool.stats.total_received += len(data)  # type: ignore[union-attr]
         if self.expect_rfq != requests:
-            self.query_started = self.last_active
+            self.query_started = now
             if not self.xact_started:
-                self.xact_started = self.last_active
+                self.xact_started = now
         if terminate_at >= 0:
             data = data[:terminate_at]
         server = self.server
@@ -219,6 +226,7 @@ class ClientConnection(asyncio.Protocol):
             self._pending_size += len(data)
             if self._pending_size > _PENDING_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
+                self._reading_paused = True
             if server is None and not self._waiting:
                 self._request_server()
         if terminate_at >= 0:
@@ -315,7 +323,7 @@ class ClientConnection(asyncio.Protocol):
         self._linking = False
         self.server = server
         self.query_mark = server.linked_at
-        if self.phase is Phase.WELCOME:
+        if self.phase is _WELCOME:
             self._welcome_server(server)
             return
         statement = varcache.sync_statement(self.params, self.gucs, server.params, server.applied)
@@ -350,25 +358,34 @@ class ClientConnection(asyncio.Protocol):
             self._flush_pending(server)
 
     def _flush_pending(self, server: ServerConnection) -> None:
-        if self._pending:
-            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._pending.clear()
+        pending = self._pending
+        if pending:
+            data = b"".join(pending) if len(pending) > 1 else pending[0]
+            pending.clear()
             self._pending_size = 0
-            if self.translator is not None:
-                data = self.translator.translate(data, server)
+            translator = self.translator
+            if translator is not None:
+                data = translator.translate(data, server)
             server.transport.write(data)  # type: ignore[union-attr]
-            if self.transport is not None:
-                self.transport.resume_reading()
+            if self._reading_paused:
+                self._reading_paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
         elif self.expect_rfq <= 0 and not self.in_batch:
             # Nothing to run (a wait for the welcome, or an empty request).
             self.transaction_done(server)
 
-    def transaction_done(self, server: ServerConnection) -> None:
-        """The server said ReadyForQuery(I) and owes this client nothing more."""
+    def transaction_done(self, server: ServerConnection, now: float = 0.0) -> None:
+        """The server said ReadyForQuery(I) and owes this client nothing more.
+
+        `now` is when that ReadyForQuery was read (0: read the clock here).
+        """
         pool = self.pool
         assert pool is not None
-        if self.xact_started:  # a transaction ran (not just an empty request)
-            pool.stats.add_xact(time.monotonic() - max(self.xact_started, server.linked_at))
+        started = self.xact_started
+        if started:  # a transaction ran (not just an empty request)
+            linked = server.linked_at
+            pool.stats.add_xact((now or _monotonic()) - (started if started > linked else linked))
             self.xact_started = 0.0
         if not self.release_on_idle or self.pinned:
             return  # session mode, or session state pins the server to this client
@@ -396,13 +413,14 @@ class ClientConnection(asyncio.Protocol):
         """A CommandComplete for this client (transaction mode): watch for session state."""
         session_state.observe(self, server, tag, text)
 
-    def stats_query_done(self) -> None:
-        # Called at each ReadyForQuery: a query ran from its request (or the
-        # previous ReadyForQuery, or the link) until now.
+    def stats_query_done(self, now: float) -> None:
+        # Called at each ReadyForQuery, read at `now`: a query ran from its
+        # request (or the previous ReadyForQuery, or the link) until then.
         pool = self.pool
         if pool is not None:
-            now = time.monotonic()
-            pool.stats.add_query(now - max(self.query_started, self.query_mark))
+            started = self.query_started
+            mark = self.query_mark
+            pool.stats.add_query(now - (started if started > mark else mark))
             self.query_mark = now
         if self.statement_mode and self.server is not None and self.server.tx_status != _IDLE:
             asyncio.get_running_loop().call_soon(self._transaction_in_statement_mode)

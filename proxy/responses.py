@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from struct import Struct
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
@@ -138,7 +139,7 @@ class ResponseFilter:
         if self.hold:
             data = self.hold + data
             self.hold = b""
-        out: list[bytes] = []
+        out: list[bytes] = []  # what goes to the client before data[run:pos]
         n = len(data)
         pos = 0
         if self.skip_bytes:
@@ -148,6 +149,7 @@ class ResponseFilter:
             self.skip_bytes -= pos
         run = pos  # start of the bytes to forward as they are
         ready = False
+        now = 0.0  # when the first ReadyForQuery of this chunk was read
         entries = self.entries
         actions = _ACTIONS
         while pos + 5 <= n:
@@ -163,16 +165,23 @@ class ResponseFilter:
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
-                client.stats_query_done()
-                while entries and entries[0].op != SYNC and entries[0].op != QUERY:
-                    entries.popleft()  # out of step: never wait for a reply that cannot come
+                if not now:
+                    now = monotonic()
+                client.stats_query_done(now)
                 if entries:
-                    entries.popleft()
-                    if entries and entries[0].op == EMIT:
-                        run = self._emit_after(out, data, run, end)
+                    op = entries[0].op
+                    while op != SYNC and op != QUERY:
+                        entries.popleft()  # out of step: never wait for a reply that cannot come
+                        if not entries:
+                            break
+                        op = entries[0].op
+                    if entries:
+                        entries.popleft()
+                        if entries and entries[0].op == EMIT:
+                            run = self._emit_after(out, data, run, end)
                 ready = status == _I and client.expect_rfq <= 0 and not client.in_batch
             elif action == _END:
-                if entries and _ENDS[kind] == entries[0].op:
+                if entries and entries[0].op == _ENDS[kind]:
                     head = entries.popleft()
                     if kind == _SUSPENDED and head.text:
                         # A row limit (asyncpg's fetchval) ends the Execute without a
@@ -213,18 +222,20 @@ class ResponseFilter:
             pos = end
         if pos > n:
             # A DataRow or CopyData continues in the next chunk.
-            out.append(data[run:n])
             self.skip_bytes = pos - n
             self.skip_forward = True
-        else:
+            pos = n
+        elif pos < n:
+            self.hold = data[pos:]
+        if out:
             out.append(data[run:pos])
-            if pos < n:
-                self.hold = data[pos:]
-        payload = b"".join(out) if len(out) > 1 else out[0]
+            payload = b"".join(out)
+        else:
+            payload = data[run:pos]  # the chunk itself when nothing was rewritten
         if payload:
-            client.send(payload)
-        if ready and not self.mid_message:
-            client.transaction_done(server)
+            client.transport.write(payload)  # type: ignore[union-attr]  # linked: connected
+        if ready and not self.hold and not self.skip_bytes:
+            client.transaction_done(server, now)
 
     def _emit_after(self, out: list[bytes], data: bytes, run: int, end: int) -> int:
         """Forward up to `end`, then the made-up replies now at the head; the new run start."""

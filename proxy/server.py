@@ -254,6 +254,7 @@ class ServerConnection(asyncio.Protocol):
         n = len(data)
         pos = self._skip
         ready = False
+        now = 0.0  # when the first ReadyForQuery of this chunk was read
         while pos + 5 <= n:
             kind = data[pos]
             end = pos + 1 + _LENGTH(data, pos + 1)[0]
@@ -264,7 +265,9 @@ class ServerConnection(asyncio.Protocol):
                 status = data[pos + 5]
                 self.tx_status = status
                 ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
-                client.stats_query_done()
+                if not now:
+                    now = time.monotonic()
+                client.stats_query_done(now)
             elif kind == _PARAMETER_STATUS:
                 if end > n:
                     break
@@ -281,7 +284,7 @@ class ServerConnection(asyncio.Protocol):
         self._skip = pos - n
         client.send(data)
         if ready and not self._skip:
-            client.transaction_done(self)
+            client.transaction_done(self, now)
 
     def parameter_status(self, body: bytes, client: ClientConnection | None) -> None:
         try:

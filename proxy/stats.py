@@ -5,15 +5,16 @@ total_received, total_sent, total_xact_time, total_query_time, total_wait_time)
 so the console and the metrics endpoint read them without translation.
 Times are kept in float seconds and shown in microseconds, as PgBouncer does.
 
-The three latency histograms are plain bucket lists (bisect + one add), so
-observing a query costs about as much as counting it; metrics.py turns them
-into Prometheus histograms when /metrics is scraped.
+The three latency histograms only append each value on the data path; the
+values go into their buckets in batches (one sort per batch, when /metrics is
+scraped or a batch is full), which costs a fraction of a bisect per value.
+metrics.py turns them into Prometheus histograms.
 """
 
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 
 # Upper bounds in seconds, shared by the wait, transaction and query histograms.
 LATENCY_BUCKETS = (
@@ -33,20 +34,54 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+# Values a histogram keeps unbucketed at most (about 32 KiB of floats).
+FOLD_AT = 1024
 
 
 class Histogram:
-    """Counts per LATENCY_BUCKETS bound (the last slot is +Inf) and their sum."""
+    """Counts per LATENCY_BUCKETS bound (the last slot is +Inf) and their sum.
 
-    __slots__ = ("counts", "sum")
+    `pending` holds values not yet in a bucket; read counts through cumulative().
+    """
+
+    __slots__ = ("_counts", "_sum", "pending")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
+        self._counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._sum = 0.0
+        self.pending: list[float] = []
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
+        pending = self.pending
+        pending.append(seconds)
+        if len(pending) >= FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Put the pending values into their buckets (a bound's bucket includes it)."""
+        pending = self.pending
+        if not pending:
+            return
+        pending.sort()
+        counts = self._counts
+        below = 0
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            upto = bisect_right(pending, bound)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(pending) - below
+        self._sum += sum(pending)
+        pending.clear()
+
+    @property
+    def counts(self) -> list[int]:
+        self.fold()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self.fold()
+        return self._sum
 
     def cumulative(self) -> list[int]:
         total, out = 0, []
@@ -138,21 +173,23 @@ class PoolStats:
         self.wait_hist.observe(seconds)
 
     # add_xact and add_query run once per transaction / ReadyForQuery: the
-    # histogram update is inlined (one call less on the data path).
+    # histogram's observe() is inlined (one call less on the data path).
 
     def add_xact(self, seconds: float) -> None:
         self.total_xact_count += 1
         self.total_xact_time += seconds
-        hist = self.xact_hist
-        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        hist.sum += seconds
+        pending = self.xact_hist.pending
+        pending.append(seconds)
+        if len(pending) >= FOLD_AT:
+            self.xact_hist.fold()
 
     def add_query(self, seconds: float) -> None:
         self.total_query_count += 1
         self.total_query_time += seconds
-        hist = self.query_hist
-        hist.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        hist.sum += seconds
+        pending = self.query_hist.pending
+        pending.append(seconds)
+        if len(pending) >= FOLD_AT:
+            self.query_hist.fold()
 
     # --- stats_period -------------------------------------------------------
 
