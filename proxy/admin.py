@@ -26,6 +26,7 @@ from pgmux.protocol.framing import MessageReader
 from pgmux import __version__
 
 from . import admin_show
+from .admin_gather import MERGED
 from .admin_show import INT4, INT8, NUMERIC, SHOW, TEXT, TYPLEN, Result
 from .config import ADMIN_DATABASES, RUNTIME_SETTINGS, ConfigError
 from .log import configure_logging, get_logger
@@ -335,7 +336,11 @@ class AdminSession:
         return show(self.registry, time.monotonic())
 
     async def cmd_show(self, arg: str) -> Result:
-        return self._show(arg)
+        result = self._show(arg)
+        worker = self.registry.worker
+        if worker is not None and arg.lower() in MERGED:
+            result = await worker.gather_show(arg.lower(), result)  # every worker's rows
+        return result
 
     async def cmd_pause(self, arg: str) -> Result:
         self._need_admin()

@@ -507,7 +507,7 @@ class ClientConnection(asyncio.Protocol):
         self.user = params.get("user", "")
         self.dbname = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
-        if len(self.registry.clients) > self.config.listen.max_client_conn:
+        if self.registry.client_total() > self.config.listen.max_client_conn:
             raise ProtocolError(
                 "no more connections allowed (max_client_conn)", sqlstate.TOO_MANY_CONNECTIONS
             )
@@ -657,35 +657,21 @@ class ClientConnection(asyncio.Protocol):
         database = self._database
         if database is None:
             return
-        registry = self.registry
         db_limit = database.pool.max_db_client_connections
         user_config = self.config.users.get(self.user)
         user_limit = (
             user_config.max_user_client_connections if user_config is not None else 0
         ) or database.pool.max_user_client_connections
-        if db_limit and registry.db_client_count[self.dbname] >= db_limit:
+        reached = self.registry.take_client_slot(self.dbname, db_limit, self.user, user_limit)
+        if reached:
             raise ProtocolError(
-                "no more connections allowed (max_db_client_connections)",
-                sqlstate.TOO_MANY_CONNECTIONS,
+                f"no more connections allowed ({reached})", sqlstate.TOO_MANY_CONNECTIONS
             )
-        if user_limit and registry.user_client_count[self.user] >= user_limit:
-            raise ProtocolError(
-                "no more connections allowed (max_user_client_connections)",
-                sqlstate.TOO_MANY_CONNECTIONS,
-            )
-        registry.db_client_count[self.dbname] += 1
-        registry.user_client_count[self.user] += 1
         self._counted = True
 
     def _release_client_slot(self) -> None:
         self._counted = False
-        for counter, name in (
-            (self.registry.db_client_count, self.dbname),
-            (self.registry.user_client_count, self.user),
-        ):
-            counter[name] -= 1
-            if counter[name] <= 0:
-                del counter[name]
+        self.registry.release_client_slot(self.dbname, self.user)
 
     def _auth_received(self, data: bytes) -> None:
         assert self._reader is not None and self._auth is not None
@@ -756,6 +742,16 @@ class ClientConnection(asyncio.Protocol):
         self._linking = True
         self._welcome(params)
         self.server_assigned(server)
+
+    def params_arrived(self, server_params: dict[str, str]) -> bool:
+        """Another worker told our pool its server parameters: a client that
+        waits only for its welcome (transaction pooling) needs no server now."""
+        if self.phase is not Phase.WELCOME or not self.release_on_idle:
+            return False
+        self.wait_started = 0.0
+        self._waiting = False
+        self._welcome(server_params)
+        return True
 
     def _welcome(self, server_params: dict[str, str]) -> None:
         self.params, self.gucs = varcache.split_by_reported(self._startup_gucs, server_params)

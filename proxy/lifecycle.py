@@ -87,6 +87,7 @@ class Daemon:
         self.registry = Registry(config, load_users(config))
         self.registry.tls, self.registry.hba = load_security(config)
         self.registry.worker = worker
+        self.registry.ledger = worker.ledger if worker is not None else None
         self.registry.daemon = self  # the console's RELOAD / SHUTDOWN
         self.observer = Observer(self)  # stats period, /metrics /health /ready
         self.listener = Listener(self.registry)
@@ -207,7 +208,7 @@ class Daemon:
         try:
             config = load_config(path) if path else self.config
             if self.worker is not None:
-                config = self.worker.shape(config)  # this worker's share of the limits
+                config = self.worker.shape(config)  # this worker's share of the login guard
             users = load_users(config)
             security = load_security(config)  # new certificates, hba rules
         except (ConfigError, OSError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -60,6 +61,11 @@ class Pool:
         self._retry_handle: asyncio.TimerHandle | None = None
         self.stats = PoolStats()
         self.closed = False
+        # with several workers: this pool's rows in the shared ledger
+        ledger = registry.ledger
+        self.shared_rows = registry.shared_rows(dbname, user) if ledger is not None else None
+        if ledger is not None:
+            self.server_params = registry.known_params.get((dbname, user))
 
     def __repr__(self) -> str:
         return f"<Pool {self.dbname}/{self.user}>"
@@ -77,11 +83,33 @@ class Pool:
             return
         client.wait_started = time.monotonic()
         self.waiting.append(client)
+        if self.shared_rows is not None:
+            self.waiting_changed()
         self.grow()
 
     def cancel_wait(self, client: ClientConnection) -> None:
         with contextlib.suppress(ValueError):
             self.waiting.remove(client)
+            if self.shared_rows is not None:
+                self.waiting_changed()
+
+    def waiting_changed(self) -> None:
+        """Tell the other workers how many of ours wait, and since when."""
+        ledger = self.registry.ledger
+        assert ledger is not None and self.shared_rows is not None
+        waiting = self.waiting
+        ledger.set_waiting(
+            self.shared_rows[0], len(waiting), waiting[0].wait_started if waiting else 0.0
+        )
+        if not waiting and self in self.registry.starving:
+            self.registry.stop_starving(self)  # the next waiter asks the others afresh
+
+    def server_total(self) -> int:
+        """Servers of this pool in all workers."""
+        if self.shared_rows is None:
+            return len(self.servers)
+        assert self.registry.ledger is not None
+        return self.registry.ledger.total(self.shared_rows[0])
 
     def _link(self, server: ServerConnection, client: ClientConnection) -> None:
         self.active.add(server)
@@ -128,10 +156,14 @@ class Pool:
         if self.registry.is_paused(self.dbname):
             self.close_server(server, "paused")  # PAUSE disconnects servers once released
             return
+        if self.shared_rows is not None and self._hand_over_to_taker(server):
+            return
         if self.waiting:
             self._link(server, self.waiting.popleft())
+            if self.shared_rows is not None:
+                self.waiting_changed()
             return
-        if self.registry.has_starving_pools(self) and len(self.servers) > self.settings.min_size:
+        if self.registry.has_starving_pools(self) and self.server_total() > self.settings.min_size:
             # Another pool waits for a slot under a shared limit: lend it ours.
             self.close_server(server, "slot handed to another pool")
             return
@@ -183,14 +215,86 @@ class Pool:
         """connection_lost of a server (expected or not)."""
         self._forget(server)
 
-    def _forget(self, server: ServerConnection) -> None:
+    def _forget(self, server: ServerConnection, shared: bool = True) -> None:
         if server not in self.servers:
             return
         self.servers.discard(server)
         self.active.discard(server)
         if server in self.idle:
             self.idle.remove(server)
-        self.registry.server_slot_freed(self)
+        self.registry.server_slot_freed(self, shared)
+
+    # --- servers moving between workers (listen.workers > 1) ----------------
+
+    def _hand_over_to_taker(self, server: ServerConnection) -> bool:
+        """Give a server that came free to another worker if its clients deserve
+        it more (ledger.taker); True when it went."""
+        ledger = self.registry.ledger
+        assert ledger is not None and self.shared_rows is not None
+        row = self.shared_rows[0]
+        if not ledger.waiting_elsewhere(row):
+            return False
+        oldest = self.waiting[0].wait_started if self.waiting else None
+        taker = ledger.taker(row, len(self.servers) - 1, oldest)
+        if taker is None:
+            return False
+        self._hand_over(server, taker)
+        return True
+
+    def params_heard(self, params: dict[str, str]) -> None:
+        """Another worker learned this pool's server parameters: clients
+        waiting only for their welcome get it without a server."""
+        if self.server_params is not None:
+            return
+        self.server_params = params
+        welcomed = [client for client in self.waiting if client.params_arrived(params)]
+        for client in welcomed:
+            self.waiting.remove(client)
+        if welcomed:
+            self.waiting_changed()
+
+    def offer_idle(self) -> None:
+        """Another worker's clients wait for this pool: hand over idle servers."""
+        ledger = self.registry.ledger
+        assert ledger is not None and self.shared_rows is not None
+        while self.idle and not self.waiting:
+            taker = ledger.taker(self.shared_rows[0], len(self.servers) - 1, None)
+            if taker is None:
+                return
+            self._hand_over(self.idle.pop(), taker)
+
+    def _hand_over(self, server: ServerConnection, worker: int) -> None:
+        registry = self.registry
+        assert registry.ledger is not None and registry.worker is not None
+        assert self.shared_rows is not None
+        if not server.movable():
+            # A TLS session cannot change process: close it, the taker opens one.
+            self.close_server(server, "slot handed to another worker")
+            return
+        state = server.export_state()
+        fd = server.detach()
+        registry.ledger.move(self.shared_rows, worker)
+        self._forget(server, shared=False)
+        log.debug("server_handed_over", db=self.dbname, user=self.user, to_worker=worker)
+        if not registry.worker.send(worker, ("server", self.dbname, self.user, state), fd):
+            registry.ledger.give_back(self.shared_rows, worker)
+
+    async def adopt(self, state: dict, fd: int) -> None:
+        """A server handed over by another worker joins this pool."""
+        server = ServerConnection.adopted(self, self.credentials, state)
+        self.servers.add(server)
+        self.registry.server_slot_taken(self)
+        loop = asyncio.get_running_loop()
+        try:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(lambda: server, sock)
+        except OSError as exc:
+            log.warning("server_adopt_failed", db=self.dbname, user=self.user, error=str(exc))
+            self._forget(server)
+            return
+        log.debug("server_adopted", db=self.dbname, user=self.user, server_id=server.id)
+        self.release(server)
 
     # --- a client leaving while linked ------------------------------------
 
@@ -253,7 +357,7 @@ class Pool:
             wanted -= 1
 
     def ensure_min_size(self) -> None:
-        while len(self.servers) < self.settings.min_size and self._may_connect(quiet=True):
+        while self.server_total() < self.settings.min_size and self._may_connect(quiet=True):
             self._open_server()
 
     def _may_connect(self, quiet: bool = False) -> bool:
@@ -263,8 +367,8 @@ class Pool:
         if now < self.retry_at:
             self._schedule_retry(self.retry_at - now)
             return False
-        if len(self.servers) >= self.size_limit():
-            return False
+        if self.shared_rows is None and len(self.servers) >= self.size_limit():
+            return False  # with several workers the ledger checks the size
         return self.registry.may_open_server(self, register_starving=not quiet)
 
     def _schedule_retry(self, delay: float) -> None:
@@ -307,6 +411,7 @@ class Pool:
             return
         if self.server_params is None:
             self.server_params = dict(server.params)
+            self.registry.params_learned(self)
         if self.last_connect_error:
             log.info("server_connect_recovered", db=self.dbname, user=self.user)
         self.last_connect_error = None
@@ -341,6 +446,8 @@ class Pool:
     def _fail_waiting(self, code: str, message: str) -> None:
         while self.waiting:
             self.waiting.popleft().wait_failed(code, message)
+        if self.shared_rows is not None:
+            self.waiting_changed()
 
     # --- janitor ----------------------------------------------------------
 
@@ -350,6 +457,8 @@ class Pool:
             return
         while self.waiting and now - self.waiting[0].wait_started >= limit:
             client = self.waiting.popleft()
+            if self.shared_rows is not None:
+                self.waiting_changed()
             self.stats.wait_timeouts += 1
             if self.last_connect_error:
                 client.wait_failed(
@@ -369,7 +478,7 @@ class Pool:
             too_idle = (
                 idle_limit
                 and now - server.last_used >= idle_limit
-                and len(self.servers) > self.settings.min_size
+                and self.server_total() > self.settings.min_size
             )
             if too_old or too_idle:
                 self.close_server(server, "server_lifetime" if too_old else "server_idle")

@@ -3,7 +3,7 @@
 A client's statement names mean nothing to the server it happens to get, so:
 
 * a global StatementCache maps (query text, parameter types) to one Statement
-  with a server-side name of pgmux's own (`pgmux_17`);
+  with a server-side name of pgmux's own (`pgmux_` and a hash of the text);
 * each client keeps its own map, client name -> Statement (Translator.statements);
 * each server keeps an LRU of the Statements it has prepared, capped by
   `pool.max_prepared_statements`; the overflow is closed before the next Sync.
@@ -22,7 +22,7 @@ so a client's last unnamed Parse is replayed where it is missing.
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from struct import Struct
@@ -85,14 +85,22 @@ _RENAMING_LIMIT = 1_000  # per client; past it, Binds just allocate their entry
 class Statement:
     """One distinct (query, parameter types), under pgmux's server-side name."""
 
-    __slots__ = ("name", "parse", "text", "watched")
+    __slots__ = ("name", "parse", "rest", "text", "watched")
 
     def __init__(self, name: bytes, rest: bytes) -> None:
         self.name = name
+        self.rest = rest  # the Parse after its name: query text and parameter types
         self.parse = build_parse(name, rest)
         self.text = parse_query_text(rest)
         # Session-state detection looks at the text only of statements that may need it.
         self.watched = self.text if session_state.needs_text(self.text) else b""
+
+
+def statement_name(rest: bytes) -> bytes:
+    """pgmux's server-side name for a text: derived from the text itself, so
+    every worker process gives it the same name and a server that moves
+    between workers keeps its statements."""
+    return b"pgmux_" + hashlib.blake2b(rest, digest_size=12).hexdigest().encode()
 
 
 class StatementCache:
@@ -100,7 +108,6 @@ class StatementCache:
 
     def __init__(self, limit: int = _GLOBAL_CACHE_LIMIT) -> None:
         self._by_key: dict[bytes, Statement] = {}
-        self._ids = itertools.count(1)
         self._limit = limit
 
     def __len__(self) -> int:
@@ -111,9 +118,9 @@ class StatementCache:
         if statement is None:
             if len(self._by_key) >= self._limit:
                 # Clients and servers hold their Statements themselves; a
-                # forgotten text just gets a new name when it comes back.
+                # forgotten text gets the same name again when it comes back.
                 self._by_key.pop(next(iter(self._by_key)))
-            statement = Statement(b"pgmux_%d" % next(self._ids), rest)
+            statement = Statement(statement_name(rest), rest)
             self._by_key[rest] = statement
         return statement
 

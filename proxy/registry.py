@@ -10,6 +10,7 @@ room, so a busy database borrows what idle ones are not using.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import os
@@ -23,6 +24,7 @@ from .auth import LearnedSecret
 from .authquery import AuthQuery
 from .config import Config, DatabaseConfig, PoolSettings
 from .hba import Hba
+from .ledger import Ledger, scope_key
 from .log import get_logger
 from .pool import Pool
 from .prepared import StatementCache
@@ -65,6 +67,10 @@ class Registry:
         self.db_client_count: Counter[str] = Counter()
         self.user_client_count: Counter[str] = Counter()
         self.worker: WorkerInfo | None = None  # set when running as one of listen.workers
+        # with several workers: the limits they share (proxy/ledger.py)
+        self.ledger: Ledger | None = None
+        # server parameters other workers' pools learned, for our pools' welcomes
+        self.known_params: dict[tuple[str, str], dict[str, str]] = {}
         self.daemon: Daemon | None = None  # the console's RELOAD and SHUTDOWN reach it here
         # PAUSE / SUSPEND / DISABLE state, as the console and SIGUSR1/SIGUSR2 set it
         self.paused = False
@@ -148,6 +154,8 @@ class Registry:
         return pool.settings.max_user_connections
 
     def may_open_server(self, pool: Pool, register_starving: bool = True) -> bool:
+        if self.ledger is not None:
+            return self._may_open_shared(pool, register_starving)
         blocked = [scope for scope, current, limit in self._limits(pool) if current >= limit]
         if not blocked:
             self.starving.pop(pool, None)
@@ -155,23 +163,25 @@ class Registry:
         if register_starving:
             # Make room by closing one idle server elsewhere under the same limit;
             # its slot is free at once, so the caller may open now.
-            victim = self._idle_victim(pool, blocked)
+            victim = self._idle_victim(pool.dbname, pool.user, blocked)
             if victim is not None:
                 victim.pool.close_server(victim, "slot lent to a busier pool")
                 if not any(c >= lim for _, c, lim in self._limits(pool)):
                     self.starving.pop(pool, None)
                     return True
-            self.starving[pool] = None
+            self._starve(pool)
         return False
 
-    def _idle_victim(self, pool: Pool, scopes: list[str]):  # -> ServerConnection | None
+    def _idle_victim(self, dbname: str, user: str, scopes: list[str]):  # -> ServerConnection | None
         best = None
         for other in self.pools.values():
-            if other is pool or not other.idle or len(other.servers) <= other.settings.min_size:
+            if (other.dbname, other.user) == (dbname, user) or not other.idle:
                 continue
-            if "db" in scopes and other.dbname != pool.dbname:
+            if other.server_total() <= other.settings.min_size:
                 continue
-            if "user" in scopes and other.user != pool.user:
+            if "db" in scopes and other.dbname != dbname:
+                continue
+            if "user" in scopes and other.user != user:
                 continue
             candidate = other.idle[0]  # least recently used of that pool
             if best is None or candidate.last_used < best.last_used:
@@ -179,17 +189,32 @@ class Registry:
         return best
 
     def has_starving_pools(self, pool: Pool) -> bool:
-        return any(other is not pool for other in self.starving)
+        return bool(self.starving) and any(other is not pool for other in self.starving)
+
+    def _starve(self, pool: Pool) -> None:
+        self.starving[pool] = None
+        if self.ledger is not None:
+            self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
+
+    def stop_starving(self, pool: Pool) -> None:
+        self.starving.pop(pool, None)
+        if self.ledger is not None:
+            self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
 
     def server_slot_taken(self, pool: Pool) -> None:
+        """A server joins the pool (the ledger, if any, counted it already)."""
         self.server_count += 1
         self.db_server_count[pool.dbname] += 1
         self.user_server_count[pool.user] += 1
 
-    def server_slot_freed(self, pool: Pool) -> None:
+    def server_slot_freed(self, pool: Pool, shared: bool = True) -> None:
+        """A server left the pool; SHARED=False when it moved to another worker."""
         self.server_count -= 1
         self.db_server_count[pool.dbname] -= 1
         self.user_server_count[pool.user] -= 1
+        if self.ledger is not None and shared:
+            self.ledger.give(pool.shared_rows)
+            self._tell_starving_workers()
         self._feed_starving()
 
     def _feed_starving(self) -> None:
@@ -197,6 +222,111 @@ class Registry:
             del self.starving[pool]
             if pool.waiting:
                 pool.grow()
+        if self.ledger is not None:
+            self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
+
+    # --- limits shared by several workers (listen.workers > 1) -----------------
+
+    _SHARED_SCOPES = ("pool", "global", "db", "user")
+
+    @property
+    def _starving_row(self) -> int:
+        assert self.ledger is not None
+        return self.ledger.row(scope_key("starving"))
+
+    def shared_rows(self, dbname: str, user: str) -> tuple[int, int, int, int]:
+        """The ledger rows a server of pool (dbname, user) counts in, as _SHARED_SCOPES."""
+        assert self.ledger is not None
+        row = self.ledger.row
+        return (
+            row(scope_key("pool", dbname, user)),
+            row(scope_key("servers")),
+            row(scope_key("db", dbname)),
+            row(scope_key("user", user)),
+        )
+
+    def _may_open_shared(self, pool: Pool, register_starving: bool) -> bool:
+        """Take a slot in the ledger: every limit is checked across all workers."""
+        assert self.ledger is not None and self.worker is not None
+        rows = pool.shared_rows
+        limits = (
+            (rows[0], pool.size_limit()),
+            (rows[1], self.config.max_server_connections),
+            (rows[2], pool.settings.max_db_connections),
+            (rows[3], self._max_user_connections(pool)),
+        )
+        blocked = self.ledger.take(limits)
+        if blocked is None:
+            self.starving.pop(pool, None)
+            return True
+        if not register_starving:
+            return False
+        scope = self._SHARED_SCOPES[blocked]
+        if scope != "pool":
+            victim = self._idle_victim(pool.dbname, pool.user, [scope])
+            if victim is not None:
+                victim.pool.close_server(victim, "slot lent to a busier pool")
+                if self.ledger.take(limits) is None:
+                    self.starving.pop(pool, None)
+                    return True
+        if pool not in self.starving:
+            # Once per episode: the other workers hand over an idle server of
+            # this pool, or close one of another pool under the shared limit.
+            self.worker.broadcast(("room", pool.dbname, pool.user, scope))
+        self._starve(pool)
+        return False
+
+    def _tell_starving_workers(self) -> None:
+        """A shared slot came free: workers with starving pools try again."""
+        assert self.ledger is not None and self.worker is not None
+        row = self._starving_row
+        for index in range(self.ledger.workers):
+            if index != self.ledger.index and self.ledger.waiting_of(row, index):
+                self.worker.send(index, ("freed",))
+
+    def params_learned(self, pool: Pool) -> None:
+        """Our pool met its first server: the other workers' pools welcome
+        their clients with its parameters instead of waiting for a server."""
+        if self.worker is not None and pool.server_params is not None:
+            self.worker.broadcast(("params", pool.dbname, pool.user, pool.server_params))
+
+    def params_heard(self, dbname: str, user: str, params: dict[str, str]) -> None:
+        self.known_params[(dbname, user)] = params
+        pool = self.pools.get((dbname, user))
+        if pool is not None:
+            pool.params_heard(params)
+
+    def shared_slot_freed(self) -> None:
+        """Another worker gave a slot back: our starving pools try again."""
+        self._feed_starving()
+
+    def room_wanted(self, dbname: str, user: str, scope: str) -> None:
+        """Another worker's pool starves: give it an idle server of ours, or room."""
+        if scope == "pool":
+            pool = self.pools.get((dbname, user))
+            if pool is not None:
+                pool.offer_idle()
+            return
+        victim = self._idle_victim(dbname, user, [scope])
+        if victim is not None:
+            victim.pool.close_server(victim, "slot lent to another worker")
+
+    def adopt_server(self, dbname: str, user: str, state: dict, fd: int) -> None:
+        """A server another worker handed over, for our waiting clients."""
+        pool = self.pools.get((dbname, user))
+        if pool is None:
+            database = self.config.database(dbname)
+            if database is not None:
+                pool = self._new_pool(dbname, database, user)
+                self.pools[(dbname, user)] = pool
+        if pool is None or pool.closed or self.shutting_down:
+            assert self.ledger is not None
+            with contextlib.suppress(OSError):
+                os.write(fd, messages.terminate())
+            os.close(fd)
+            self.ledger.give(self.shared_rows(dbname, user))
+            return
+        spawn(pool.adopt(state, fd))
 
     # --- PAUSE, RESUME, SUSPEND, KILL, RECONNECT, ENABLE / DISABLE ---------
 
@@ -283,10 +413,47 @@ class Registry:
     def client_count(self) -> int:
         return len(self.clients)
 
+    def client_total(self) -> int:
+        """Client connections of all workers (listen.max_client_conn counts these)."""
+        if self.ledger is None:
+            return len(self.clients)
+        return self.ledger.total(self.ledger.row(scope_key("clients")))
+
     def add_client(self, client: ClientConnection) -> None:
         self.clients.add(client)
+        if self.ledger is not None:
+            self.ledger.adjust(self.ledger.row(scope_key("clients")), 1)
         self.logging_in[client] = None
         self._make_room_for_login(client)
+
+    def take_client_slot(self, dbname: str, db_limit: int, user: str, user_limit: int) -> str:
+        """Count an authenticated client against max_db/user_client_connections;
+        the name of the limit reached, or "" when counted."""
+        if self.ledger is not None:
+            rows = self._client_rows(dbname, user)
+            blocked = self.ledger.take(((rows[0], db_limit), (rows[1], user_limit)))
+            if blocked is not None:
+                return ("max_db_client_connections", "max_user_client_connections")[blocked]
+        elif db_limit and self.db_client_count[dbname] >= db_limit:
+            return "max_db_client_connections"
+        elif user_limit and self.user_client_count[user] >= user_limit:
+            return "max_user_client_connections"
+        self.db_client_count[dbname] += 1
+        self.user_client_count[user] += 1
+        return ""
+
+    def release_client_slot(self, dbname: str, user: str) -> None:
+        if self.ledger is not None:
+            self.ledger.give(self._client_rows(dbname, user))
+        for counter, name in ((self.db_client_count, dbname), (self.user_client_count, user)):
+            counter[name] -= 1
+            if counter[name] <= 0:
+                del counter[name]
+
+    def _client_rows(self, dbname: str, user: str) -> tuple[int, int]:
+        assert self.ledger is not None
+        row = self.ledger.row
+        return row(scope_key("db clients", dbname)), row(scope_key("user clients", user))
 
     def _make_room_for_login(self, newcomer: ClientConnection) -> None:
         """Over limits.max_logins_in_progress (or listen.max_client_conn), the
@@ -294,7 +461,7 @@ class Registry:
         only pushes out its own kind, while a real login takes milliseconds."""
         cap = self.config.limits.max_logins_in_progress
         over_logins = cap and len(self.logging_in) > cap
-        if not over_logins and len(self.clients) <= self.config.listen.max_client_conn:
+        if not over_logins and self.client_total() <= self.config.listen.max_client_conn:
             return
         oldest = next(iter(self.logging_in))
         if oldest is newcomer:
@@ -307,6 +474,8 @@ class Registry:
         self.logging_in.pop(client, None)
 
     def remove_client(self, client: ClientConnection) -> None:
+        if client in self.clients and self.ledger is not None:
+            self.ledger.adjust(self.ledger.row(scope_key("clients")), -1)
         self.clients.discard(client)
         self.logging_in.pop(client, None)
         if self.cancel_keys.get(client.cancel_pid) is client:

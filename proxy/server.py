@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -133,6 +134,59 @@ class ServerConnection(asyncio.Protocol):
         self._rfq_wanted = 0
         self._rfq_waiter: asyncio.Future[None] | None = None
         self._query_error: ServerError | None = None
+        self.moved = False  # handed over to another worker: this object is done
+
+    # --- moving between workers (listen.workers > 1) ---------------------------
+
+    @classmethod
+    def adopted(cls, pool: Pool, credentials: ServerCredentials, state: dict) -> ServerConnection:
+        """A logged-in server another worker handed over (export_state there)."""
+        server = cls(pool, credentials)
+        server.state = ServerState.IDLE
+        server.backend_pid = state["backend_pid"]
+        server.backend_key = state["backend_key"]
+        server.params = state["params"]
+        server.applied = state["applied"]
+        server.connected_at = state["connected_at"]  # CLOCK_MONOTONIC: one clock for all
+        server.last_used = state["last_used"]
+        cache = pool.registry.statement_cache
+        for rest in state["prepared"]:  # oldest first, as the LRU had them
+            statement = cache.get(rest)
+            server.prepared[statement.name] = statement
+        server._login.set_result(None)
+        return server
+
+    def export_state(self) -> dict:
+        """What another worker needs to carry on with this idle, clean server."""
+        return {
+            "backend_pid": self.backend_pid,
+            "backend_key": self.backend_key,
+            "params": self.params,
+            "applied": self.applied,
+            "connected_at": self.connected_at,
+            "last_used": self.last_used,
+            "prepared": [statement.rest for statement in self.prepared.values()],
+        }
+
+    def movable(self) -> bool:
+        """Only a plain socket can change process; a TLS session lives in this one."""
+        transport = self.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and transport.get_extra_info("ssl_object") is None
+            and transport.get_extra_info("socket") is not None
+        )
+
+    def detach(self) -> int:
+        """A duplicate of the socket's descriptor for another process; this side
+        lets go of it without a word to PostgreSQL (the backend lives on)."""
+        assert self.transport is not None
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        self.moved = True
+        self.state = ServerState.CLOSED
+        self.transport.abort()
+        return fd
 
     # --- connection ------------------------------------------------------
 
@@ -140,6 +194,8 @@ class ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         sockname = transport.get_extra_info("sockname")
         self.local_address = str(sockname[1]) if isinstance(sockname, tuple) else "unix"
+        if self._login.done():
+            return  # adopted from another worker: logged in long ago
         tls = self.pool.registry.tls.server
         if tls.context is not None and isinstance(sockname, tuple):  # no TLS on unix sockets
             self._tls_wanted = tls
@@ -195,6 +251,8 @@ class ServerConnection(asyncio.Protocol):
         self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.moved:
+            return  # the other worker has the backend now
         previous = self.state
         self.state = ServerState.CLOSED
         lost = ServerLost(str(exc) if exc else "server closed the connection")

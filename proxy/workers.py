@@ -7,11 +7,17 @@ every worker accepts on. It then forks the workers, forwards signals to them
 and restarts a worker that dies (its TCP socket stays open in the supervisor,
 so connections that arrive meanwhile wait in its backlog instead of failing).
 
-Limits are split statically: every server-connection and client limit is
-divided among the workers (12 over 2 workers is 6 + 6; the first workers take
-the remainder; a nonzero limit gives each worker at least 1). The sum never
-exceeds the configured value unless a limit is smaller than the number of
-workers.
+Limits are shared, not split: every server-connection and client limit
+(pool size, reserve, max_db/user/server connections, max_client_conn and the
+per-database and per-user client limits) is counted in the ledger, a table in
+memory shared by all workers (ledger.py), so `pool.size: 12` means 12 servers
+in all. When a worker's clients wait for a pool that another worker has
+servers of, that worker hands a server over as soon as it is free: the socket
+itself travels over a unix socket (SCM_RIGHTS) with what pgmux knows about the
+backend (its key, parameters, prepared statements), so the same PostgreSQL
+session carries on in the other process. Servers move only while the workers'
+shares are uneven, so a busy pool settles at an even split and stays there.
+Only limits.max_logins_in_progress, a flood guard, is split per worker.
 
 Cancel keys: the low byte of every BackendKeyData pid a worker issues is that
 worker's index. A CancelRequest lands on whichever worker the kernel picks;
@@ -21,11 +27,13 @@ over its internal unix socket in a private run directory.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import ctypes
 import dataclasses
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -35,13 +43,15 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
 from pgmux.protocol.startup import CANCEL_REQUEST_CODE
 
-from .config import Config, PoolSettings
+from .admin_gather import ShowServer, fetch_rows, merge
+from .admin_show import Result
+from .config import Config
+from .ledger import Ledger
 from .log import get_logger
 from .sdnotify import Notifier
 from .tasks import spawn
@@ -68,6 +78,9 @@ _FORWARDED = (
 _STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 _WAITED = (*_FORWARDED, signal.SIGCHLD)
 
+_SEND_TIMEOUT = 2.0  # a message to another worker's mailbox
+_MAX_FDS = 4  # descriptors one mailbox message may carry (a server hand-over: 1)
+_MAX_MESSAGE = 16 << 20
 _RESTART_DELAY = 1.0  # a worker that died is restarted no sooner than this after its start
 _CRASH_LOOP = 5  # this many deaths in a row within _RESTART_DELAY of starting: give up
 
@@ -83,56 +96,18 @@ def share(total: int, count: int, index: int) -> int:
     return max(part, 1)
 
 
-def _floor_share(total: int, count: int, index: int) -> int:
-    """Like share(), but a worker may get 0 (for floors such as min_size)."""
-    if total <= 0 or count <= 1:
-        return total
-    return total // count + (1 if index < total % count else 0)
-
-
-def _pool_share(settings: PoolSettings, count: int, index: int) -> PoolSettings:
-    size = share(settings.size, count, index)
-    return dataclasses.replace(
-        settings,
-        size=size,
-        min_size=min(_floor_share(settings.min_size, count, index), size),
-        reserve_size=_floor_share(settings.reserve_size, count, index),
-        max_db_connections=share(settings.max_db_connections, count, index),
-        max_user_connections=share(settings.max_user_connections, count, index),
-    )
-
-
 def worker_config(config: Config, count: int, index: int) -> Config:
-    """The configuration worker INDEX of COUNT runs with: its share of every limit."""
+    """The configuration worker INDEX of COUNT runs with: the shared limits stay
+    whole (the ledger counts them across workers); the login flood guard is split."""
     if count <= 1:
         return config
-    databases = {
-        name: dataclasses.replace(db, pool=_pool_share(db.pool, count, index))
-        for name, db in config.databases.items()
-    }
-    users = {
-        name: dataclasses.replace(
-            user,
-            max_user_connections=share(user.max_user_connections, count, index),
-            pool_size=share(user.pool_size, count, index) if user.pool_size else user.pool_size,
-        )
-        for name, user in config.users.items()
-    }
-    listen = config.listen
     limits = config.limits
     return dataclasses.replace(
         config,
-        listen=dataclasses.replace(
-            listen, max_client_conn=share(listen.max_client_conn, count, index)
-        ),
-        pool=_pool_share(config.pool, count, index),
-        max_server_connections=share(config.max_server_connections, count, index),
         limits=dataclasses.replace(
             limits,
             max_logins_in_progress=share(limits.max_logins_in_progress, count, index),
         ),
-        databases=MappingProxyType(databases),
-        users=MappingProxyType(users),
     )
 
 
@@ -145,6 +120,14 @@ def cancel_socket_path(rundir: str, index: int) -> str:
 
 def metrics_socket_path(rundir: str, index: int) -> str:
     return os.path.join(rundir, f"metrics.{index}")
+
+
+def show_socket_path(rundir: str, index: int) -> str:
+    return os.path.join(rundir, f"show.{index}")
+
+
+def mailbox_path(rundir: str, index: int) -> str:
+    return os.path.join(rundir, f"mail.{index}")
 
 
 def worker_of(pid: int) -> int:
@@ -160,9 +143,11 @@ class WorkerInfo:
     count: int
     rundir: str
     sockets: list[socket.socket] = dataclasses.field(default_factory=list)
+    ledger: Ledger | None = None  # the limits all workers share
     # This worker's Prometheus text (set by the metrics module), for worker 0's /metrics.
     local_metrics: Callable[[], bytes] | None = None
     _servers: list[asyncio.AbstractServer] = dataclasses.field(default_factory=list)
+    _mailbox: _Mailbox | None = None
 
     def shape(self, config: Config) -> Config:
         return worker_config(config, self.count, self.index)
@@ -187,6 +172,48 @@ class WorkerInfo:
             cancel_socket_path(self.rundir, self.index), lambda: _ForwardedCancel(registry)
         )
         await self._serve(metrics_socket_path(self.rundir, self.index), lambda: _MetricsDump(self))
+        self._mailbox = _Mailbox(mailbox_path(self.rundir, self.index), registry)
+        await self._serve(
+            show_socket_path(self.rundir, self.index),
+            lambda: ShowServer(registry, time.monotonic),
+        )
+
+    async def gather_show(self, view: str, local: Result) -> Result:
+        """A SHOW with every worker's rows (admin_gather.py)."""
+        others = [
+            rows
+            for index in range(self.count)
+            if index != self.index
+            and (rows := await fetch_rows(show_socket_path(self.rundir, index), view)) is not None
+        ]
+        return merge(view, local, others)
+
+    def send(self, index: int, message: tuple, fd: int | None = None) -> bool:
+        """A message (and maybe a socket, which is closed here) to worker INDEX.
+
+        Blocking, but only for a local unix socket whose reader is another
+        event loop: microseconds, at worst _SEND_TIMEOUT.
+        """
+        payload = pickle.dumps(message)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd else []
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(_SEND_TIMEOUT)
+                sock.connect(mailbox_path(self.rundir, index))
+                sent = sock.sendmsg([payload], rights)
+                sock.sendall(payload[sent:])
+            return True
+        except OSError as exc:
+            log.warning("worker_message_failed", target=index, error=str(exc) or type(exc).__name__)
+            return False
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def broadcast(self, message: tuple) -> None:
+        for index in range(self.count):
+            if index != self.index:
+                self.send(index, message)
 
     async def _serve(self, path: str, factory: Callable[[], asyncio.Protocol]) -> None:
         loop = asyncio.get_running_loop()
@@ -226,6 +253,95 @@ class _ForwardedCancel(asyncio.Protocol):
             self.registry.cancel(pid, key)
         assert self.transport is not None
         self.transport.close()
+
+
+class _Mailbox:
+    """What the other workers send: servers handed over (the socket rides along
+    as SCM_RIGHTS) and notes about starving pools. One message per connection."""
+
+    def __init__(self, path: str, registry: Registry) -> None:
+        self.registry = registry
+        self.loop = asyncio.get_running_loop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by this worker's previous life
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _address = self.sock.accept()
+            except OSError:  # BlockingIOError: none left
+                return
+            conn.setblocking(False)
+            letter = _Letter(conn)
+            self.loop.add_reader(conn.fileno(), self._read, letter)
+
+    def _read(self, letter: _Letter) -> None:
+        done = letter.read()
+        if not done:
+            return
+        self.loop.remove_reader(letter.conn.fileno())
+        letter.conn.close()
+        try:
+            message = pickle.loads(b"".join(letter.chunks)) if letter.chunks else None
+        except (pickle.UnpicklingError, EOFError, ValueError):
+            message = None
+        self._deliver(message, letter.fds)
+
+    def _deliver(self, message: tuple | None, fds: list[int]) -> None:
+        registry = self.registry
+        kind = message[0] if message else None
+        if kind == "server" and fds:
+            _kind, dbname, user, state = message  # type: ignore[misc]
+            registry.adopt_server(dbname, user, state, fds.pop(0))
+        elif kind == "room":
+            _kind, dbname, user, scope = message  # type: ignore[misc]
+            registry.room_wanted(dbname, user, scope)
+        elif kind == "params":
+            _kind, dbname, user, params = message  # type: ignore[misc]
+            registry.params_heard(dbname, user, params)
+        elif kind == "freed":
+            registry.shared_slot_freed()
+        for fd in fds:
+            os.close(fd)
+
+
+class _Letter:
+    """One incoming message: its bytes and the descriptors that came with them."""
+
+    __slots__ = ("chunks", "conn", "fds", "size")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.chunks: list[bytes] = []
+        self.fds: list[int] = []
+        self.size = 0
+
+    def read(self) -> bool:
+        """Take what arrived; True once the sender has closed (or on error)."""
+        try:
+            data, ancdata, _flags, _address = self.conn.recvmsg(
+                1 << 16, socket.CMSG_SPACE(4 * _MAX_FDS)
+            )
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self.fds.extend(fds)
+        if not data:
+            return True
+        self.chunks.append(data)
+        self.size += len(data)
+        return self.size > _MAX_MESSAGE
 
 
 class _MetricsDump(asyncio.Protocol):
@@ -362,6 +478,7 @@ class Supervisor:
         self.shared: list[socket.socket] = []
         self.unix_path: str | None = None
         self.notifier = Notifier()  # the supervisor is systemd's main process
+        self.ledger: Ledger | None = None
         self.watchdog_at = 0.0
 
     def run(self) -> int:
@@ -382,6 +499,7 @@ class Supervisor:
             if unix is not None:
                 self.shared.append(unix)
         self.rundir = tempfile.mkdtemp(prefix="pgmux-")
+        self.ledger = Ledger(self.count)  # mapped before fork: every worker shares it
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         try:
             for index in range(self.count):
@@ -445,6 +563,8 @@ class Supervisor:
                 self.exit_code = 1
             return
         log.warning("worker_died", worker=child.index, pid=child.pid, exit_code=code)
+        if self.ledger is not None:
+            self.ledger.clear_worker(child.index)  # its servers and clients died with it
         now = time.monotonic()
         quick = now - child.started < _RESTART_DELAY
         self.crashes = self.crashes + 1 if quick else 0
@@ -491,7 +611,16 @@ class Supervisor:
                     for sock in tcp:
                         sock.close()  # a dead sibling's queue must not be held here
             os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-            info = WorkerInfo(index=index, count=self.count, rundir=self.rundir, sockets=sockets)
+            assert self.ledger is not None
+            self.ledger.index = index
+            self.ledger.clear_worker(index)
+            info = WorkerInfo(
+                index=index,
+                count=self.count,
+                rundir=self.rundir,
+                sockets=sockets,
+                ledger=self.ledger,
+            )
             code = self.worker_main(self.config, info)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1

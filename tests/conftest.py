@@ -151,14 +151,13 @@ def write_users_file(path: Path, users: dict[str, str]) -> None:
     path.write_text("".join(f"{quoted(u)} {quoted(s)}\n" for u, s in users.items()))
 
 
-def default_config(pg: TempPostgres, workdir: Path) -> dict[str, Any]:
+def default_config(pg: TempPostgres, workdir: Path, workers: int = 1) -> dict[str, Any]:
     return {
         "listen": {
             "addresses": ["127.0.0.1"],
             "port": _free_port(),
             "unix_socket_dir": str(workdir),
-            # PGMUX_TEST_WORKERS=2 runs every test against a multi-process pgmux.
-            "workers": int(os.environ.get("PGMUX_TEST_WORKERS", "1")),
+            "workers": workers,
         },
         "auth": {"type": "scram-sha-256", "users_file": str(workdir / "users.txt")},
         "logging": {"format": "console", "level": "info"},
@@ -226,9 +225,33 @@ def _wait_until_accepting(handle: PgmuxProcess, timeout: float = START_TIMEOUT) 
 PgmuxFactory = Callable[..., PgmuxProcess]
 
 
+# These suites run twice, against one worker process and against two
+# (listen.workers); PGMUX_TEST_WORKERS=N runs every test against N instead.
+BOTH_WORKER_MODES = ("test_core_", "test_prepared")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if (
+        "pgmux_workers" in metafunc.fixturenames
+        and module.startswith(BOTH_WORKER_MODES)
+        and "PGMUX_TEST_WORKERS" not in os.environ
+    ):
+        metafunc.parametrize("pgmux_workers", [1, 2], ids=["w1", "w2"], indirect=True)
+
+
+@pytest.fixture
+def pgmux_workers(request: pytest.FixtureRequest) -> int:
+    """listen.workers of the pgmux processes a test starts."""
+    return getattr(request, "param", int(os.environ.get("PGMUX_TEST_WORKERS", "1")))
+
+
 @pytest.fixture
 def pgmux(
-    pg: TempPostgres, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    pg: TempPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    pgmux_workers: int,
 ) -> Iterator[PgmuxFactory]:
     """Factory: pgmux(config=None, users=None, env=None) -> a started PgmuxProcess."""
     started: list[PgmuxProcess] = []
@@ -240,7 +263,7 @@ def pgmux(
     ) -> PgmuxProcess:
         # tmp_path_factory gives short paths (unix socket paths max out at 107 bytes).
         workdir = tmp_path_factory.mktemp("pgmux")
-        defaults = default_config(pg, workdir)
+        defaults = default_config(pg, workdir, pgmux_workers)
         merged = deep_merge(defaults, config or {})
         config_path = workdir / "pgmux.yaml"
         write_yaml(config_path, merged)

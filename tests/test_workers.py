@@ -1,7 +1,8 @@
 """Acceptance: `listen.workers: 2` — several processes on one port.
 
-Clients are spread over the workers by SO_REUSEPORT; the global server limit
-holds across them (static split); a CancelRequest that the kernel hands to the
+Clients are spread over the workers by SO_REUSEPORT; every limit holds across
+them (the shared ledger) and one pool's servers move to whichever worker has
+clients waiting, so a pool of one server serves both; a CancelRequest that the kernel hands to the
 wrong worker still cancels; SIGTERM stops every worker; a dead worker is
 replaced. Which worker serves a client is read from the low byte of the
 BackendKeyData pid it received.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import signal
 import time
@@ -29,8 +31,9 @@ from helpers import (
     server_connections,
     wait_until,
 )
-from pgmux.proxy.config import parse_config
-from pgmux.proxy.workers import share, worker_config, worker_of
+from pgmux.proxy.ledger import Ledger, scope_key
+from pgmux.proxy.workers import worker_of
+from test_admin_console import admin_psycopg, console_config, show
 
 from pgmux.tempgres import TempPostgres
 
@@ -66,30 +69,59 @@ async def wait_for_workers(pid: int, count: int) -> set[int]:
     return await wait_until(probe, lambda c: len(c) == count, timeout=15, what="workers")
 
 
-# -- the split of limits (pure) ----------------------------------------------------
+# -- the ledger: limits shared by the workers (pure) --------------------------------
 
 
-def test_limits_are_split_among_workers() -> None:
-    assert [share(12, 2, i) for i in range(2)] == [6, 6]
-    assert [share(13, 2, i) for i in range(2)] == [7, 6]
-    assert [share(1, 2, i) for i in range(2)] == [1, 1]  # at least one each
-    assert share(0, 2, 1) == 0  # unlimited stays unlimited
-    config = parse_config(
-        {
-            "listen": {"workers": 2, "max_client_conn": 1000},
-            "pool": {"size": 12, "max_server_connections": 12, "min_size": 1},
-            "databases": {"hubs": {"pool_size": 9, "max_db_connections": 9}},
-            "users": {"report": {"max_user_connections": 2}},
-        }
+def _take_in_child(ledger: Ledger, index: int, row: int, limit: int, out) -> None:
+    ledger.index = index
+    out.put(ledger.take([(row, limit)]))
+
+
+def test_ledger_counts_across_processes() -> None:
+    ledger = Ledger(2)
+    row = ledger.row(scope_key("pool", "appdb", "app"))
+    results = multiprocessing.get_context("fork").SimpleQueue()
+    child = multiprocessing.get_context("fork").Process(
+        target=_take_in_child, args=(ledger, 1, row, 2, results)
     )
-    parts = [worker_config(config, 2, i) for i in range(2)]
-    assert sum(p.max_server_connections for p in parts) == 12
-    assert sum(p.pool.size for p in parts) == 12
-    assert sum(p.pool.min_size for p in parts) == 1
-    assert sum(p.listen.max_client_conn for p in parts) == 1000
-    assert [p.databases["hubs"].pool.size for p in parts] == [5, 4]
-    assert sum(p.databases["hubs"].pool.max_db_connections for p in parts) == 9
-    assert [p.users["report"].max_user_connections for p in parts] == [1, 1]
+    child.start()
+    child.join(10)
+    assert results.get() is None  # worker 1 counted one server
+    assert ledger.take([(row, 2)]) is None  # worker 0: the second of 2
+    assert ledger.take([(row, 2)]) == 0  # a third would exceed pool.size 2
+    assert ledger.total(row) == 2
+    ledger.clear_worker(1)  # worker 1 died: its servers went with it
+    assert ledger.take([(row, 2)]) is None
+    assert ledger.total(row) == 2
+
+
+def test_ledger_take_checks_every_limit_before_counting() -> None:
+    ledger = Ledger(2)
+    pool, db = ledger.row(scope_key("pool", "a", "u")), ledger.row(scope_key("db", "a"))
+    assert ledger.take([(pool, 5), (db, 1)]) is None
+    assert ledger.take([(pool, 5), (db, 1)]) == 1  # the database cap, second in the list
+    assert (ledger.total(pool), ledger.total(db)) == (1, 1)  # nothing half-counted
+    ledger.give([pool, db])
+    assert (ledger.total(pool), ledger.total(db)) == (0, 0)
+
+
+def test_ledger_hands_a_server_to_the_worker_with_fewer_then_the_oldest_waiter() -> None:
+    ledger = Ledger(3)
+    row = ledger.row(scope_key("pool", "appdb", "app"))
+    assert ledger.taker(row, 0, None) is None  # nobody waits anywhere: keep it
+    for worker, (servers, waiting, since) in enumerate([(2, 1, 5.0), (1, 1, 9.0), (1, 2, 7.0)]):
+        ledger.index = worker
+        for _ in range(servers):
+            ledger.take([(row, 0)])
+        ledger.set_waiting(row, waiting, since)
+    ledger.index = 0
+    # all three would have 1 server: the first client waiting longest wins
+    assert ledger.taker(row, 1, 8.0) == 2
+    assert ledger.taker(row, 1, 5.0) is None  # worker 0's own client waits longest
+    assert ledger.taker(row, 0, 9.5) is None  # fewer servers here than anywhere else
+    assert ledger.taker(row, 2, 1.0) == 2  # more here: even an older waiter yields
+    ledger.move([row], 2)
+    assert [ledger.count_of(row, w) for w in range(3)] == [1, 1, 2]
 
 
 # -- a running multi-worker pgmux -----------------------------------------------------
@@ -128,6 +160,49 @@ async def test_clients_on_both_workers_within_the_global_limit(
         assert 0 < peak <= 12, f"peak server connections {peak} > the global 12"
     finally:
         await close_quietly(observer, *clients)
+
+
+async def one_client_per_worker(mux, dbname: str) -> tuple[list, dict[int, object]]:
+    """Connect until each worker has a client (the kernel hashes the source port)."""
+    clients, by_worker = [], {}
+    for _ in range(40):
+        conn = await connect_asyncpg(mux, dbname=dbname)
+        clients.append(conn)
+        by_worker.setdefault(worker_of(conn.get_server_pid()), conn)
+        if len(by_worker) == 2:
+            break
+    assert set(by_worker) == {0, 1}, "40 connections all landed on one worker"
+    return clients, by_worker
+
+
+async def test_one_server_serves_the_clients_of_both_workers(
+    pgmux: PgmuxFactory, pg: TempPostgres
+) -> None:
+    """pool.size 1 means one backend in all: it moves to the worker whose
+    client waits, with its session and its prepared statements."""
+    dbname = fresh_database(pg)
+    mux = pgmux({**WORKERS, **console_config(), "pool": {"size": 1}})
+    observer = await direct(pg)
+    clients, by_worker = await one_client_per_worker(mux, dbname)
+    console = await admin_psycopg(mux)
+    try:
+        first, second = by_worker[0], by_worker[1]
+        statement = await first.prepare("SELECT $1::int + 1")  # a named statement
+        backends = set()
+        for i in range(5):
+            backends.add(await first.fetchval("SELECT pg_backend_pid()"))
+            backends.add(await second.fetchval("SELECT pg_backend_pid()"))
+            assert await statement.fetchval(i) == i + 1
+        assert len(backends) == 1, f"pool.size 1 opened {len(backends)} backends"
+        assert await server_connections(observer, dbname) == 1
+        # Whichever worker the console landed on, it counts both workers' clients.
+        pools = [r for r in await show(console, "POOLS") if r["database"] == dbname]
+        assert sum(r["cl_active"] + r["cl_waiting"] for r in pools) == len(clients)
+        assert sum(r["sv_active"] + r["sv_idle"] for r in pools) == 1
+        seen = {r["database"] for r in await show(console, "CLIENTS")}
+        assert dbname in seen
+    finally:
+        await close_quietly(observer, console, *clients)
 
 
 async def test_cancel_landing_on_the_wrong_worker_still_cancels(pgmux: PgmuxFactory) -> None:
