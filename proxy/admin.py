@@ -12,9 +12,12 @@ and the console stays usable.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import struct
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -124,11 +127,14 @@ class _Portal:
 class AdminSession:
     """One console connection: reads messages in order, answers each."""
 
-    def __init__(self, client: ClientConnection, is_admin: bool) -> None:
+    def __init__(
+        self, client: ClientConnection | None, is_admin: bool, registry: Registry | None = None
+    ) -> None:
+        # client None: a command another worker's console passed on (run_replayed)
         self.client = client
-        self.registry: Registry = client.registry
+        self.registry: Registry = client.registry if client is not None else registry  # type: ignore[assignment]
         self.is_admin = is_admin
-        self._reader = MessageReader(max_size=client.config.limits.max_packet_size)
+        self._reader = MessageReader(max_size=self.registry.config.limits.max_packet_size)
         self._task: asyncio.Task[None] | None = None
         self._statements: dict[str, tuple[str, list[int]]] = {}
         self._portals: dict[str, _Portal] = {}
@@ -153,10 +159,13 @@ class AdminSession:
 
     @property
     def closed(self) -> bool:
+        if self.client is None:
+            return False
         transport = self.client.transport
         return transport is None or transport.is_closing()
 
     def send(self, *parts: bytes) -> None:
+        assert self.client is not None
         self.client.send(b"".join(parts))
 
     # --- messages ----------------------------------------------------------------
@@ -291,16 +300,37 @@ class AdminSession:
                 raise _syntax_error(query)
             if word != "show":
                 log.info("console_command", command=word.upper(), arg=arg, **self._who())
+            if word in _ON_EVERY_WORKER:
+                return await self._everywhere(handler(self, arg), text)
             return await handler(self, arg)
         match = _SET.match(text)
         if match is not None:
             key = _unquote(match.group(1), '"')
             value = match.group(2)
             value = _unquote(value, "'") if value.startswith("'") else _unquote(value, '"')
-            return self._set(key, value)
+            result = self._set(key, value)
+            if result.notice is None:  # a real setting, not one of the ignored ones
+                await self._everywhere(_done(result), text)
+            return result
         raise _syntax_error(query)
 
+    async def _everywhere(self, here: Awaitable[Result], text: str) -> Result:
+        """Run a command here and on every other worker (listen.workers > 1),
+        at the same time, so PAUSE waits for all workers' servers at once."""
+        worker = self.registry.worker
+        if worker is None or self.client is None or not self.is_admin:
+            return await here  # alone, passed on from another worker, or refused here
+        local = asyncio.ensure_future(here)
+        others = await worker.run_everywhere(text)
+        result = await local
+        for error in others:
+            if error is not None:
+                log.warning("console_command_on_worker_failed", error=error, **self._who())
+        return result
+
     def _who(self) -> dict[str, str]:
+        if self.client is None:
+            return {"client": "another worker's console", "user": ""}
         return {"client": self.client.peer, "user": self.client.user}
 
     def _need_admin(self) -> None:
@@ -395,6 +425,11 @@ class AdminSession:
                 log.info("client_killed", id=target, **client.log_fields())
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "admin forced disconnect")
                 return Result("KILL_CLIENT")
+        # SHOW CLIENTS lists every worker's clients: the id may be another's.
+        worker = self.registry.worker
+        passed_on = worker is not None and self.client is not None
+        if passed_on and None in await worker.run_everywhere(f"KILL_CLIENT {target}"):  # type: ignore[union-attr]
+            return Result("KILL_CLIENT")
         raise ConsoleError(sqlstate.UNDEFINED_OBJECT, "client not found")
 
     async def cmd_reconnect(self, arg: str) -> Result:
@@ -445,11 +480,14 @@ class AdminSession:
         daemon = self.registry.daemon
         if daemon is None:
             raise ConsoleError(sqlstate.FEATURE_NOT_SUPPORTED, "SHUTDOWN is not available")
+        # WAIT_FOR_CLIENTS is SIGTERM's shutdown, WAIT_FOR_SERVERS SIGINT's, plain SIGQUIT's.
+        signo = {"": signal.SIGQUIT, "WAIT_FOR_CLIENTS": signal.SIGTERM}.get(mode, signal.SIGINT)
+        if self.registry.worker is not None:
+            # The supervisor passes the signal to every worker, as from systemd.
+            return Result("SHUTDOWN", after=lambda: os.kill(os.getppid(), signo))
         if not mode:
             return Result("SHUTDOWN", after=daemon.stop_now)
-        # WAIT_FOR_CLIENTS is SIGTERM's shutdown, WAIT_FOR_SERVERS SIGINT's.
-        signame = "SIGTERM" if mode == "WAIT_FOR_CLIENTS" else "SIGINT"
-        return Result("SHUTDOWN", after=lambda: daemon.shutdown(signame))
+        return Result("SHUTDOWN", after=lambda: daemon.shutdown(signal.Signals(signo).name))
 
     def _set(self, key: str, value: str) -> Result:
         if key.lower() in FAKE_PARAMS:
@@ -471,6 +509,29 @@ class AdminSession:
         apply_setting(self.registry, key, parsed)
         log.info("console_set", key=key, value=value, **self._who())
         return Result(f"SET {key}={value}")
+
+
+# Commands that act on every worker (the others run them via run_replayed).
+_ON_EVERY_WORKER = {
+    "disable", "enable", "kill", "pause", "reconnect", "reload", "resume", "suspend", "wait_close",
+}  # fmt: skip
+
+
+async def _done(result: Result) -> Result:
+    return result
+
+
+async def run_replayed(registry: Registry, query: str) -> str | None:
+    """A command another worker's console ran there: run it here too (as the
+    admin it came from); None when done, else why it failed here."""
+    session = AdminSession(None, is_admin=True, registry=registry)
+    try:
+        result = await session.execute(query)
+    except ConsoleError as exc:
+        return str(exc)
+    if result.after is not None:
+        result.after()
+    return None
 
 
 _COMMANDS = {

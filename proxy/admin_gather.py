@@ -1,13 +1,20 @@
-"""SHOW across workers: every worker's rows of a view, merged into one answer.
+"""The console across workers: SHOW merges every worker's rows, commands run
+on every worker.
 
 With `listen.workers > 1` a console connection lands on one worker, but the
 pools, clients and servers are spread over all of them. The worker that runs
-the SHOW asks the others for their rows over each one's internal `show.N`
-socket and merges them view by view: lists of connections are concatenated,
-counters of the same pool / database / user are added up, the longest wait
-wins, and per-event averages are weighted by how many events each worker saw.
-Views of the configuration and of the process itself (CONFIG, MEM, STATE,
-VERSION, HELP) stay local.
+the console talks to the others over each one's internal `console.N` socket
+(one pickled request, then the answer):
+
+* SHOW: each worker's rows, merged view by view: lists of connections are
+  concatenated, counters of the same pool / database / user are added up, the
+  longest wait wins, and per-event averages are weighted by how many events
+  each worker saw. Views of the configuration and of the process itself
+  (CONFIG, MEM, STATE, VERSION, HELP) stay local.
+* PAUSE, RESUME, SUSPEND, KILL, KILL_CLIENT, RECONNECT, DISABLE, ENABLE,
+  WAIT_CLOSE, RELOAD and SET: the same command runs on every worker, and the
+  console answers once all of them have (PAUSE: once every worker's servers
+  are released).
 """
 
 from __future__ import annotations
@@ -19,34 +26,48 @@ from typing import Any
 
 from .admin_show import SHOW, STATS_AVERAGES_COLUMNS, STATS_COLUMNS, Result
 from .log import get_logger
+from .tasks import spawn
 
 log = get_logger("pgmux.admin")
 
-_TIMEOUT = 5.0
+_CONNECT_TIMEOUT = 5.0
+_SHOW_TIMEOUT = 5.0  # a command may take longer: PAUSE waits for transactions to end
 Rows = list[Sequence[Any]]
+NO_ANSWER = object()  # the other worker did not answer
 
 
-def local_rows(registry, view: str, now: float) -> Rows:  # registry: Registry
-    return SHOW[view](registry, now).rows
-
-
-async def fetch_rows(path: str, view: str) -> Rows | None:
-    """Another worker's rows of VIEW (None when it does not answer)."""
+async def ask(path: str, request: tuple, timeout: float | None) -> Any:
+    """Another worker's answer to REQUEST (NO_ANSWER when it gives none)."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), _TIMEOUT)
+        connect = asyncio.open_unix_connection(path)
+        reader, writer = await asyncio.wait_for(connect, _CONNECT_TIMEOUT)
         try:
-            writer.write(view.encode() + b"\n")
-            data = await asyncio.wait_for(reader.read(), _TIMEOUT)
+            writer.write(pickle.dumps(request))
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), timeout)
         finally:
             writer.close()
         return pickle.loads(data)
     except (OSError, TimeoutError, pickle.UnpicklingError, EOFError) as exc:
-        log.warning("worker_show_failed", view=view, error=str(exc) or type(exc).__name__)
-        return None
+        log.warning(
+            "worker_console_failed", request=request[0], error=str(exc) or type(exc).__name__
+        )
+        return NO_ANSWER
 
 
-class ShowServer(asyncio.Protocol):
-    """The internal show.N socket: one view name in, this worker's rows out."""
+async def fetch_rows(path: str, view: str) -> Rows | None:
+    rows = await ask(path, ("show", view), _SHOW_TIMEOUT)
+    return None if rows is NO_ANSWER else rows
+
+
+async def run_command(path: str, query: str) -> str | None:
+    """Run a console command on another worker: None, or why it failed there."""
+    answer = await ask(path, ("run", query), None)
+    return "no answer" if answer is NO_ANSWER else answer
+
+
+class PeerConsole(asyncio.Protocol):
+    """The internal console.N socket: what another worker's console asks of this one."""
 
     def __init__(self, registry, clock: Callable[[], float]) -> None:  # registry: Registry
         self.registry = registry
@@ -59,12 +80,29 @@ class ShowServer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if b"\n" not in self.buffer or self.transport is None:
+
+    def eof_received(self) -> bool:
+        spawn(self._answer())
+        return True  # keep the socket open for the answer
+
+    async def _answer(self) -> None:
+        assert self.transport is not None
+        try:
+            kind, argument = pickle.loads(self.buffer)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            self.transport.close()
             return
-        view = self.buffer.split(b"\n", 1)[0].decode(errors="replace")
-        rows = local_rows(self.registry, view, self.clock()) if view in MERGED else []
-        self.transport.write(pickle.dumps(rows))
-        self.transport.close()
+        if kind == "show":
+            answer: Any = (
+                SHOW[argument](self.registry, self.clock()).rows if argument in MERGED else []
+            )
+        else:
+            from .admin import run_replayed  # admin imports this module
+
+            answer = await run_replayed(self.registry, argument)
+        if not self.transport.is_closing():
+            self.transport.write(pickle.dumps(answer))
+            self.transport.close()
 
 
 # --- merging -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import os
 import pickle
 import shutil
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import messages
 from pgmux.protocol.startup import CANCEL_REQUEST_CODE
 
-from .admin_gather import ShowServer, fetch_rows, merge
+from .admin_gather import PeerConsole, fetch_rows, merge, run_command
 from .admin_show import Result
 from .config import Config
 from .ledger import Ledger
@@ -122,8 +123,8 @@ def metrics_socket_path(rundir: str, index: int) -> str:
     return os.path.join(rundir, f"metrics.{index}")
 
 
-def show_socket_path(rundir: str, index: int) -> str:
-    return os.path.join(rundir, f"show.{index}")
+def console_socket_path(rundir: str, index: int) -> str:
+    return os.path.join(rundir, f"console.{index}")
 
 
 def mailbox_path(rundir: str, index: int) -> str:
@@ -174,19 +175,25 @@ class WorkerInfo:
         await self._serve(metrics_socket_path(self.rundir, self.index), lambda: _MetricsDump(self))
         self._mailbox = _Mailbox(mailbox_path(self.rundir, self.index), registry)
         await self._serve(
-            show_socket_path(self.rundir, self.index),
-            lambda: ShowServer(registry, time.monotonic),
+            console_socket_path(self.rundir, self.index),
+            lambda: PeerConsole(registry, time.monotonic),
         )
+
+    def _others(self) -> list[str]:
+        return [
+            console_socket_path(self.rundir, index)
+            for index in range(self.count)
+            if index != self.index
+        ]
 
     async def gather_show(self, view: str, local: Result) -> Result:
         """A SHOW with every worker's rows (admin_gather.py)."""
-        others = [
-            rows
-            for index in range(self.count)
-            if index != self.index
-            and (rows := await fetch_rows(show_socket_path(self.rundir, index), view)) is not None
-        ]
-        return merge(view, local, others)
+        answers = await asyncio.gather(*(fetch_rows(path, view) for path in self._others()))
+        return merge(view, local, [rows for rows in answers if rows is not None])
+
+    async def run_everywhere(self, query: str) -> list[str | None]:
+        """A console command on every other worker: None or an error for each."""
+        return list(await asyncio.gather(*(run_command(path, query) for path in self._others())))
 
     def send(self, index: int, message: tuple, fd: int | None = None) -> bool:
         """A message (and maybe a socket, which is closed here) to worker INDEX.
@@ -650,6 +657,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _number_connections_apart(info: WorkerInfo) -> None:
+    """Client and server ids unique across workers (the console shows them all,
+    KILL_CLIENT takes one): worker i of N numbers i+1, i+1+N, i+1+2N..."""
+    from . import client, server
+
+    client._client_ids = itertools.count(info.index + 1, info.count)
+    server._server_ids = itertools.count(info.index + 1, info.count)
+
+
 def run_workers(config: Config, level: str = "info") -> int:
     """`pgmux -c FILE` with listen.workers > 1: the supervisor's entry point."""
 
@@ -660,6 +676,7 @@ def run_workers(config: Config, level: str = "info") -> int:
         from .lifecycle import Daemon
 
         structlog.contextvars.bind_contextvars(worker=info.index)
+        _number_connections_apart(info)
         return uvloop.run(Daemon(info.shape(config), worker=info).run())
 
     return Supervisor(config, worker_main).run()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 from helpers import (
@@ -203,6 +204,31 @@ async def test_one_server_serves_the_clients_of_both_workers(
         assert dbname in seen
     finally:
         await close_quietly(observer, console, *clients)
+
+
+async def test_console_commands_act_on_every_worker(pgmux: PgmuxFactory, pg: TempPostgres) -> None:
+    dbname = fresh_database(pg)
+    mux = pgmux({**WORKERS, **console_config()})
+    clients, by_worker = await one_client_per_worker(mux, dbname)
+    console = await admin_psycopg(mux)
+    try:
+        await console.execute("PAUSE")
+        queries = [asyncio.create_task(c.fetchval("SELECT 1")) for c in by_worker.values()]
+        await asyncio.sleep(0.5)
+        assert not any(q.done() for q in queries), "a worker ran a query while paused"
+        await console.execute("RESUME")
+        assert await asyncio.wait_for(asyncio.gather(*queries), 10) == [1, 1]
+        # SHOW CLIENTS lists both workers' clients; KILL_CLIENT reaches either.
+        ids = [r["id"] for r in await show(console, "CLIENTS") if r["database"] == dbname]
+        assert len(ids) == len(clients) == len(set(ids))
+        for client_id in ids:
+            cur = await console.execute(f"KILL_CLIENT {client_id}")
+            assert cur.statusmessage == "KILL_CLIENT"
+        for conn in by_worker.values():
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                await conn.fetchval("SELECT 1")
+    finally:
+        await close_quietly(console, *clients)
 
 
 async def test_cancel_landing_on_the_wrong_worker_still_cancels(pgmux: PgmuxFactory) -> None:
