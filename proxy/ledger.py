@@ -20,11 +20,14 @@ import mmap
 import multiprocessing
 from collections.abc import Iterable, Sequence
 
+from pgmux.protocol import sqlstate
+from pgmux.protocol.errors import ProtocolError
+
 from .log import get_logger
 
 log = get_logger("pgmux.ledger")
 
-SLOTS = 4096  # rows; a row is (scope) -> per-worker counters
+SLOTS = 16384  # rows (scopes); 8 * (1 + 3 * workers) bytes each
 _EMPTY = 0
 _LOCK_TIMEOUT = 2.0  # a worker that died holding the lock must not stop the others
 NOT_WAITING = float("inf")
@@ -37,8 +40,12 @@ def scope_key(*parts: str) -> int:
     return int.from_bytes(digest, "little") or 1
 
 
-class LedgerFull(Exception):
-    """More distinct scopes than rows: the caller falls back to counting alone."""
+class LedgerFull(ProtocolError):
+    """More distinct pools, databases and users than rows: the login that
+    needs a new one is refused (53300), the others carry on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, sqlstate.TOO_MANY_CONNECTIONS)
 
 
 class Ledger:
@@ -87,7 +94,8 @@ class Ledger:
                         self._waiting[cell] = 0
                         self._oldest[cell] = NOT_WAITING
                     return row
-        raise LedgerFull(f"more than {self.slots} pools, databases and users")
+        log.error("ledger_full", rows=self.slots)
+        raise LedgerFull(f"too many pools, databases and users for listen.workers ({self.slots})")
 
     # --- counting ---------------------------------------------------------
 

@@ -499,6 +499,7 @@ class Pool:
             return
         if credentials != self.credentials:
             self.server_params = None  # maybe another server: ask it again
+            self.registry.known_params.pop((self.dbname, self.user), None)
         self.credentials = credentials
         self.settings = settings
         self.retry_at = 0.0

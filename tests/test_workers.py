@@ -32,7 +32,7 @@ from helpers import (
     server_connections,
     wait_until,
 )
-from pgmux.proxy.ledger import Ledger, scope_key
+from pgmux.proxy.ledger import Ledger, LedgerFull, scope_key
 from pgmux.proxy.workers import worker_of
 from test_admin_console import admin_psycopg, console_config, show
 
@@ -104,6 +104,16 @@ def test_ledger_take_checks_every_limit_before_counting() -> None:
     assert (ledger.total(pool), ledger.total(db)) == (1, 1)  # nothing half-counted
     ledger.give([pool, db])
     assert (ledger.total(pool), ledger.total(db)) == (0, 0)
+
+
+def test_a_full_ledger_refuses_the_new_scope_only() -> None:
+    ledger = Ledger(2, slots=2)
+    first = ledger.row(scope_key("pool", "a", "u"))
+    ledger.row(scope_key("db", "a"))
+    with pytest.raises(LedgerFull) as refused:
+        ledger.row(scope_key("pool", "b", "u"))
+    assert refused.value.sqlstate == "53300"
+    assert ledger.row(scope_key("pool", "a", "u")) == first  # known scopes still work
 
 
 def test_ledger_hands_a_server_to_the_worker_with_fewer_then_the_oldest_waiter() -> None:
