@@ -85,7 +85,8 @@ class Pool:
         self.waiting.append(client)
         if self.shared_rows is not None:
             self.waiting_changed()
-        self.grow()
+        if len(self.servers) < self.settings.size or self.settings.reserve_size:
+            self.grow()  # else every server is ours and busy: nothing to open
 
     def cancel_wait(self, client: ClientConnection) -> None:
         with contextlib.suppress(ValueError):
