@@ -164,9 +164,7 @@ class Ledger:
 
     def waiting_elsewhere(self, row: int) -> bool:
         base = row * self.workers
-        own = base + self.index
-        waiting = self._waiting
-        return any(waiting[cell] for cell in range(base, base + self.workers) if cell != own)
+        return sum(self._waiting[base : base + self.workers]) > self._waiting[base + self.index]
 
     def taker(self, row: int, own_count: int, own_oldest: float | None) -> int | None:
         """The worker that should get a server of this pool that just came free.

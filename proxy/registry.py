@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import os
 import secrets
@@ -192,6 +193,8 @@ class Registry:
         return bool(self.starving) and any(other is not pool for other in self.starving)
 
     def _starve(self, pool: Pool) -> None:
+        if pool in self.starving:
+            return
         self.starving[pool] = None
         if self.ledger is not None:
             self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
@@ -229,10 +232,15 @@ class Registry:
 
     _SHARED_SCOPES = ("pool", "global", "db", "user")
 
-    @property
+    @functools.cached_property
     def _starving_row(self) -> int:
         assert self.ledger is not None
         return self.ledger.row(scope_key("starving"))
+
+    @functools.cached_property
+    def _clients_row(self) -> int:
+        assert self.ledger is not None
+        return self.ledger.row(scope_key("clients"))
 
     def shared_rows(self, dbname: str, user: str) -> tuple[int, int, int, int]:
         """The ledger rows a server of pool (dbname, user) counts in, as _SHARED_SCOPES."""
@@ -249,6 +257,8 @@ class Registry:
         """Take a slot in the ledger: every limit is checked across all workers."""
         assert self.ledger is not None and self.worker is not None
         rows = pool.shared_rows
+        if pool in self.starving and self.ledger.total(rows[0]) >= pool.size_limit():
+            return False  # still full, and the other workers know: no lock taken
         limits = (
             (rows[0], pool.size_limit()),
             (rows[1], self.config.max_server_connections),
@@ -417,12 +427,12 @@ class Registry:
         """Client connections of all workers (listen.max_client_conn counts these)."""
         if self.ledger is None:
             return len(self.clients)
-        return self.ledger.total(self.ledger.row(scope_key("clients")))
+        return self.ledger.total(self._clients_row)
 
     def add_client(self, client: ClientConnection) -> None:
         self.clients.add(client)
         if self.ledger is not None:
-            self.ledger.adjust(self.ledger.row(scope_key("clients")), 1)
+            self.ledger.adjust(self._clients_row, 1)
         self.logging_in[client] = None
         self._make_room_for_login(client)
 
@@ -475,7 +485,7 @@ class Registry:
 
     def remove_client(self, client: ClientConnection) -> None:
         if client in self.clients and self.ledger is not None:
-            self.ledger.adjust(self.ledger.row(scope_key("clients")), -1)
+            self.ledger.adjust(self._clients_row, -1)
         self.clients.discard(client)
         self.logging_in.pop(client, None)
         if self.cancel_keys.get(client.cancel_pid) is client:
