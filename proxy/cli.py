@@ -8,6 +8,7 @@ config's `pidfile`) writes the process id for tools that want one.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from pgmux import __version__
@@ -85,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgmux: configuration ok: {path}")
         return 0
     pidfile = args.pidfile or config.pidfile
-    from .lifecycle import PidfileError, remove_pidfile, write_pidfile
+    from .lifecycle import CONTROL_SIGNALS, PidfileError, remove_pidfile, write_pidfile
 
+    # A signal sent as soon as the pidfile exists waits until the daemon's
+    # handlers are in place (Daemon._install_signals unblocks them), instead
+    # of killing pgmux before it can clean up.
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
     try:
         if pidfile:
             write_pidfile(pidfile)

@@ -40,6 +40,12 @@ class PidfileError(Exception):
     pass
 
 
+# The signals the daemon handles (see the module docstring).
+CONTROL_SIGNALS = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+)
+
+
 def write_pidfile(path: str) -> None:
     """Write our pid; refuse if the file names another pgmux still running."""
     try:
@@ -134,12 +140,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.pause)
         loop.add_signal_handler(signal.SIGUSR2, self.resume)
-        # A worker starts with these blocked (workers.py); now they can arrive.
-        signal.pthread_sigmask(
-            signal.SIG_UNBLOCK,
-            {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
-            | {signal.SIGUSR1, signal.SIGUSR2},
-        )
+        # pgmux starts with these blocked (cli.py, workers.py); now they can arrive.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
 
     def pause(self) -> None:
         log.info("pause", signal="SIGUSR1")
