@@ -3,8 +3,8 @@ on every worker.
 
 With `listen.workers > 1` a console connection lands on one worker, but the
 pools, clients and servers are spread over all of them. The worker that runs
-the console talks to the others over each one's internal `console.N` socket
-(one pickled request, then the answer):
+the console asks the others over each one's internal peer socket
+(workers.py):
 
 * SHOW: each worker's rows, merged view by view: lists of connections are
   concatenated, counters of the same pool / database / user are added up, the
@@ -19,90 +19,17 @@ the console talks to the others over each one's internal `console.N` socket
 
 from __future__ import annotations
 
-import asyncio
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .admin_show import SHOW, STATS_AVERAGES_COLUMNS, STATS_COLUMNS, Result
-from .log import get_logger
-from .tasks import spawn
 
-log = get_logger("pgmux.admin")
-
-_CONNECT_TIMEOUT = 5.0
-_SHOW_TIMEOUT = 5.0  # a command may take longer: PAUSE waits for transactions to end
 Rows = list[Sequence[Any]]
-NO_ANSWER = object()  # the other worker did not answer
 
 
-async def ask(path: str, request: tuple, timeout: float | None) -> Any:
-    """Another worker's answer to REQUEST (NO_ANSWER when it gives none)."""
-    try:
-        connect = asyncio.open_unix_connection(path)
-        reader, writer = await asyncio.wait_for(connect, _CONNECT_TIMEOUT)
-        try:
-            writer.write(pickle.dumps(request))
-            writer.write_eof()
-            data = await asyncio.wait_for(reader.read(), timeout)
-        finally:
-            writer.close()
-        return pickle.loads(data)
-    except (OSError, TimeoutError, pickle.UnpicklingError, EOFError) as exc:
-        log.warning(
-            "worker_console_failed", request=request[0], error=str(exc) or type(exc).__name__
-        )
-        return NO_ANSWER
-
-
-async def fetch_rows(path: str, view: str) -> Rows | None:
-    rows = await ask(path, ("show", view), _SHOW_TIMEOUT)
-    return None if rows is NO_ANSWER else rows
-
-
-async def run_command(path: str, query: str) -> str | None:
-    """Run a console command on another worker: None, or why it failed there."""
-    answer = await ask(path, ("run", query), None)
-    return "no answer" if answer is NO_ANSWER else answer
-
-
-class PeerConsole(asyncio.Protocol):
-    """The internal console.N socket: what another worker's console asks of this one."""
-
-    def __init__(self, registry, clock: Callable[[], float]) -> None:  # registry: Registry
-        self.registry = registry
-        self.clock = clock
-        self.buffer = b""
-        self.transport: asyncio.WriteTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-
-    def eof_received(self) -> bool:
-        spawn(self._answer())
-        return True  # keep the socket open for the answer
-
-    async def _answer(self) -> None:
-        assert self.transport is not None
-        try:
-            kind, argument = pickle.loads(self.buffer)
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
-            self.transport.close()
-            return
-        if kind == "show":
-            answer: Any = (
-                SHOW[argument](self.registry, self.clock()).rows if argument in MERGED else []
-            )
-        else:
-            from .admin import run_replayed  # admin imports this module
-
-            answer = await run_replayed(self.registry, argument)
-        if not self.transport.is_closing():
-            self.transport.write(pickle.dumps(answer))
-            self.transport.close()
+def local_rows(registry, view: str, now: float) -> Rows:  # registry: Registry
+    """This worker's rows of VIEW, for the worker that runs the SHOW."""
+    return SHOW[view](registry, now).rows if view in MERGED else []
 
 
 # --- merging -----------------------------------------------------------------------

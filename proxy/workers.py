@@ -44,12 +44,12 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgmux.protocol import messages
 from pgmux.protocol.startup import CANCEL_REQUEST_CODE
 
-from .admin_gather import PeerConsole, fetch_rows, merge, run_command
+from .admin_gather import local_rows, merge
 from .admin_show import Result
 from .config import Config
 from .ledger import Ledger
@@ -80,6 +80,8 @@ _STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 _WAITED = (*_FORWARDED, signal.SIGCHLD)
 
 _SEND_TIMEOUT = 2.0  # a message to another worker's mailbox
+_PEER_TIMEOUT = 5.0  # connecting to another worker, or its SHOW / metrics answer
+NO_ANSWER = object()  # another worker gave no answer to a request
 _MAX_FDS = 4  # descriptors one mailbox message may carry (a server hand-over: 1)
 _MAX_MESSAGE = 16 << 20
 _RESTART_DELAY = 1.0  # a worker that died is restarted no sooner than this after its start
@@ -119,12 +121,8 @@ def cancel_socket_path(rundir: str, index: int) -> str:
     return os.path.join(rundir, f"cancel.{index}")
 
 
-def metrics_socket_path(rundir: str, index: int) -> str:
-    return os.path.join(rundir, f"metrics.{index}")
-
-
-def console_socket_path(rundir: str, index: int) -> str:
-    return os.path.join(rundir, f"console.{index}")
+def peer_socket_path(rundir: str, index: int) -> str:
+    return os.path.join(rundir, f"peer.{index}")
 
 
 def mailbox_path(rundir: str, index: int) -> str:
@@ -168,32 +166,32 @@ class WorkerInfo:
         return True
 
     async def start(self, registry: Registry) -> None:
-        """Accept CancelRequests forwarded by the other workers, and metrics scrapes."""
+        """Accept what the other workers send: forwarded CancelRequests, servers
+        and notes (the mailbox), and requests that want an answer (peer socket)."""
         await self._serve(
             cancel_socket_path(self.rundir, self.index), lambda: _ForwardedCancel(registry)
         )
-        await self._serve(metrics_socket_path(self.rundir, self.index), lambda: _MetricsDump(self))
         self._mailbox = _Mailbox(mailbox_path(self.rundir, self.index), registry)
-        await self._serve(
-            console_socket_path(self.rundir, self.index),
-            lambda: PeerConsole(registry, time.monotonic),
-        )
+        await self._serve(peer_socket_path(self.rundir, self.index), lambda: _Peer(self, registry))
 
-    def _others(self) -> list[str]:
-        return [
-            console_socket_path(self.rundir, index)
-            for index in range(self.count)
-            if index != self.index
-        ]
+    async def _ask_others(self, request: tuple, timeout: float | None) -> dict[int, Any]:
+        """Every other worker's answer to REQUEST, by index (NO_ANSWER if none came)."""
+        others = [index for index in range(self.count) if index != self.index]
+        answers = await asyncio.gather(
+            *(_ask(peer_socket_path(self.rundir, index), request, timeout) for index in others)
+        )
+        return dict(zip(others, answers, strict=True))
 
     async def gather_show(self, view: str, local: Result) -> Result:
         """A SHOW with every worker's rows (admin_gather.py)."""
-        answers = await asyncio.gather(*(fetch_rows(path, view) for path in self._others()))
-        return merge(view, local, [rows for rows in answers if rows is not None])
+        answers = await self._ask_others(("show", view), _PEER_TIMEOUT)
+        return merge(view, local, [rows for rows in answers.values() if rows is not NO_ANSWER])
 
     async def run_everywhere(self, query: str) -> list[str | None]:
         """A console command on every other worker: None or an error for each."""
-        return list(await asyncio.gather(*(run_command(path, query) for path in self._others())))
+        # No timeout: PAUSE answers once that worker's transactions are done.
+        answers = await self._ask_others(("run", query), None)
+        return ["no answer" if a is NO_ANSWER else a for a in answers.values()]
 
     def send(self, index: int, message: tuple, fd: int | None = None) -> bool:
         """A message (and maybe a socket, which is closed here) to worker INDEX.
@@ -231,13 +229,9 @@ class WorkerInfo:
 
     async def gather_metrics(self, own: bytes) -> bytes:
         """Every worker's Prometheus text in one exposition, labelled worker="N"."""
-        texts = {self.index: own}
-        for index in range(self.count):
-            if index != self.index:
-                text = await _fetch_metrics(metrics_socket_path(self.rundir, index))
-                if text is not None:
-                    texts[index] = text
-        return merge_metrics(texts)
+        answers = await self._ask_others(("metrics", None), _PEER_TIMEOUT)
+        texts = {index: text for index, text in answers.items() if text is not NO_ANSWER}
+        return merge_metrics({self.index: own, **texts})
 
 
 class _ForwardedCancel(asyncio.Protocol):
@@ -351,28 +345,64 @@ class _Letter:
         return self.size > _MAX_MESSAGE
 
 
-class _MetricsDump(asyncio.Protocol):
-    """The internal metrics socket: this worker's exposition, then close."""
+class _Peer(asyncio.Protocol):
+    """The internal peer socket: one pickled request from another worker (its
+    console or its /metrics), then this worker's answer."""
 
-    def __init__(self, info: WorkerInfo) -> None:
+    def __init__(self, info: WorkerInfo, registry: Registry) -> None:
         self.info = info
+        self.registry = registry
+        self.buffer = b""
+        self.transport: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        local = self.info.local_metrics
-        transport.write(local() if local is not None else b"")  # type: ignore[attr-defined]
-        transport.close()
+        self.transport = transport  # type: ignore[assignment]
 
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
 
-async def _fetch_metrics(path: str) -> bytes | None:
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 2)
+    def eof_received(self) -> bool:
+        spawn(self._answer())
+        return True  # keep the socket open for the answer
+
+    async def _answer(self) -> None:
+        assert self.transport is not None
         try:
-            return await asyncio.wait_for(reader.read(), 5)
+            kind, argument = pickle.loads(self.buffer)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            self.transport.close()
+            return
+        answer: Any = None
+        if kind == "show":
+            answer = local_rows(self.registry, argument, time.monotonic())
+        elif kind == "run":
+            from .admin import run_replayed  # admin imports what imports this module
+
+            answer = await run_replayed(self.registry, argument)
+        elif kind == "metrics":
+            local = self.info.local_metrics
+            answer = local() if local is not None else b""
+        if not self.transport.is_closing():
+            self.transport.write(pickle.dumps(answer))
+            self.transport.close()
+
+
+async def _ask(path: str, request: tuple, timeout: float | None) -> Any:
+    """Another worker's answer to REQUEST (NO_ANSWER when it gives none)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), _PEER_TIMEOUT)
+        try:
+            writer.write(pickle.dumps(request))
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), timeout)
         finally:
             writer.close()
-    except (OSError, TimeoutError) as exc:
-        log.warning("worker_metrics_failed", path=path, error=str(exc) or type(exc).__name__)
-        return None
+        return pickle.loads(data)
+    except (OSError, TimeoutError, pickle.UnpicklingError, EOFError) as exc:
+        log.warning(
+            "worker_request_failed", request=request[0], error=str(exc) or type(exc).__name__
+        )
+        return NO_ANSWER
 
 
 def merge_metrics(texts: dict[int, bytes]) -> bytes:
