@@ -310,23 +310,24 @@ class AdminSession:
             value = _unquote(value, "'") if value.startswith("'") else _unquote(value, '"')
             result = self._set(key, value)
             if result.notice is None:  # a real setting, not one of the ignored ones
-                await self._everywhere(_done(result), text)
+                await self._on_other_workers(text)
             return result
         raise _syntax_error(query)
 
     async def _everywhere(self, here: Awaitable[Result], text: str) -> Result:
         """Run a command here and on every other worker (listen.workers > 1),
         at the same time, so PAUSE waits for all workers' servers at once."""
+        local = asyncio.ensure_future(here)
+        await self._on_other_workers(text)
+        return await local
+
+    async def _on_other_workers(self, text: str) -> None:
         worker = self.registry.worker
         if worker is None or self.client is None or not self.is_admin:
-            return await here  # alone, passed on from another worker, or refused here
-        local = asyncio.ensure_future(here)
-        others = await worker.run_everywhere(text)
-        result = await local
-        for error in others:
+            return  # alone, passed on from another worker, or refused here
+        for error in await worker.run_everywhere(text):
             if error is not None:
                 log.warning("console_command_on_worker_failed", error=error, **self._who())
-        return result
 
     def _who(self) -> dict[str, str]:
         if self.client is None:
@@ -515,10 +516,6 @@ class AdminSession:
 _ON_EVERY_WORKER = {
     "disable", "enable", "kill", "pause", "reconnect", "reload", "resume", "suspend", "wait_close",
 }  # fmt: skip
-
-
-async def _done(result: Result) -> Result:
-    return result
 
 
 async def run_replayed(registry: Registry, query: str) -> str | None:
