@@ -62,9 +62,9 @@ class Pool:
         self.stats = PoolStats()
         self.closed = False
         # with several workers: this pool's rows in the shared ledger
-        ledger = registry.ledger
-        self.shared_rows = registry.shared_rows(dbname, user) if ledger is not None else None
-        if ledger is not None:
+        self.shared_rows: tuple[int, int, int, int] | None = None
+        if registry.ledger is not None:
+            self.shared_rows = registry.shared_rows(dbname, user)
             self.server_params = registry.known_params.get((dbname, user))
 
     def __repr__(self) -> str:
@@ -91,13 +91,14 @@ class Pool:
     def cancel_wait(self, client: ClientConnection) -> None:
         with contextlib.suppress(ValueError):
             self.waiting.remove(client)
-            if self.shared_rows is not None:
-                self.waiting_changed()
+            self.waiting_changed()
 
     def waiting_changed(self) -> None:
-        """Tell the other workers how many of ours wait, and since when."""
+        """Tell the other workers how many of ours wait, and since when.
+        (The two hot-path callers check shared_rows themselves, saving a call.)"""
         ledger = self.registry.ledger
-        assert ledger is not None and self.shared_rows is not None
+        if ledger is None or self.shared_rows is None:
+            return
         waiting = self.waiting
         ledger.set_waiting(
             self.shared_rows[0], len(waiting), waiting[0].wait_started if waiting else 0.0
@@ -447,8 +448,7 @@ class Pool:
     def _fail_waiting(self, code: str, message: str) -> None:
         while self.waiting:
             self.waiting.popleft().wait_failed(code, message)
-        if self.shared_rows is not None:
-            self.waiting_changed()
+        self.waiting_changed()
 
     # --- janitor ----------------------------------------------------------
 
@@ -458,8 +458,7 @@ class Pool:
             return
         while self.waiting and now - self.waiting[0].wait_started >= limit:
             client = self.waiting.popleft()
-            if self.shared_rows is not None:
-                self.waiting_changed()
+            self.waiting_changed()
             self.stats.wait_timeouts += 1
             if self.last_connect_error:
                 client.wait_failed(

@@ -159,7 +159,7 @@ class Registry:
             return self._may_open_shared(pool, register_starving)
         blocked = [scope for scope, current, limit in self._limits(pool) if current >= limit]
         if not blocked:
-            self.starving.pop(pool, None)
+            self.stop_starving(pool)
             return True
         if register_starving:
             # Make room by closing one idle server elsewhere under the same limit;
@@ -168,7 +168,7 @@ class Registry:
             if victim is not None:
                 victim.pool.close_server(victim, "slot lent to a busier pool")
                 if not any(c >= lim for _, c, lim in self._limits(pool)):
-                    self.starving.pop(pool, None)
+                    self.stop_starving(pool)
                     return True
             self._starve(pool)
         return False
@@ -193,14 +193,17 @@ class Registry:
         return bool(self.starving) and any(other is not pool for other in self.starving)
 
     def _starve(self, pool: Pool) -> None:
-        if pool in self.starving:
-            return
-        self.starving[pool] = None
-        if self.ledger is not None:
-            self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
+        if pool not in self.starving:
+            self.starving[pool] = None
+            self._publish_starving()
 
     def stop_starving(self, pool: Pool) -> None:
-        self.starving.pop(pool, None)
+        if pool in self.starving:
+            del self.starving[pool]
+            self._publish_starving()
+
+    def _publish_starving(self) -> None:
+        """With several workers: whether ours starve, so a freed slot reaches us."""
         if self.ledger is not None:
             self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
 
@@ -225,8 +228,7 @@ class Registry:
             del self.starving[pool]
             if pool.waiting:
                 pool.grow()
-        if self.ledger is not None:
-            self.ledger.set_waiting(self._starving_row, len(self.starving), 0.0)
+        self._publish_starving()
 
     # --- limits shared by several workers (listen.workers > 1) -----------------
 
@@ -267,7 +269,7 @@ class Registry:
         )
         blocked = self.ledger.take(limits)
         if blocked is None:
-            self.starving.pop(pool, None)
+            self.stop_starving(pool)
             return True
         if not register_starving:
             return False
@@ -277,7 +279,7 @@ class Registry:
             if victim is not None:
                 victim.pool.close_server(victim, "slot lent to a busier pool")
                 if self.ledger.take(limits) is None:
-                    self.starving.pop(pool, None)
+                    self.stop_starving(pool)
                     return True
         if pool not in self.starving:
             # Once per episode: the other workers hand over an idle server of
