@@ -128,28 +128,23 @@ class Ledger:
         self._counts[row * self.workers + self.index] += delta
 
     def give(self, rows: Iterable[int]) -> None:
-        counts = self._counts
-        with self._locked():
-            for row in rows:
-                cell = row * self.workers + self.index
-                counts[cell] = max(counts[cell] - 1, 0)
+        self.give_back(rows, self.index)
 
     def move(self, rows: Iterable[int], worker: int) -> None:
         """One counted thing (a server) goes from this worker to WORKER."""
-        counts = self._counts
         with self._locked():
             for row in rows:
-                own = row * self.workers + self.index
-                counts[own] = max(counts[own] - 1, 0)
-                counts[row * self.workers + worker] += 1
+                self._uncount(row * self.workers + self.index)
+                self._counts[row * self.workers + worker] += 1
 
     def give_back(self, rows: Iterable[int], worker: int) -> None:
-        """A move to WORKER that did not arrive: WORKER no longer has it."""
-        counts = self._counts
+        """WORKER no longer has one (this worker's own, or a move that did not arrive)."""
         with self._locked():
             for row in rows:
-                cell = row * self.workers + worker
-                counts[cell] = max(counts[cell] - 1, 0)
+                self._uncount(row * self.workers + worker)
+
+    def _uncount(self, cell: int) -> None:
+        self._counts[cell] = max(self._counts[cell] - 1, 0)
 
     # --- waiting clients ---------------------------------------------------
 
