@@ -266,6 +266,21 @@ def start_pgmux(
     return proc, port
 
 
+def start_floor(workdir: Path, pg: TempPostgres, *, workers: int) -> tuple[subprocess.Popen, int]:
+    """bench/floor.py: forwarding and nothing else, in the same runtime as pgmux."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "floor.py"), "--listen-port", str(port)]
+    argv += ["--pg-port", str(pg.port), "--user", USER, "--password", PASSWORD]
+    argv += ["--dbname", DBNAME, "--pool", str(POOL_SIZE), "--workers", str(workers)]
+    with open(workdir / "floor.log", "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    wait_port(port, proc, "floor")
+    return proc, port
+
+
 # --- pgbench -------------------------------------------------------------------------
 
 
@@ -317,6 +332,11 @@ def parse_pgbench(output: str, code: int) -> Run:
         candidates = lines or output.strip().splitlines()[-1:] or ["?"]
         run.error = candidates[0][:160]
     return run
+
+
+def floor_can(cell: Cell) -> bool:
+    """bench/floor.py does not rewrite prepared statements nor take part in -C logins."""
+    return cell.mode != "prepared" and not cell.connect
 
 
 def measure(pg: TempPostgres, target: Target, cell: Cell, duration: float, cores: int) -> Run:
@@ -492,6 +512,7 @@ def report(
     versions: dict[str, str],
 ) -> str:
     muxes = [n for n in names if n.startswith("pgmux")]
+    floors = [n for n in names if n.startswith("floor")]
     out = [
         f"# pgmux benchmark {args.stamp}",
         "",
@@ -507,14 +528,17 @@ def report(
         + " | ".join(names)
         + " | "
         + " | ".join(f"{m}/PgBouncer | {m}/direct" for m in muxes)
+        + "".join(f" | {floor}/PgBouncer" for floor in floors)
         + " |",
-        "|---|" + "---:|" * (len(names) + 2 * len(muxes)),
+        "|---|" + "---:|" * (len(names) + 2 * len(muxes) + len(floors)),
     ]
     for cell in cells:
         row = [cell.label] + [f"{medians[cell, n].tps:,.0f}" for n in names]
         for m in muxes:
             row.append(ratio(medians[cell, m], medians.get((cell, "pgbouncer"))))
             row.append(ratio(medians[cell, m], medians[cell, "direct"]))
+        for floor in floors:
+            row.append(ratio(medians[cell, floor], medians.get((cell, "pgbouncer"))))
         out.append("| " + " | ".join(row) + " |")
     out += [
         "",
@@ -610,6 +634,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=ints, default=None, help='pgmux workers to compare, "1 2"')
     p.add_argument("--memory", type=ints, default=None, help='idle clients, "1000 10000"; "0" off')
     p.add_argument("--profile", action="store_true", help="py-spy pgmux during one extra run")
+    p.add_argument(
+        "--floor", action="store_true", help="also bench/floor.py (forwarding only), same workers"
+    )
     p.add_argument("--quick", action="store_true", help="a ~2 minute subset")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -704,6 +731,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 procs.append(proc)
                 targets.append(Target(f"pgmux-w{w}", port, lambda p=proc: process_tree(p.pid)))
+            for w in args.workers if args.floor else []:
+                proc, port = start_floor(workdir / f"floor-w{w}", pg, workers=w)
+                procs.append(proc)
+                targets.append(Target(f"floor-w{w}", port, lambda p=proc: process_tree(p.pid)))
             names = [t.name for t in targets]
             print(
                 f"{len(cells)} cells x {len(targets)} targets x {args.rounds} rounds, "
@@ -715,7 +746,10 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 for cell in cells:
                     for target in targets:
-                        run = measure(pg, target, cell, args.duration, cores)
+                        if target.name.startswith("floor") and not floor_can(cell):
+                            run = Run(error="floor: no prepared statements, no logins")
+                        else:
+                            run = measure(pg, target, cell, args.duration, cores)
                         runs.setdefault((cell, target.name), []).append(run)
                         cpu = f"{run.cpu_us:6.1f} µs/xact" if run.cpu_us is not None else ""
                         print(
@@ -765,7 +799,7 @@ def print_ratios(cells: list[Cell], names: list[str], medians: dict) -> None:
     print("\nratios of medians (pgmux / PgBouncer, pgmux / direct):")
     for cell in cells:
         parts = []
-        for m in (n for n in names if n.startswith("pgmux")):
+        for m in (n for n in names if n.startswith(("pgmux", "floor"))):
             parts.append(
                 f"{m}: {ratio(medians[cell, m], medians.get((cell, 'pgbouncer')))} / "
                 f"{ratio(medians[cell, m], medians[cell, 'direct'])}"

@@ -236,6 +236,12 @@ class ClientConnection(asyncio.Protocol):
         """Walk the message headers of a chunk; return where a Terminate starts, or -1."""
         n = len(data)
         pos = self._skip
+        if data[0] == _QUERY and not pos and not self._header and n > 5:
+            length = _LENGTH(data, 1)[0]
+            if n == 1 + length and length <= self._max_packet:  # the usual chunk: one Query
+                self.expect_rfq += 1
+                self.in_batch = False
+                return -1
         if self._header:
             pos = self._complete_header(data)
             if pos < 0:
@@ -391,7 +397,7 @@ class ClientConnection(asyncio.Protocol):
             return  # session mode, or session state pins the server to this client
         self.server = None
         self.expect_rfq = 0
-        pool.release(server)  # resets session state first if the server has any
+        pool.release(server, now)  # resets session state first if the server has any
         if self._pending and not self._waiting:
             self._request_server()
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .config import DatabaseConfig, PoolSettings, Timeouts
     from .registry import Registry
 
+_CLOSED = ServerState.CLOSED  # a module global reads faster than an Enum member
+
 log = get_logger("pgmux.pool")
 
 
@@ -113,12 +115,14 @@ class Pool:
         assert self.registry.ledger is not None
         return self.registry.ledger.total(self.shared_rows[0])
 
-    def _link(self, server: ServerConnection, client: ClientConnection) -> None:
+    def _link(self, server: ServerConnection, client: ClientConnection, now: float = 0.0) -> None:
+        if not now:
+            now = time.monotonic()
         self.active.add(server)
-        server.link(client)
+        server.link(client, now)
         self.stats.server_assignments += 1
         if client.wait_started:
-            waited = time.monotonic() - client.wait_started
+            waited = now - client.wait_started
             self.stats.add_wait(waited)
             client.wait_started = 0.0
             threshold = self.registry.config.logging.wait_threshold
@@ -134,23 +138,26 @@ class Pool:
 
     # --- servers coming back ---------------------------------------------
 
-    def release(self, server: ServerConnection) -> None:
-        """A clean server comes back from a client (or from login)."""
-        if server.cancels_in_flight and server.state is not ServerState.CLOSED:
+    def release(self, server: ServerConnection, now: float = 0.0) -> None:
+        """A clean server comes back from a client (or from login); `now`, when
+        given, is the time its ReadyForQuery was read (one clock read for all)."""
+        if server.cancels_in_flight and server.state is not _CLOSED:
             # A cancel is still on its way to this backend; handed on now, it
             # could stop the next client's query. The registry releases it after.
             server.release_pending = True
             return
-        if server.dirty and server.state is not ServerState.CLOSED:
+        if server.dirty and server.state is not _CLOSED:
             # Session state left behind (session_state: reset, or a pinned client
             # that disconnected): clean it before anyone else gets the server.
             spawn(self._reset_then_release(server))
             return
         self.active.discard(server)
-        if server.state is ServerState.CLOSED:
+        if server.state is _CLOSED:
             return
-        server.unlink()
-        if self._should_close(server):
+        if not now:
+            now = time.monotonic()
+        server.unlink(now)
+        if self._should_close(server, now):
             self.close_server(server, "lifetime or reconnect")
             if self.waiting:
                 self.grow()  # a replacement, with the current settings
@@ -161,7 +168,7 @@ class Pool:
         if self.shared_rows is not None and self._hand_over_to_taker(server):
             return
         if self.waiting:
-            self._link(server, self.waiting.popleft())
+            self._link(server, self.waiting.popleft(), now)
             if self.shared_rows is not None:
                 self.waiting_changed()
             return
@@ -193,11 +200,11 @@ class Pool:
             server.applied = {}  # RESET ALL undid the GUCs pgmux had applied
         self.stats.session_resets += 1
 
-    def _should_close(self, server: ServerConnection) -> bool:
+    def _should_close(self, server: ServerConnection, now: float) -> bool:
         if server.close_when_released or self.closed:
             return True
         lifetime = self.timeouts.server_lifetime
-        return bool(lifetime) and time.monotonic() - server.connected_at >= lifetime
+        return bool(lifetime) and now - server.connected_at >= lifetime
 
     def close_server(self, server: ServerConnection, reason: str) -> None:
         known = server in self.servers

@@ -159,6 +159,8 @@ class Translator:
 
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
+        if self._is_one_query(data):
+            return self._query(data[5:], data, server)  # the usual chunk: one whole Query
         if self._partial:
             data = self._partial + data
             self._partial = b""
@@ -203,6 +205,16 @@ class Translator:
             self._partial = data[pos:]
         out.append(data[run:pos])
         return b"".join(out)
+
+    def _is_one_query(self, data: bytes) -> bool:
+        n = len(data)
+        return (
+            data[0] == _QUERY
+            and n > 5
+            and not self._partial
+            and not self._copy_left
+            and n == 1 + _LENGTH(data, 1)[0]
+        )
 
     # --- requests ---------------------------------------------------------
 

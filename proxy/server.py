@@ -64,6 +64,10 @@ class ServerState(enum.Enum):
     CLOSED = "closed"
 
 
+# Module globals read faster than Enum members on the data path.
+_ACTIVE, _IDLE_STATE = ServerState.ACTIVE, ServerState.IDLE
+
+
 @dataclass(frozen=True, slots=True)
 class ServerCredentials:
     """Who pgmux logs in to PostgreSQL as. The password never reaches a log."""
@@ -355,20 +359,20 @@ class ServerConnection(asyncio.Protocol):
 
     # --- link / unlink (called by the pool) -------------------------------
 
-    def link(self, client: ClientConnection) -> None:
+    def link(self, client: ClientConnection, now: float) -> None:
         self.client = client
-        self.state = ServerState.ACTIVE
-        self.linked_at = time.monotonic()
+        self.state = _ACTIVE
+        self.linked_at = now
         self._slow = False
 
     def resume_hot_path(self) -> None:
         """After a statement of pgmux's own, the client's traffic flows again."""
         self._slow = False
 
-    def unlink(self) -> None:
+    def unlink(self, now: float) -> None:
         self.client = None
-        self.state = ServerState.IDLE
-        self.last_used = time.monotonic()
+        self.state = _IDLE_STATE
+        self.last_used = now
         self._slow = True
         self.copy_in = False
         self.responses.reset()
