@@ -377,8 +377,10 @@ class ClientConnection(asyncio.Protocol):
                 self._reading_paused = False
                 if self.transport is not None:
                     self.transport.resume_reading()
-        elif self.expect_rfq <= 0 and not self.in_batch:
-            # Nothing to run (a wait for the welcome, or an empty request).
+        if self.expect_rfq <= 0 and not self.in_batch and not self.mid_message:
+            # Nothing the server will answer: a wait for the welcome, an empty
+            # request, or a lone Flush (psycopg sends one after a pipeline).
+            # No ReadyForQuery would ever give this server back.
             self.transaction_done(server)
 
     def transaction_done(self, server: ServerConnection, now: float = 0.0) -> None:

@@ -19,11 +19,14 @@ import psycopg
 import pytest
 from helpers import (
     APP_DB,
+    APP_PASSWORD,
+    APP_USER,
     PgmuxFactory,
     RawClient,
     close_quietly,
     connect_asyncpg,
     connect_psycopg,
+    message,
     unique,
 )
 
@@ -122,6 +125,25 @@ async def test_psycopg_pipeline_error_midway(pg: TempPostgres, pgmux: PgmuxFacto
         assert await cur.fetchone() == (2,)
     finally:
         await close_quietly(conn, other)
+
+
+async def test_lone_flush_does_not_keep_the_server(pgmux: PgmuxFactory) -> None:
+    """A Flush with nothing outstanding (psycopg sends one after a pipeline) gets
+    no answer from PostgreSQL; the only server must not stay with that client."""
+    mux = pgmux(ONE_SERVER)
+    raw = await RawClient.open(mux)
+    other = await connect_asyncpg(mux)
+    try:
+        await raw.login(APP_USER, APP_PASSWORD, APP_DB)
+        for _ in range(3):
+            await raw.send(message(b"H"))
+            await asyncio.sleep(0.05)
+            assert await asyncio.wait_for(other.fetchval("SELECT 41 + 1"), 5) == 42
+        # The client that sent them still works.
+        assert (await raw.query("SELECT 7")).rows == [["7"]]
+    finally:
+        await raw.close()
+        await close_quietly(other)
 
 
 async def test_asyncpg_executemany(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
