@@ -128,6 +128,25 @@ class StatementCache:
 class Translator:
     """One client's extended-protocol traffic, rewritten for whichever server it has."""
 
+    # The data path's first (see ClientConnection.__slots__).
+    __slots__ = (  # noqa: RUF023  (in order of use, not sorted)
+        "_partial",
+        "_copy_left",
+        "refuse_session_state",
+        "track_text",
+        "statements",
+        "unnamed_parse",
+        "_handlers",
+        "unnamed_portal_text",
+        "portal_text",
+        "unnamed_text",
+        "unnamed_gen",
+        "limit",
+        "cache",
+        "stats",
+        "_renaming_entries",
+    )
+
     def __init__(
         self, cache: StatementCache, limit: int, session_mode: str, stats: PoolStats | None = None
     ) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import enum
 import itertools
 import os
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
 from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
 
+from . import varcache
 from .log import get_logger
 from .responses import ResponseFilter
 from .tasks import spawn
@@ -149,7 +151,7 @@ class ServerConnection(asyncio.Protocol):
         server.state = ServerState.IDLE
         server.backend_pid = state["backend_pid"]
         server.backend_key = state["backend_key"]
-        server.params = state["params"]
+        server.params = varcache.interned(state["params"])
         server.applied = state["applied"]
         server.connected_at = state["connected_at"]  # CLOCK_MONOTONIC: one clock for all
         server.last_used = state["last_used"]
@@ -353,6 +355,7 @@ class ServerConnection(asyncio.Protocol):
             name, value = messages.parse_parameter_status(body)
         except ProtocolError:
             return
+        name, value = sys.intern(name), sys.intern(value)  # see varcache.interned
         self.params[name] = value
         if client is not None:
             client.server_parameter(name, value)

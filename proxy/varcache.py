@@ -10,6 +10,7 @@ makes the server's session look like the client's (or None: the hot case).
 from __future__ import annotations
 
 import re
+import sys
 
 # Reported by PostgreSQL but not settable by a client session.
 READ_ONLY_REPORTED = frozenset(
@@ -154,6 +155,13 @@ def tracked(reported: dict[str, str]) -> dict[str, str]:
 def quote_literal(value: str) -> str:
     # E'' form: correct whatever standard_conforming_strings is on the server.
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def interned(params: dict[str, str]) -> dict[str, str]:
+    """The same parameters with one shared string per name and value: clients
+    and servers holding the same objects make sync_statement's comparison,
+    run at every link, an identity check that touches no string."""
+    return {sys.intern(name): sys.intern(value) for name, value in params.items()}
 
 
 def sync_statement(
