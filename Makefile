@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
 	@echo "make test    the test suite against a throwaway PostgreSQL (PYTEST_ARGS=... to narrow)"
-	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS QUICK=1)"
+	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS FLOOR=1 QUICK=1)"
 	@echo "make run     pgmux -c $(CONFIG)"
 	@echo "make check   validate $(CONFIG) without starting"
 	@echo "make lint    ruff check + ruff format --check"
@@ -41,11 +41,11 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Knobs: CLIENTS="8 64 256" MODES="simple extended prepared" DURATION=2 ROUNDS=3
-# WORKERS="1 2" MEMORY="1000 10000" PROFILE=1 QUICK=1 (about two minutes).
+# WORKERS="1 2" MEMORY="1000 10000" PROFILE=1 FLOOR=1 QUICK=1 (about two minutes).
 BENCH_ARGS = $(if $(CLIENTS),--clients "$(CLIENTS)") $(if $(MODES),--modes "$(MODES)") \
 	$(if $(DURATION),--duration $(DURATION)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
 	$(if $(WORKERS),--workers "$(WORKERS)") $(if $(MEMORY),--memory "$(MEMORY)") \
-	$(if $(PROFILE),--profile) $(if $(QUICK),--quick)
+	$(if $(PROFILE),--profile) $(if $(FLOOR),--floor) $(if $(QUICK),--quick)
 
 bench: venv
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
