@@ -178,7 +178,14 @@ class Translator:
 
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
-        if self._is_one_query(data):
+        n = len(data)
+        if (
+            data[0] == _QUERY
+            and n > 5
+            and not self._partial
+            and not self._copy_left
+            and n == 1 + _LENGTH(data, 1)[0]
+        ):
             return self._query(data[5:], data, server)  # the usual chunk: one whole Query
         if self._partial:
             data = self._partial + data
@@ -224,16 +231,6 @@ class Translator:
             self._partial = data[pos:]
         out.append(data[run:pos])
         return b"".join(out)
-
-    def _is_one_query(self, data: bytes) -> bool:
-        n = len(data)
-        return (
-            data[0] == _QUERY
-            and n > 5
-            and not self._partial
-            and not self._copy_left
-            and n == 1 + _LENGTH(data, 1)[0]
-        )
 
     # --- requests ---------------------------------------------------------
 
