@@ -104,14 +104,21 @@ class Pool:
             self.idle.append(server)
 
 
-class Server(asyncio.Protocol):
+class _Side(asyncio.Protocol):
+    """What a server and a client connection of the floor both have."""
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.client: Client | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+
+class Server(_Side):
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
+        self.client: Client | None = None
 
     def link(self, client: Client) -> None:
         self.client = client
@@ -133,16 +140,12 @@ class Server(asyncio.Protocol):
             self.pool.release(self)
 
 
-class Client(asyncio.Protocol):
+class Client(_Side):
     def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        super().__init__(pool)
         self.server: Server | None = None
         self.pending: list[bytes] = []
         self.logged_in = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if not self.logged_in:
