@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from .config import DatabaseConfig, PoolSettings, Timeouts
     from .registry import Registry
 
-_CLOSED = ServerState.CLOSED  # a module global reads faster than an Enum member
+# Module globals read faster than Enum members.
+_CLOSED = ServerState.CLOSED
+_ACTIVE = ServerState.ACTIVE
 
 log = get_logger("pgmux.pool")
 
@@ -115,15 +117,25 @@ class Pool:
         assert self.registry.ledger is not None
         return self.registry.ledger.total(self.shared_rows[0])
 
-    def _link(self, server: ServerConnection, client: ClientConnection, now: float = 0.0) -> None:
+    def _link(
+        self,
+        server: ServerConnection,
+        client: ClientConnection,
+        now: float = 0.0,
+        handed_on: bool = False,
+    ) -> None:
         if not now:
             now = time.monotonic()
-        self.active.add(server)
-        server.link(client, now)
-        self.stats.server_assignments += 1
+        if handed_on:
+            server.hand_on(client, now)  # straight from its last client: still active
+        else:
+            self.active.add(server)
+            server.link(client, now)
+        stats = self.stats
+        stats.server_assignments += 1
         if client.wait_started:
             waited = now - client.wait_started
-            self.stats.add_wait(waited)
+            stats.add_wait(waited)
             client.wait_started = 0.0
             threshold = self.registry.config.logging.wait_threshold
             if threshold and waited >= threshold:
@@ -151,27 +163,32 @@ class Pool:
             # that disconnected): clean it before anyone else gets the server.
             spawn(self._reset_then_release(server))
             return
-        self.active.discard(server)
         if server.state is _CLOSED:
+            self.active.discard(server)
             return
         if not now:
             now = time.monotonic()
-        server.unlink(now)
         if self._should_close(server, now):
+            server.unlink(now)
             self.close_server(server, "lifetime or reconnect")
             if self.waiting:
                 self.grow()  # a replacement, with the current settings
             return
         if self.registry.is_paused(self.dbname):
+            server.unlink(now)
             self.close_server(server, "paused")  # PAUSE disconnects servers once released
             return
         if self.shared_rows is not None and self._hand_over_to_taker(server):
             return
         if self.waiting:
-            self._link(server, self.waiting.popleft(), now)
+            # The usual case under load: straight to the next client, never idle.
+            handed_on = server.state is _ACTIVE  # not a fresh login or an adopted server
+            self._link(server, self.waiting.popleft(), now, handed_on)
             if self.shared_rows is not None:
                 self.waiting_changed()
             return
+        self.active.discard(server)
+        server.unlink(now)
         if self.registry.has_starving_pools(self) and self.server_total() > self.settings.min_size:
             # Another pool waits for a slot under a shared limit: lend it ours.
             self.close_server(server, "slot handed to another pool")

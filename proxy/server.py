@@ -190,6 +190,7 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         fd = os.dup(self.transport.get_extra_info("socket").fileno())
         self.moved = True
+        self.client = None
         self.state = ServerState.CLOSED
         self.transport.abort()
         return fd
@@ -367,6 +368,15 @@ class ServerConnection(asyncio.Protocol):
         self.state = _ACTIVE
         self.linked_at = now
         self._slow = False
+
+    def hand_on(self, client: ClientConnection, now: float) -> None:
+        """unlink() then link() in one step, for a server that goes straight
+        from one client to the next without being idle."""
+        self.client = client
+        self.last_used = self.linked_at = now
+        self._slow = False  # it may come from a statement of pgmux's own (a reset)
+        self.copy_in = False
+        self.responses.reset()
 
     def resume_hot_path(self) -> None:
         """After a statement of pgmux's own, the client's traffic flows again."""

@@ -41,7 +41,8 @@ FOLD_AT = 1024
 class Histogram:
     """Counts per LATENCY_BUCKETS bound (the last slot is +Inf) and their sum.
 
-    `pending` holds values not yet in a bucket; read counts through cumulative().
+    `pending` holds values not yet in a bucket (PoolStats appends them and
+    folds at FOLD_AT); read counts through cumulative().
     """
 
     __slots__ = ("_counts", "_sum", "pending")
@@ -50,12 +51,6 @@ class Histogram:
         self._counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self._sum = 0.0
         self.pending: list[float] = []
-
-    def observe(self, seconds: float) -> None:
-        pending = self.pending
-        pending.append(seconds)
-        if len(pending) >= FOLD_AT:
-            self.fold()
 
     def fold(self) -> None:
         """Put the pending values into their buckets (a bound's bucket includes it)."""
@@ -168,12 +163,15 @@ class PoolStats:
     def add_error(self, name: str) -> None:
         self.errors[name] = self.errors.get(name, 0) + 1
 
+    # add_wait, add_xact and add_query run once per transaction / ReadyForQuery:
+    # the histogram's observe() is inlined (one call less on the data path).
+
     def add_wait(self, seconds: float) -> None:
         self.total_wait_time += seconds
-        self.wait_hist.observe(seconds)
-
-    # add_xact and add_query run once per transaction / ReadyForQuery: the
-    # histogram's observe() is inlined (one call less on the data path).
+        pending = self.wait_hist.pending
+        pending.append(seconds)
+        if len(pending) >= FOLD_AT:
+            self.wait_hist.fold()
 
     def add_xact(self, seconds: float) -> None:
         self.total_xact_count += 1
