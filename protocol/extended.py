@@ -32,11 +32,16 @@ def parse_query_text(rest: bytes) -> bytes:
     return rest[: _cstring(rest, 0)]
 
 
-def split_bind(body: bytes) -> tuple[bytes, bytes, bytes]:
-    """Bind body -> (portal name, statement name, parameters and formats)."""
+def bind_names(body: bytes) -> tuple[int, int]:
+    """Bind body -> where its portal name and its statement name end (their NULs)."""
     portal_end = _cstring(body, 0)
-    name_end = _cstring(body, portal_end + 1)
-    return body[:portal_end], body[portal_end + 1 : name_end], body[name_end + 1 :]
+    return portal_end, _cstring(body, portal_end + 1)
+
+
+def rename_bind(body: bytes, portal_end: int, name_end: int, name: bytes) -> bytes:
+    """The Bind message of `body` (as bind_names split it) for statement `name`."""
+    length = len(body) - (name_end - portal_end - 1) + len(name) + 4
+    return b"".join((_HEADER(b"B", length), body[: portal_end + 1], name, body[name_end:]))
 
 
 def split_target(body: bytes) -> tuple[int, bytes]:
@@ -54,10 +59,6 @@ def _message(kind: bytes, *parts: bytes) -> bytes:
 
 def build_parse(name: bytes, rest: bytes) -> bytes:
     return _message(b"P", name, b"\0", rest)
-
-
-def build_bind(portal: bytes, name: bytes, rest: bytes) -> bytes:
-    return _message(b"B", portal, b"\0", name, b"\0", rest)
 
 
 def build_describe_statement(name: bytes) -> bytes:

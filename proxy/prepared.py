@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.extended import (
-    build_bind,
+    bind_names,
     build_close_statement,
     build_describe_statement,
     build_parse,
     parse_query_text,
-    split_bind,
+    rename_bind,
     split_parse,
     split_target,
 )
@@ -218,11 +218,12 @@ class Translator:
             elif kind == _EXECUTE:
                 responses.push(self._execute_entry(data, pos + 5))
             elif kind == _SYNC:
-                closes = self._evict(server)
-                if closes:
-                    out.append(data[run:pos])
-                    out.append(closes)
-                    run = pos
+                if len(server.prepared) > self.limit:  # over the cap: close some first
+                    closes = self._evict(server)
+                    if closes:
+                        out.append(data[run:pos])
+                        out.append(closes)
+                        run = pos
                 responses.push(PLAIN[SYNC])
             elif kind == _FUNCTION_CALL:
                 responses.push(PLAIN[QUERY])
@@ -305,18 +306,20 @@ class Translator:
         responses = server.responses
         if responses.skipping:
             return message
-        portal, name, rest = split_bind(body)
-        if not name:
+        # Offsets, not slices: the parameters are copied once, into the renamed Bind.
+        portal_end, name_end = bind_names(body)
+        if name_end == portal_end + 1:  # the unnamed statement
             prefix = self._ensure_unnamed(server)
             if prefix is None:
-                return self._unknown(server, name)
+                return self._unknown(server, b"")
             responses.push(PLAIN[BIND])
             if self.track_text:
-                self._bound(portal, self.unnamed_text)
+                self._bound(body[:portal_end], self.unnamed_text)
             return prefix + message if prefix else message
         if not self.limit:
             responses.push(PLAIN[BIND])
             return message
+        name = body[portal_end + 1 : name_end]
         statement = self.statements.get(name)
         if statement is None:
             return self._unknown(server, name)
@@ -324,11 +327,15 @@ class Translator:
         self.stats.total_bind_count += 1
         responses.push(self._renaming(BIND, name, statement))
         if self.track_text:
-            self._bound(portal, statement.watched)
-        return prefix + build_bind(portal, statement.name, rest)
+            self._bound(body[:portal_end], statement.watched)
+        renamed = rename_bind(body, portal_end, name_end, statement.name)
+        return prefix + renamed if prefix else renamed
 
     def _describe(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
+        if body[:1] == b"P" and body[-1:] == b"\0":  # a portal: nothing to rename
+            responses.push(PLAIN[DESCRIBE])
+            return message
         target, name = split_target(body)
         if target != _STATEMENT or responses.skipping:
             responses.push(PLAIN[DESCRIBE])

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from pgmux.protocol import messages as m
 from pgmux.protocol.codec import INT16, INT32, UINT16
 from pgmux.protocol.errors import ProtocolError
+from pgmux.protocol.extended import bind_names, rename_bind
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.startup import StartupReader
 
@@ -297,3 +298,24 @@ def test_startup_message_property(params, user):
     if not expected.get("database"):
         expected["database"] = user
     assert event.params == expected
+
+
+# --- extended-query renaming ---------------------------------------------------
+
+names = st.binary(max_size=12).filter(lambda b: b"\0" not in b)
+
+
+@given(portal=names, name=names, new=names, params=st.binary(max_size=40))
+def test_rename_bind_keeps_portal_and_parameters(portal, name, new, params):
+    """pgmux renames a Bind's statement by offsets; the rest must come through unchanged."""
+    body = portal + b"\0" + name + b"\0" + params
+    portal_end, name_end = bind_names(body)
+    assert body[:portal_end] == portal and body[portal_end + 1 : name_end] == name
+    assert body_of(rename_bind(body, portal_end, name_end, new), "B") == (
+        portal + b"\0" + new + b"\0" + params
+    )
+
+
+def test_bind_names_refuses_a_bind_without_terminators():
+    with pytest.raises(ProtocolError):
+        bind_names(b"portal\0statement")
