@@ -254,13 +254,27 @@ class ClientConnection(asyncio.Protocol):
             self._login_received(data)
             return
         requests = self.expect_rfq
-        try:
-            terminate_at = self._scan(data)
-        except ProtocolError as exc:
-            self.fail(exc.sqlstate, exc.message)
-            return
+        n = len(data)
+        if (
+            data[0] == _QUERY
+            and n > 5
+            and not self._skip
+            and not self._header
+            and n == 1 + _LENGTH(data, 1)[0]
+            and n <= self._max_packet
+        ):
+            # The usual chunk, one whole Query: what _scan would find, without the call.
+            self.expect_rfq = requests + 1
+            self.in_batch = False
+            terminate_at = -1
+        else:
+            try:
+                terminate_at = self._scan(data)
+            except ProtocolError as exc:
+                self.fail(exc.sqlstate, exc.message)
+                return
         self.last_active = now = _monotonic()
-        self.pool.stats.total_received += len(data)  # type: ignore[union-attr]
+        self.pool.stats.total_received += n  # type: ignore[union-attr]
         if self.expect_rfq != requests:
             self.query_started = now
             if not self.xact_started:
@@ -290,12 +304,6 @@ class ClientConnection(asyncio.Protocol):
         """Walk the message headers of a chunk; return where a Terminate starts, or -1."""
         n = len(data)
         pos = self._skip
-        if data[0] == _QUERY and not pos and not self._header and n > 5:
-            length = _LENGTH(data, 1)[0]
-            if n == 1 + length and length <= self._max_packet:  # the usual chunk: one Query
-                self.expect_rfq += 1
-                self.in_batch = False
-                return -1
         if self._header:
             pos = self._complete_header(data)
             if pos < 0:
