@@ -293,6 +293,7 @@ class Pool:
         registry = self.registry
         assert registry.ledger is not None and registry.worker is not None
         assert self.shared_rows is not None
+        server.client = None  # released straight from a client, it may still name it
         if not server.movable():
             # A TLS session cannot change process: close it, the taker opens one.
             self.close_server(server, "slot handed to another worker")

@@ -190,7 +190,6 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         fd = os.dup(self.transport.get_extra_info("socket").fileno())
         self.moved = True
-        self.client = None
         self.state = ServerState.CLOSED
         self.transport.abort()
         return fd
