@@ -489,9 +489,10 @@ class Translator:
         return drop
 
     def _evict(self, server: ServerConnection) -> bytes:
-        """Close what exceeds the server's cap (only here, so no open portal loses its plan)."""
+        """Close what exceeds the server's cap (only here, so no open portal loses its plan).
+        The caller has found the server over its cap."""
         prepared = server.prepared
-        if len(prepared) <= self.limit or server.responses.skipping:
+        if server.responses.skipping:
             return b""
         closes = []
         while len(prepared) > self.limit:
