@@ -295,8 +295,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.pause_reading()
                 self._reading_paused = True
             if server is None and not self._waiting:
-                self._waiting = True  # _request_server(), inline: once per transaction
-                self.pool.acquire(self)  # type: ignore[union-attr]
+                self._request_server()
         if terminate_at >= 0:
             self._terminate()
 
@@ -394,9 +393,6 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is _WELCOME:
             self._welcome_server(server)
             return
-        if self.params.items() <= server.params.items() and self.gucs == server.applied:
-            self._flush_pending(server)  # the usual case, as sync_statement checks it first
-            return
         statement = varcache.sync_statement(self.params, self.gucs, server.params, server.applied)
         if statement is None:
             self._flush_pending(server)
@@ -442,7 +438,7 @@ class ClientConnection(asyncio.Protocol):
                 self._reading_paused = False
                 if self.transport is not None:
                     self.transport.resume_reading()
-        if self.expect_rfq <= 0 and not self.in_batch and not self._skip and not self._header:
+        if self.expect_rfq <= 0 and not self.in_batch and not self.mid_message:
             # Nothing the server will answer: a wait for the welcome, an empty
             # request, or a lone Flush (psycopg sends one after a pipeline).
             # No ReadyForQuery would ever give this server back.
