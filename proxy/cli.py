@@ -12,8 +12,7 @@ import signal
 import sys
 
 from pgmux import __version__
-
-from .config import ConfigError, load_config
+from pgmux.proxy.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
-        from .convert import main as convert_main
+        from pgmux.proxy.convert import main as convert_main
 
         return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -64,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_config(path)
-        from .lifecycle import load_users
-        from .tls import load_security
+        from pgmux.proxy.config.tls import load_security
+        from pgmux.proxy.daemon.lifecycle import load_users
 
         load_users(config)
         load_security(config)  # certificates and the hba file, so --check sees them too
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgmux: {exc}", file=sys.stderr)
         return 1
-    from .pgbouncer_ini import unsupported_warning
+    from pgmux.proxy.config.ini import unsupported_warning
 
     warning = unsupported_warning(config)
     if warning and (args.strict or args.check):
@@ -86,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgmux: configuration ok: {path}")
         return 0
     pidfile = args.pidfile or config.pidfile
-    from .lifecycle import CONTROL_SIGNALS, PidfileError, remove_pidfile, write_pidfile
+    from pgmux.proxy.daemon.lifecycle import (
+        CONTROL_SIGNALS,
+        PidfileError,
+        remove_pidfile,
+        write_pidfile,
+    )
 
     # A signal sent as soon as the pidfile exists waits until the daemon's
     # handlers are in place (Daemon._install_signals unblocks them), instead
@@ -142,22 +146,22 @@ def run(
 ) -> int:  # config: Config
     import uvloop
 
-    from .lifecycle import Daemon
-    from .log import configure_logging
+    from pgmux.proxy.base.log import configure_logging
+    from pgmux.proxy.daemon.lifecycle import Daemon
 
     level = log_level(config.logging.level, verbosity, quiet)
     configure_logging(config.logging.format, level)
-    from .pgbouncer_ini import unsupported_warning
+    from pgmux.proxy.config.ini import unsupported_warning
 
     warning = unsupported_warning(config)
     if warning:
-        from .log import get_logger
+        from pgmux.proxy.base.log import get_logger
 
         get_logger("pgmux.config").warning(
             "unsupported_settings", detail=warning, config=config.path
         )
     if user is not None:
-        from .privileges import PrivilegeError, check_user
+        from pgmux.proxy.base.privileges import PrivilegeError, check_user
 
         try:
             check_user(user)  # fail before binding, not after
@@ -168,12 +172,12 @@ def run(
             print("pgmux: -u is not supported with listen.workers > 1", file=sys.stderr)
             return 2
     if config.listen.workers > 1:
-        from .workers import run_workers
+        from pgmux.proxy.workers import run_workers
 
         return run_workers(config, level)
     daemon = Daemon(config)
     if user is not None:
-        from .privileges import drop_privileges
+        from pgmux.proxy.base.privileges import drop_privileges
 
         daemon.after_bind = lambda: drop_privileges(user, daemon.listener.unix_path)
     return uvloop.run(daemon.run())

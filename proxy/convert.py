@@ -16,8 +16,8 @@ import re
 import sys
 from typing import Any
 
-from .config import ConfigError, format_duration
-from .pgbouncer_ini import (
+from pgmux.proxy.config import ConfigError, format_duration
+from pgmux.proxy.config.ini import (
     DATABASE_KEYS,
     SETTINGS,
     USER_KEYS,

@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pgmux.protocol import messages
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -33,17 +32,17 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pgmux import __version__
-
-from .admin_show import consoles, pool_counts
-from .config import FALLBACK_DATABASE
-from .log import get_logger
-from .stats import GLOBAL, LATENCY_BUCKETS
-from .tasks import spawn
+from pgmux.protocol import messages
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.stats import GLOBAL, LATENCY_BUCKETS
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import FALLBACK_DATABASE
+from pgmux.proxy.console.show import consoles, pool_counts
 
 if TYPE_CHECKING:
-    from .lifecycle import Daemon
-    from .pool import Pool
-    from .registry import Registry
+    from pgmux.proxy.daemon.lifecycle import Daemon
+    from pgmux.proxy.datapath.pool import Pool
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.metrics")
 

@@ -20,23 +20,22 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-
-from .auth import LearnedSecret
-from .authquery import AuthQuery
-from .config import Config, DatabaseConfig, PoolSettings
-from .hba import Hba
-from .ledger import Ledger, scope_key
-from .log import get_logger
-from .pool import Pool
-from .prepared import StatementCache
-from .server import ServerCredentials
-from .tasks import spawn
-from .tls import TlsContexts
+from pgmux.proxy.base.ledger import Ledger, scope_key
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import Config, DatabaseConfig, PoolSettings
+from pgmux.proxy.config.hba import Hba
+from pgmux.proxy.config.tls import TlsContexts
+from pgmux.proxy.datapath.auth import LearnedSecret
+from pgmux.proxy.datapath.authquery import AuthQuery
+from pgmux.proxy.datapath.pool import Pool
+from pgmux.proxy.datapath.server import ServerCredentials
+from pgmux.proxy.datapath.translator import StatementCache
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .lifecycle import Daemon
-    from .workers import WorkerInfo
+    from pgmux.proxy.daemon.lifecycle import Daemon
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.workers import WorkerInfo
 
 log = get_logger("pgmux.registry")
 

@@ -48,17 +48,16 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux.protocol import messages
 from pgmux.protocol.startup import CANCEL_REQUEST_CODE
-
-from .admin_gather import local_rows, merge
-from .admin_show import Result
-from .config import Config
-from .ledger import Ledger
-from .log import get_logger
-from .sdnotify import Notifier
-from .tasks import spawn
+from pgmux.proxy.base.ledger import Ledger
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.sdnotify import Notifier
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import Config
+from pgmux.proxy.console.gather import local_rows, merge
+from pgmux.proxy.console.show import Result
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.workers")
 
@@ -376,7 +375,9 @@ class _Peer(asyncio.Protocol):
         if kind == "show":
             answer = local_rows(self.registry, argument, time.monotonic())
         elif kind == "run":
-            from .admin import run_replayed  # admin imports what imports this module
+            from pgmux.proxy.console.session import (
+                run_replayed,  # admin imports what imports this module
+            )
 
             answer = await run_replayed(self.registry, argument)
         elif kind == "metrics":
@@ -522,7 +523,7 @@ class Supervisor:
         if not 1 <= self.count <= MAX_WORKERS:
             log.error("bad_workers", workers=self.count, maximum=MAX_WORKERS)
             return 1
-        from .listener import inherited_sockets
+        from pgmux.proxy.daemon.listener import inherited_sockets
 
         self.shared = inherited_sockets()
         if not self.shared:
@@ -690,7 +691,7 @@ def _die_with_parent() -> None:
 def _number_connections_apart(info: WorkerInfo) -> None:
     """Client and server ids unique across workers (the console shows them all,
     KILL_CLIENT takes one): worker i of N numbers i+1, i+1+N, i+1+2N..."""
-    from . import client, server
+    from pgmux.proxy.datapath import client, server
 
     client._client_ids = itertools.count(info.index + 1, info.count)
     server._server_ids = itertools.count(info.index + 1, info.count)
@@ -703,7 +704,7 @@ def run_workers(config: Config, level: str = "info") -> int:
         import structlog
         import uvloop
 
-        from .lifecycle import Daemon
+        from pgmux.proxy.daemon.lifecycle import Daemon
 
         structlog.contextvars.bind_contextvars(worker=info.index)
         _number_connections_apart(info)

@@ -17,9 +17,10 @@ import pytest
 from helpers import PgmuxFactory, connect_asyncpg, startup_packet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pgmux.protocol.auth import ScramClient, ScramServer, make_scram_secret, parse_scram_secret
 from pgmux.protocol.errors import ProtocolError
-from pgmux.proxy.auth import ClientAuth
+from pgmux.proxy.datapath.auth import ClientAuth
 
 # The startup phase, the framing and the auth exchange get 10 000 examples each;
 # the rest 2 000 to keep the suite short. PGMUX_FUZZ_DEEP=N raises both.

@@ -32,8 +32,8 @@ from helpers import (
     message,
     startup_packet,
 )
-from pgmux.protocol.auth import make_scram_secret, md5_hash
 
+from pgmux.protocol.auth import make_scram_secret, md5_hash
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)

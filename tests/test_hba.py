@@ -14,8 +14,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 from helpers import PgmuxFactory, close_quietly, connect_asyncpg, wait_until
+
 from pgmux.proxy.config import ConfigError
-from pgmux.proxy.hba import Connection, Hba, load_hba, parse_hba
+from pgmux.proxy.config.hba import Connection, Hba, load_hba, parse_hba
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 from helpers import PgmuxFactory, close_quietly, conftest_attr, connect_asyncpg
-from pgmux.proxy.cli import log_level
 
 from pgmux import __version__
+from pgmux.proxy.cli import log_level
 from pgmux.tempgres import TempPostgres, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +217,7 @@ async def test_socket_activation(
 
 def test_listen_pid_of_another_process_is_ignored() -> None:
     """LISTEN_FDS meant for another pid (e.g. a parent): bind as configured."""
-    from pgmux.proxy.listener import inherited_sockets
+    from pgmux.proxy.daemon.listener import inherited_sockets
 
     env = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getppid())}
     assert inherited_sockets(env) == []

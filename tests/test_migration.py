@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 import pytest
 from helpers import APP_PASSWORD, close_quietly, conftest_attr
-from pgmux.proxy.config import load_config
 
+from pgmux.proxy.config import load_config
 from pgmux.tempgres import TempPostgres, free_port
 
 INI_DIR = Path(__file__).with_name("ini")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from pgmux.proxy.config import ConfigError, load_config
-from pgmux.proxy.convert import convert_file
-from pgmux.proxy.pgbouncer_ini import (
+from pgmux.proxy.config.ini import (
     DEFAULT_AUTH_QUERY,
     Where,
     looks_like_ini,
@@ -26,6 +26,7 @@ from pgmux.proxy.pgbouncer_ini import (
     unsupported_settings,
     unsupported_warning,
 )
+from pgmux.proxy.convert import convert_file
 
 MAIN = "[pgbouncer]\nlisten_addr = 127.0.0.1\n"
 

@@ -29,8 +29,8 @@ from helpers import (
     fresh_database,
     message,
 )
-from pgmux.protocol import messages
 
+from pgmux.protocol import messages
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)

@@ -33,8 +33,8 @@ import pytest
 from helpers import APP_DB, APP_PASSWORD, APP_USER, RawClient, conftest_attr, error_fields
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pgmux.protocol import messages
 
+from pgmux.protocol import messages
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(600)

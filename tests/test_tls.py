@@ -31,8 +31,8 @@ from helpers import (
     error_fields,
     startup_packet,
 )
-from pgmux.proxy.tls import signature_oid, tls_server_end_point
 
+from pgmux.proxy.config.tls import signature_oid, tls_server_end_point
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)

@@ -32,10 +32,10 @@ from helpers import (
     server_connections,
     wait_until,
 )
-from pgmux.proxy.ledger import Ledger, LedgerFull, scope_key
-from pgmux.proxy.workers import worker_of
 from test_admin_console import admin_psycopg, console_config, show
 
+from pgmux.proxy.base.ledger import Ledger, LedgerFull, scope_key
+from pgmux.proxy.workers import worker_of
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)

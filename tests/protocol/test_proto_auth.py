@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+
 from pgmux.protocol import sqlstate
 from pgmux.protocol.auth import (
     ScramClient,

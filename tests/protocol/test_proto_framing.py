@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import HEADER_SIZE, MessageReader, read_header

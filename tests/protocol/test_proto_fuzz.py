@@ -12,6 +12,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pgmux.protocol import messages
 from pgmux.protocol.auth import ScramServer, make_scram_secret, parse_scram_secret
 from pgmux.protocol.codec import INT16, INT32

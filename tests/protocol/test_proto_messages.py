@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pgmux.protocol import messages as m
 from pgmux.protocol.codec import INT16, INT32, UINT16
 from pgmux.protocol.errors import ProtocolError

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.codec import INT32
 from pgmux.protocol.errors import ProtocolError

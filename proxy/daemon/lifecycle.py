@@ -17,17 +17,17 @@ import signal
 import time
 from collections.abc import Callable
 
-from .config import Config, ConfigError, load_config
-from .janitor import Janitor
-from .listener import Listener
-from .log import get_logger
-from .metrics import Observer
-from .registry import Registry
-from .sdnotify import Notifier
-from .tasks import spawn
-from .tls import load_security
-from .userlist import load_users_file
-from .workers import WorkerInfo
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.sdnotify import Notifier
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import Config, ConfigError, load_config
+from pgmux.proxy.config.tls import load_security
+from pgmux.proxy.config.userlist import load_users_file
+from pgmux.proxy.daemon.janitor import Janitor
+from pgmux.proxy.daemon.listener import Listener
+from pgmux.proxy.metrics import Observer
+from pgmux.proxy.registry import Registry
+from pgmux.proxy.workers import WorkerInfo
 
 log = get_logger("pgmux.lifecycle")
 

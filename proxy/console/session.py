@@ -22,22 +22,20 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from pgmux import __version__
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import MessageReader
-
-from pgmux import __version__
-
-from . import admin_show
-from .admin_gather import MERGED
-from .admin_show import INT4, INT8, NUMERIC, SHOW, TEXT, TYPLEN, Result
-from .config import ADMIN_DATABASES, RUNTIME_SETTINGS, ConfigError
-from .log import configure_logging, get_logger
-from .tasks import spawn
+from pgmux.proxy.base.log import configure_logging, get_logger
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import ADMIN_DATABASES, RUNTIME_SETTINGS, ConfigError
+from pgmux.proxy.console import show as admin_show
+from pgmux.proxy.console.gather import MERGED
+from pgmux.proxy.console.show import INT4, INT8, NUMERIC, SHOW, TEXT, TYPLEN, Result
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .registry import Registry
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.admin")
 
@@ -77,7 +75,7 @@ def _syntax_error(query: str) -> ConsoleError:
 
 def open_console(client: ClientConnection, leftover: bytes = b"") -> None:
     """The client authenticated to the console database: check its user, welcome it."""
-    from .client import Phase  # client.py imports this module
+    from pgmux.proxy.datapath.client import Phase  # client.py imports this module
 
     admin_config = client.registry.config.admin
     is_admin = client.user in admin_config.users
@@ -494,7 +492,7 @@ class AdminSession:
         if key.lower() in FAKE_PARAMS:
             return Result("SET", notice=("SET ignored", ""))
         self._need_admin()
-        from .pgbouncer_ini import pgmux_key
+        from pgmux.proxy.config.ini import pgmux_key
 
         key = pgmux_key(key) or key  # PgBouncer's names work too: SET default_pool_size=5
         convert = RUNTIME_SETTINGS.get(key)

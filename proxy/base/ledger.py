@@ -22,8 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from pgmux.protocol import sqlstate
 from pgmux.protocol.errors import ProtocolError
-
-from .log import get_logger
+from pgmux.proxy.base.log import get_logger
 
 log = get_logger("pgmux.ledger")
 

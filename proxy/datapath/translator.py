@@ -39,9 +39,9 @@ from pgmux.protocol.extended import (
     split_parse,
     split_target,
 )
-
-from . import session_state
-from .responses import (
+from pgmux.proxy.base.stats import PoolStats
+from pgmux.proxy.datapath import session_state
+from pgmux.proxy.datapath.replies import (
     BIND,
     CLOSE,
     DESCRIBE,
@@ -55,10 +55,9 @@ from .responses import (
     ResponseFilter,
     error_entry,
 )
-from .stats import PoolStats
 
 if TYPE_CHECKING:
-    from .server import ServerConnection
+    from pgmux.proxy.datapath.server import ServerConnection
 
 _LENGTH = Struct("!I").unpack_from
 _PARSE, _BIND, _DESCRIBE, _CLOSE = ord("P"), ord("B"), ord("D"), ord("C")

@@ -13,14 +13,13 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import sqlstate
-
-from .client import Phase
-from .log import get_logger
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.datapath.client import Phase
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .pool import Pool
-    from .registry import Registry
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.datapath.pool import Pool
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.janitor")
 

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from .log import get_logger
-from .userlist import secret_kind
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.config.userlist import secret_kind
 
 if TYPE_CHECKING:
-    from .config import DatabaseConfig
-    from .registry import Registry
+    from pgmux.proxy.config import DatabaseConfig
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.authquery")
 

@@ -21,8 +21,8 @@ import re
 import ssl
 from dataclasses import dataclass
 
-from .config import Config, ConfigError, TlsConfig, TlsSideConfig
-from .hba import Hba, load_hba
+from pgmux.proxy.config import Config, ConfigError, TlsConfig, TlsSideConfig
+from pgmux.proxy.config.hba import Hba, load_hba
 
 # tls.client.mode / tls.server.mode values that refuse a plain connection.
 REQUIRED_MODES = frozenset(("require", "verify-ca", "verify-full"))

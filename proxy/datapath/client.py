@@ -26,26 +26,25 @@ from pgmux.protocol.startup import (
     StartupMessage,
     StartupReader,
 )
-
-from . import session_state, varcache
-from .admin import open_console
-from .auth import ClientAuth
-from .config import ADMIN_DATABASES
-from .hba import Connection
-from .log import get_logger
-from .prepared import Translator
-from .server import ServerConnection, ServerError, ServerLost
-from .stats import GLOBAL
-from .tasks import spawn
-from .tls import ClientTls, peer_common_name
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.stats import GLOBAL
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import ADMIN_DATABASES
+from pgmux.proxy.config.hba import Connection
+from pgmux.proxy.config.tls import ClientTls, peer_common_name
+from pgmux.proxy.console.session import open_console
+from pgmux.proxy.datapath import session_state, varcache
+from pgmux.proxy.datapath.auth import ClientAuth
+from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
+from pgmux.proxy.datapath.translator import Translator
 
 if TYPE_CHECKING:
     import ssl
 
-    from .admin import AdminSession
-    from .config import DatabaseConfig
-    from .pool import Pool
-    from .registry import Registry
+    from pgmux.proxy.config import DatabaseConfig
+    from pgmux.proxy.console.session import AdminSession
+    from pgmux.proxy.datapath.pool import Pool
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.client")
 

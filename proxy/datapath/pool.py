@@ -17,17 +17,22 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.errors import ProtocolError
-
-from . import session_state
-from .log import get_logger
-from .server import ServerConnection, ServerCredentials, ServerError, ServerLost, ServerState
-from .stats import PoolStats
-from .tasks import spawn
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.stats import PoolStats
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.datapath import session_state
+from pgmux.proxy.datapath.server import (
+    ServerConnection,
+    ServerCredentials,
+    ServerError,
+    ServerLost,
+    ServerState,
+)
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .config import DatabaseConfig, PoolSettings, Timeouts
-    from .registry import Registry
+    from pgmux.proxy.config import DatabaseConfig, PoolSettings, Timeouts
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.registry import Registry
 
 # Module globals read faster than Enum members.
 _CLOSED = ServerState.CLOSED

@@ -643,7 +643,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """
     name = os.fspath(path)
     text = _read_text(name)
-    from .pgbouncer_ini import load_pgbouncer_ini, looks_like_ini
+    from pgmux.proxy.config.ini import load_pgbouncer_ini, looks_like_ini
 
     if looks_like_ini(name, text):
         return load_pgbouncer_ini(name, text)

@@ -24,8 +24,8 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .server import ServerConnection
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.datapath.server import ServerConnection
 
 SET = "set"
 ADVISORY_LOCK = "advisory_lock"

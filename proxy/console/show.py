@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
-
-from .config import ADMIN_DATABASES, FALLBACK_DATABASE, RUNTIME_SETTINGS
-from .server import ServerState
-from .stats import PERIOD_FIELDS
+from pgmux.proxy.base.stats import PERIOD_FIELDS
+from pgmux.proxy.config import ADMIN_DATABASES, FALLBACK_DATABASE, RUNTIME_SETTINGS
+from pgmux.proxy.datapath.server import ServerState
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .pool import Pool
-    from .registry import Registry
-    from .server import ServerConnection
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.datapath.pool import Pool
+    from pgmux.proxy.datapath.server import ServerConnection
+    from pgmux.proxy.registry import Registry
 
 # Type OIDs PgBouncer uses in its RowDescriptions (pktbuf.c): s, i, q, N, T.
 TEXT = 25
@@ -323,7 +322,7 @@ def show_lists(registry: Registry, now: float) -> Result:
 def show_config(registry: Registry, now: float) -> Result:
     # PgBouncer's setting names first (exporters and dashboards read those),
     # then pgmux's own keys; settings_table prints every password as "****".
-    from .pgbouncer_ini import pgbouncer_settings
+    from pgmux.proxy.config.ini import pgbouncer_settings
 
     rows = pgbouncer_settings(registry.config)
     rows += [

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from .log import get_logger
+from pgmux.proxy.base.log import get_logger
 
 log = get_logger("pgmux.sdnotify")
 

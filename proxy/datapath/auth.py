@@ -33,7 +33,7 @@ from pgmux.protocol.auth import (
 from pgmux.protocol.errors import AuthError, ProtocolError
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from pgmux.proxy.registry import Registry
 
 SCRAM = "SCRAM-SHA-256"
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .admin_show import SHOW, STATS_AVERAGES_COLUMNS, STATS_COLUMNS, Result
+from pgmux.proxy.console.show import SHOW, STATS_AVERAGES_COLUMNS, STATS_COLUMNS, Result
 
 Rows = list[Sequence[Any]]
 

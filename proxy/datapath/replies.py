@@ -28,8 +28,8 @@ from pgmux.protocol import messages
 from pgmux.protocol.extended import command_tag
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
-    from .server import ServerConnection
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.datapath.server import ServerConnection
 
 _LENGTH = Struct("!I").unpack_from
 _PACK_LENGTH = Struct("!I").pack

@@ -27,20 +27,19 @@ from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
 from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
-
-from . import varcache
-from .log import get_logger
-from .responses import ResponseFilter
-from .tasks import spawn
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.datapath import varcache
+from pgmux.proxy.datapath.replies import ResponseFilter
 
 if TYPE_CHECKING:
     import ssl
 
-    from .auth import LearnedSecret
-    from .client import ClientConnection
-    from .pool import Pool
-    from .prepared import Statement, Translator
-    from .tls import ServerTls
+    from pgmux.proxy.config.tls import ServerTls
+    from pgmux.proxy.datapath.auth import LearnedSecret
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.datapath.pool import Pool
+    from pgmux.proxy.datapath.translator import Statement, Translator
 
 log = get_logger("pgmux.server")
 

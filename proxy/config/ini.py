@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import config as _config_module
-from .config import AUTH_TYPES, Config, ConfigError, _read_text, parse_config
+from pgmux.proxy import config as _config_module
+from pgmux.proxy.config import AUTH_TYPES, Config, ConfigError, _read_text, parse_config
 
 MAX_INCLUDE_DEPTH = 10  # PgBouncer's limit
 SECTIONS = ("pgbouncer", "databases", "users", "peers")

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from .log import get_logger
+from pgmux.proxy.base.log import get_logger
 
 log = get_logger("pgmux.tasks")
 

@@ -11,11 +11,11 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from .client import ClientConnection
-from .log import get_logger
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.datapath.client import ClientConnection
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.listener")
 
