@@ -12,7 +12,8 @@ import signal
 import sys
 
 from pgmux import __version__
-from pgmux.proxy.config import ConfigError, load_config
+from pgmux.proxy.config import Config, ConfigError, read_config, unsupported_warning
+from pgmux.proxy.config.tls import load_security
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pgmux: no configuration file (use -c FILE)", file=sys.stderr)
         return 2
     try:
-        config = load_config(path)
-        from pgmux.proxy.config.tls import load_security
+        loaded = read_config(path)
+        config = loaded.config
         from pgmux.proxy.daemon.lifecycle import load_users
 
         load_users(config)
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgmux: {exc}", file=sys.stderr)
         return 1
-    from pgmux.proxy.config.ini import unsupported_warning
-
-    warning = unsupported_warning(config)
+    warning = unsupported_warning(loaded.unsupported)
     if warning and (args.strict or args.check):
         print(f"pgmux: {'error' if args.strict else 'warning'}: {warning}", file=sys.stderr)
         if args.strict:
@@ -103,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgmux: {exc}", file=sys.stderr)
         return 1
     try:
-        return run(config, verbosity=args.verbose, quiet=args.quiet, user=args.user)
+        return run(
+            config, verbosity=args.verbose, quiet=args.quiet, user=args.user, unsupported=warning
+        )
     finally:
         if pidfile:
             remove_pidfile(pidfile)
@@ -142,8 +143,14 @@ def _refuse_pgbouncer_options(args: argparse.Namespace) -> int | None:
 
 
 def run(
-    config, verbosity: int = 0, quiet: bool = False, user: str | None = None
-) -> int:  # config: Config
+    config: Config,
+    verbosity: int = 0,
+    quiet: bool = False,
+    user: str | None = None,
+    unsupported: str | None = None,
+) -> int:
+    """Run the daemon (or its workers) on CONFIG; UNSUPPORTED is the warning
+    naming the ini settings pgmux ignores, logged once the logging is set up."""
     import uvloop
 
     from pgmux.proxy.base.log import configure_logging
@@ -151,14 +158,11 @@ def run(
 
     level = log_level(config.logging.level, verbosity, quiet)
     configure_logging(config.logging.format, level)
-    from pgmux.proxy.config.ini import unsupported_warning
-
-    warning = unsupported_warning(config)
-    if warning:
+    if unsupported:
         from pgmux.proxy.base.log import get_logger
 
         get_logger("pgmux.config").warning(
-            "unsupported_settings", detail=warning, config=config.path
+            "unsupported_settings", detail=unsupported, config=config.path
         )
     if user is not None:
         from pgmux.proxy.base.privileges import PrivilegeError, check_user

@@ -17,15 +17,9 @@ import sys
 from typing import Any
 
 from pgmux.proxy.config import ConfigError, format_duration
-from pgmux.proxy.config.ini import (
-    DATABASE_KEYS,
-    SETTINGS,
-    USER_KEYS,
-    Translation,
-    config_from_translation,
-    read_ini,
-    translate,
-)
+from pgmux.proxy.config.ini_map import DATABASE_PARAMETERS, SETTINGS, USER_PARAMETERS
+from pgmux.proxy.config.ini_read import read_ini
+from pgmux.proxy.config.ini_translate import Translation, config_from_translation, translate
 
 _ORDER = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits"),
@@ -34,8 +28,8 @@ _ORDER = (
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # pgmux key path -> the PgBouncer name it replaces, for the comments
 _SOURCES = {setting.target: setting.name for setting in SETTINGS if setting.target}
-_CONN_SOURCES = {key.target: name for name, key in DATABASE_KEYS.items() if key.target}
-_CONN_SOURCES |= {key.target: name for name, key in USER_KEYS.items() if key.target}
+_CONN_SOURCES = {key.target: name for name, key in DATABASE_PARAMETERS.items() if key.target}
+_CONN_SOURCES |= {key.target: name for name, key in USER_PARAMETERS.items() if key.target}
 _CONN_SOURCES |= {"reserve_size": "reserve_pool"}
 
 

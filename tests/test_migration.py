@@ -194,10 +194,6 @@ async def fetchval(conninfo: str, sql: str, **kwargs: Any) -> Any:
         await close_quietly(conn)
 
 
-def console_available() -> bool:
-    return Path(__file__).parent.parent.joinpath("proxy", "admin.py").exists()
-
-
 # -- acceptance 1: each ini starts pgmux and the same DSNs work ----------------------------
 
 
@@ -273,8 +269,6 @@ async def test_admin_and_stats_users(ini_mux: IniMux) -> None:
     config = load_config(mux.config_path)
     assert config.admin.users == ("admin",)
     assert config.admin.stats_users == ("report", "monitor")
-    if not console_available():
-        pytest.skip("the admin console (proxy/admin.py) is not there yet")
     admin = dsn(mux.port, "pgbouncer", "admin", "admin-secret")
     rows = psql(admin, "SHOW CONFIG")
     assert "default_pool_size|20|20|yes" in rows.splitlines()
@@ -385,10 +379,9 @@ async def test_converted_yaml_serves_the_same_databases(ini_mux: IniMux) -> None
             await fetchval(dsn(port, db), "SELECT current_database()")
             for db in ("appdb", "reports", "hubs", "hubs-alias")
         ]
-        if console_available():
-            admin = dsn(port, "pgbouncer", "admin", "admin-secret")
-            with contextlib.suppress(AssertionError):  # admin_users is not set here
-                row.append(psql(admin, "SHOW DATABASES"))
+        admin = dsn(port, "pgbouncer", "admin", "admin-secret")
+        with contextlib.suppress(AssertionError):  # admin_users is not set here
+            row.append(psql(admin, "SHOW DATABASES"))
         seen.append(row)
         assert mux.stop() == 0
     assert seen[0] == seen[1]

@@ -1,4 +1,4 @@
-"""pgbouncer.ini read as a pgmux configuration (proxy/pgbouncer_ini.py), without a daemon.
+"""pgbouncer.ini read as a pgmux configuration (proxy/config/ini_*.py), without a daemon.
 
 The syntax as PgBouncer reads it, PgBouncer's defaults, the mapping onto
 pgmux's Config, errors naming file and line, unsupported settings, and the
@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgmux.proxy.config import ConfigError, load_config
-from pgmux.proxy.config.ini import (
-    DEFAULT_AUTH_QUERY,
-    Where,
-    looks_like_ini,
-    parse_connstr,
+from pgmux.proxy.config import (
+    ConfigError,
+    LoadedConfig,
+    load_config,
     pgbouncer_settings,
-    unsupported_settings,
+    read_config,
     unsupported_warning,
 )
+from pgmux.proxy.config.ini_map import DEFAULT_AUTH_QUERY
+from pgmux.proxy.config.ini_read import Where, looks_like_ini, parse_connstr
 from pgmux.proxy.convert import convert_file
 
 MAIN = "[pgbouncer]\nlisten_addr = 127.0.0.1\n"
@@ -38,6 +38,11 @@ def write(path: Path, text: str) -> Path:
 
 def load(tmp_path: Path, text: str, name: str = "pgbouncer.ini"):
     return load_config(write(tmp_path / name, text))
+
+
+def read(tmp_path: Path, text: str, name: str = "pgbouncer.ini") -> LoadedConfig:
+    """The Config with the unsupported settings the ini reader returns beside it."""
+    return read_config(write(tmp_path / name, text))
 
 
 def pgmux_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -54,7 +59,8 @@ def pgmux_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_absent_settings_take_pgbouncer_defaults(tmp_path: Path) -> None:
-    config = load(tmp_path, "[pgbouncer]\n")
+    loaded = read(tmp_path, "[pgbouncer]\n")
+    config = loaded.config
     assert config.pool.mode == "session"
     assert config.pool.size == 20
     assert config.pool.min_size == 0
@@ -76,7 +82,7 @@ def test_absent_settings_take_pgbouncer_defaults(tmp_path: Path) -> None:
     assert config.tls.server.mode == "prefer"
     assert config.tls.client.mode == "disable"
     assert config.limits.max_packet_size == 2147483647
-    assert unsupported_settings(config) == []
+    assert loaded.unsupported == ()
 
 
 def test_settings_map_onto_pgmux_keys(tmp_path: Path) -> None:
@@ -304,7 +310,7 @@ def test_detection_by_extension_or_content(tmp_path: Path) -> None:
 
 
 def test_unsupported_settings_are_collected_by_name(tmp_path: Path) -> None:
-    config = load(
+    loaded = read(
         tmp_path,
         MAIN
         + """so_reuseport = 1
@@ -320,7 +326,7 @@ bob = client_idle_timeout=5
 1 = host=/tmp/p1
 """,
     )
-    names = [item.name for item in unsupported_settings(config)]
+    names = [item.name for item in loaded.unsupported]
     # Left at PgBouncer's default (syslog = 0, DISCARD ALL): no effect, not reported.
     assert names == [
         "so_reuseport",
@@ -331,7 +337,7 @@ bob = client_idle_timeout=5
         "[users] bob: client_idle_timeout",
         "[peers]",
     ]
-    warning = unsupported_warning(config)
+    warning = unsupported_warning(loaded.unsupported)
     assert warning is not None and "so_reuseport" in warning and "[peers]" in warning
 
 
@@ -444,7 +450,9 @@ def test_pgbouncer_settings_show_effective_values_under_pgbouncer_names(
     assert rows["max_client_conn"] == ("100", "100", "yes")
     assert "so_reuseport" not in rows  # not supported, so not shown
     # Works for a YAML config as well: pgmux's values under PgBouncer's names.
-    yaml_config = load_config(write(tmp_path / "x.yaml", "pool:\n  size: 3\n"))
+    yaml_loaded = read_config(write(tmp_path / "x.yaml", "pool:\n  size: 3\n"))
+    assert yaml_loaded.unsupported == ()  # only an ini has settings pgmux ignores
+    yaml_config = yaml_loaded.config
     rows = dict((row[0], row[1]) for row in pgbouncer_settings(yaml_config))
     assert rows["default_pool_size"] == "3"
     assert os.fspath(tmp_path / "x.yaml") in rows["conffile"]
@@ -457,9 +465,9 @@ def test_auth_type_hba_uses_the_hba_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert config.auth.hba_file == str(tmp_path / "hba.conf")
     assert dict((row[0], row[1]) for row in pgbouncer_settings(config))["auth_type"] == "hba"
     # Without auth_type = hba PgBouncer ignores the file; so does the translation.
-    config = load(tmp_path, MAIN + "auth_type = md5\nauth_hba_file = hba.conf\n")
-    assert config.auth.hba_file is None
-    assert [item.name for item in unsupported_settings(config)] == ["auth_hba_file"]
+    loaded = read(tmp_path, MAIN + "auth_type = md5\nauth_hba_file = hba.conf\n")
+    assert loaded.config.auth.hba_file is None
+    assert [item.name for item in loaded.unsupported] == ["auth_hba_file"]
     with pytest.raises(ConfigError, match="line 3: auth_type: hba needs auth_hba_file"):
         load(tmp_path, MAIN + "auth_type = hba\n")
 

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from pgmux.proxy.config import ConfigError
+from pgmux.proxy.config.errors import ConfigError
 
 CONNECTION_TYPES = ("local", "host", "hostssl", "hostnossl", "hostgssenc", "hostnogssenc")
 METHODS = ("trust", "reject", "password", "md5", "scram-sha-256")

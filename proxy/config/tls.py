@@ -21,8 +21,9 @@ import re
 import ssl
 from dataclasses import dataclass
 
-from pgmux.proxy.config import Config, ConfigError, TlsConfig, TlsSideConfig
+from pgmux.proxy.config.errors import ConfigError
 from pgmux.proxy.config.hba import Hba, load_hba
+from pgmux.proxy.config.model import Config, TlsConfig, TlsSideConfig
 
 # tls.client.mode / tls.server.mode values that refuse a plain connection.
 REQUIRED_MODES = frozenset(("require", "verify-ca", "verify-full"))

@@ -16,7 +16,7 @@ import os
 import re
 from typing import Literal
 
-from pgmux.proxy.config import ConfigError
+from pgmux.proxy.config.errors import ConfigError
 
 SecretKind = Literal["plain", "md5", "scram-sha-256"]
 

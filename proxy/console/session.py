@@ -28,7 +28,7 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.proxy.base.log import configure_logging, get_logger
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.config import ADMIN_DATABASES, RUNTIME_SETTINGS, ConfigError
+from pgmux.proxy.config import ADMIN_DATABASES, RUNTIME_SETTINGS, ConfigError, pgmux_key
 from pgmux.proxy.console import show as admin_show
 from pgmux.proxy.console.gather import MERGED
 from pgmux.proxy.console.show import INT4, INT8, NUMERIC, SHOW, TEXT, TYPLEN, Result
@@ -492,8 +492,6 @@ class AdminSession:
         if key.lower() in FAKE_PARAMS:
             return Result("SET", notice=("SET ignored", ""))
         self._need_admin()
-        from pgmux.proxy.config.ini import pgmux_key
-
         key = pgmux_key(key) or key  # PgBouncer's names work too: SET default_pool_size=5
         convert = RUNTIME_SETTINGS.get(key)
         if convert is None:

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
 from pgmux.proxy.base.stats import PERIOD_FIELDS
-from pgmux.proxy.config import ADMIN_DATABASES, FALLBACK_DATABASE, RUNTIME_SETTINGS
+from pgmux.proxy.config import (
+    ADMIN_DATABASES,
+    FALLBACK_DATABASE,
+    RUNTIME_SETTINGS,
+    pgbouncer_settings,
+    settings_table,
+)
 from pgmux.proxy.datapath.server import ServerState
 
 if TYPE_CHECKING:
@@ -322,12 +328,10 @@ def show_lists(registry: Registry, now: float) -> Result:
 def show_config(registry: Registry, now: float) -> Result:
     # PgBouncer's setting names first (exporters and dashboards read those),
     # then pgmux's own keys; settings_table prints every password as "****".
-    from pgmux.proxy.config.ini import pgbouncer_settings
-
     rows = pgbouncer_settings(registry.config)
     rows += [
         (key, value, default, "yes" if key in RUNTIME_SETTINGS else "no")
-        for key, value, default in registry.config.settings_table()
+        for key, value, default in settings_table(registry.config)
     ]
     return table("ssss", ("key", "value", "default", "changeable"), rows)
 

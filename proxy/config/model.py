@@ -1,0 +1,181 @@
+"""The configuration objects: frozen dataclasses, one per section.
+
+PgBouncer's loader.c reads an ini file into globals; pgmux builds immutable
+objects, so a reload builds a new Config next to the old one and swaps it in
+only when it is valid. The defaults live here, in the dataclasses, so parsing
+(schema.py) and SHOW CONFIG (show.py) share one source of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+
+POOL_MODES = ("transaction", "session", "statement")
+SESSION_STATES = ("pin", "reset", "error", "ignore")
+AUTH_TYPES = ("trust", "password", "md5", "scram-sha-256")
+TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ADMIN_DATABASES = ("pgmux", "pgbouncer")  # the console; a pool may not take these names
+FALLBACK_DATABASE = "*"
+MAX_MESSAGE_SIZE = 0x7FFFFFFF  # the length word of a protocol message is an int32
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    addresses: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 6432
+    unix_socket_dir: str | None = None
+    unix_socket_mode: int = 0o777
+    max_client_conn: int = 2000
+    workers: int = 1
+    backlog: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """The global `pool:` section, and each database's effective settings."""
+
+    mode: str = "transaction"
+    size: int = 12
+    min_size: int = 0
+    reserve_size: int = 0
+    reserve_timeout: float = 5.0
+    max_db_connections: int = 0  # 0 = unlimited
+    max_user_connections: int = 0  # 0 = unlimited
+    max_db_client_connections: int = 0  # clients per database; 0 = unlimited
+    max_user_client_connections: int = 0  # clients per user; 0 = unlimited
+    max_prepared_statements: int = 200
+    session_state: str = "pin"
+    rollback_abandoned: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Float seconds; 0.0 means off."""
+
+    server_idle: float = 60.0
+    server_lifetime: float = 3600.0
+    server_connect: float = 5.0
+    server_login_retry: float = 5.0
+    client_login: float = 60.0
+    client_idle: float = 0.0
+    idle_transaction: float = 0.0
+    query: float = 0.0
+    query_wait: float = 20.0
+    cancel_wait: float = 10.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    type: str = "scram-sha-256"
+    users_file: str | None = None  # absolute, resolved against the config file's directory
+    query: str | None = None
+    query_user: str | None = None
+    query_password: str | None = field(default=None, repr=False)  # else the users file's
+    query_cache_ttl: float = 10.0  # seconds an auth_query answer is reused
+    hba_file: str | None = None  # absolute, like users_file
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    address: str = "127.0.0.1"
+    port: int | None = None  # None = no HTTP endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    users: tuple[str, ...] = ()
+    stats_users: tuple[str, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
+    stats_period: float = 60.0  # SHOW STATS averages cover this period (PgBouncer's default)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSideConfig:
+    mode: str = "disable"
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    protocols: str | None = None
+    ciphers: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    client: TlsSideConfig = field(default_factory=TlsSideConfig)
+    server: TlsSideConfig = field(default_factory=lambda: TlsSideConfig(mode="prefer"))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: str = "json"
+    level: str = "info"
+    wait_threshold: float = 1.0  # log a client that waited this long for a server; 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_packet_size: int = 1 << 30  # PostgreSQL's own limit
+    max_logins_in_progress: int = 1000  # 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DatabaseConfig:
+    name: str  # the key in `databases:`; "*" is the fallback
+    host: str = "127.0.0.1"  # an absolute directory means a unix socket, as in libpq
+    port: int = 5432
+    dbname: str | None = None  # None: the database name the client asked for
+    user: str | None = None  # force this upstream user
+    password: str | None = None  # never printed
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    application_name: str | None = None
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.password is not None:
+            shown["password"] = "****"
+        return f"DatabaseConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    name: str
+    pool_mode: str | None = None
+    max_user_connections: int = 0
+    max_user_client_connections: int = 0
+    pool_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str | None = None  # absolute, so a reload finds it whatever the cwd
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    max_server_connections: int = 0  # across all pools; 0 = unlimited
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    databases: Mapping[str, DatabaseConfig] = field(default_factory=lambda: MappingProxyType({}))
+    users: Mapping[str, UserConfig] = field(default_factory=lambda: MappingProxyType({}))
+    ignore_startup_parameters: tuple[str, ...] = ()
+    pidfile: str | None = None
+
+    def database(self, name: str) -> DatabaseConfig | None:
+        """The entry for NAME, else the "*" fallback renamed to NAME, else None.
+
+        The fallback keeps its dbname (normally None: connect upstream to NAME),
+        and its name becomes NAME so each database gets a pool of its own.
+        """
+        found = self.databases.get(name)
+        if found is not None:
+            return found
+        fallback = self.databases.get(FALLBACK_DATABASE)
+        return None if fallback is None else replace(fallback, name=name)

@@ -1,0 +1,199 @@
+"""The schema: which keys each section takes, and the converter of each.
+
+A few small tables (key -> converter, values.py) describe the YAML file;
+parsing (build.py), SHOW CONFIG (show.py) and the console's SET
+(RUNTIME_SETTINGS) all read them, so a key is declared once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from pgmux.proxy.config.errors import join_key, key_error
+from pgmux.proxy.config.model import (
+    AUTH_TYPES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    POOL_MODES,
+    SESSION_STATES,
+    TLS_MODES,
+    AdminConfig,
+    AuthConfig,
+    HttpConfig,
+    LimitsConfig,
+    ListenConfig,
+    LoggingConfig,
+    Timeouts,
+    TlsConfig,
+)
+from pgmux.proxy.config.values import (
+    Converter,
+    boolean,
+    expected_error,
+    file_mode,
+    names,
+    non_negative,
+    one_of,
+    optional,
+    optional_port,
+    optional_positive,
+    optional_text,
+    packet_size,
+    parse_duration,
+    port,
+    positive,
+    positive_duration,
+    secret,
+    suggestion,
+    text,
+    workers,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A mapping whose keys are converted onto a base instance (its defaults)."""
+
+    base: Any
+    table: Mapping[str, Converter]
+
+    def __call__(self, value: Any, key: str) -> Any:
+        return replace(self.base, **convert_table(self.table, value, key))
+
+
+LISTEN: dict[str, Converter] = {
+    "addresses": names,
+    "port": port,
+    "unix_socket_dir": optional_text,
+    "unix_socket_mode": file_mode,
+    "max_client_conn": positive,
+    "workers": workers,
+    "backlog": positive,
+}
+POOL: dict[str, Converter] = {
+    "mode": one_of(*POOL_MODES),
+    "size": positive,
+    "min_size": non_negative,
+    "reserve_size": non_negative,
+    "reserve_timeout": parse_duration,
+    "max_db_connections": non_negative,
+    "max_user_connections": non_negative,
+    "max_db_client_connections": non_negative,
+    "max_user_client_connections": non_negative,
+    "max_prepared_statements": non_negative,
+    "session_state": one_of(*SESSION_STATES),
+    "rollback_abandoned": boolean,
+}
+# The global section has one key more: the cap across all pools.
+POOL_SECTION = {**POOL, "max_server_connections": non_negative}
+TIMEOUTS: dict[str, Converter] = {f.name: parse_duration for f in fields(Timeouts)}
+_AUTH: dict[str, Converter] = {
+    "type": one_of(*AUTH_TYPES),
+    "users_file": optional_text,
+    "query": optional_text,
+    "query_user": optional_text,
+    "query_password": secret,
+    "query_cache_ttl": parse_duration,
+    "hba_file": optional_text,
+}
+_HTTP: dict[str, Converter] = {"address": text, "port": optional_port}
+_ADMIN: dict[str, Converter] = {
+    "users": names,
+    "stats_users": names,
+    "http": Section(HttpConfig(), _HTTP),
+    "stats_period": positive_duration,
+}
+_TLS_SIDE: dict[str, Converter] = {
+    "mode": one_of(*TLS_MODES),
+    **dict.fromkeys(("cert", "key", "ca", "protocols", "ciphers"), optional_text),
+}
+_TLS: dict[str, Converter] = {
+    "client": Section(TlsConfig().client, _TLS_SIDE),
+    "server": Section(TlsConfig().server, _TLS_SIDE),
+}
+_LOGGING: dict[str, Converter] = {
+    "format": one_of(*LOG_FORMATS),
+    "level": one_of(*LOG_LEVELS),
+    "wait_threshold": parse_duration,
+}
+_LIMITS: dict[str, Converter] = {
+    "max_packet_size": packet_size,
+    "max_logins_in_progress": non_negative,
+}
+# Sections that map 1:1 onto a dataclass; `pool` is parsed apart for its extra key.
+SECTIONS: dict[str, Section] = {
+    "listen": Section(ListenConfig(), LISTEN),
+    "timeouts": Section(Timeouts(), TIMEOUTS),
+    "auth": Section(AuthConfig(), _AUTH),
+    "admin": Section(AdminConfig(), _ADMIN),
+    "tls": Section(TlsConfig(), _TLS),
+    "logging": Section(LoggingConfig(), _LOGGING),
+    "limits": Section(LimitsConfig(), _LIMITS),
+}
+TOP_LEVEL = (
+    *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits"),
+    *("databases", "users", "ignore_startup_parameters", "pidfile"),
+)
+_DATABASE_OWN: dict[str, Converter] = {
+    "host": text,
+    "port": port,
+    "dbname": optional_text,
+    "user": optional_text,
+    "password": secret,
+    "application_name": optional_text,
+}
+# Per-database YAML key -> PoolSettings field: flat, named like PgBouncer's.
+_DATABASE_POOL_NAMES = {"pool_size": "size", "pool_mode": "mode"}
+_DATABASE_POOL_NAMES |= {name: name for name in POOL if name not in ("size", "mode")}
+# Per-database YAML key -> (which object it sets, its field there, converter).
+DATABASE_KEYS: dict[str, tuple[str, str, Converter]] = {
+    **{key: ("db", key, convert) for key, convert in _DATABASE_OWN.items()},
+    **{key: ("pool", name, POOL[name]) for key, name in _DATABASE_POOL_NAMES.items()},
+    **{key: ("timeouts", key, convert) for key, convert in TIMEOUTS.items()},
+}
+USER_KEYS: dict[str, Converter] = {
+    "pool_mode": optional(one_of(*POOL_MODES)),
+    "max_user_connections": non_negative,
+    "max_user_client_connections": non_negative,
+    "pool_size": optional_positive,
+}
+
+# Settings the console's SET may change while pgmux runs (SHOW CONFIG's
+# "changeable" column). A timeouts.* or pool.* value also applies to every
+# database that does not override it. The rest need a RELOAD or a restart.
+RUNTIME_SETTINGS: dict[str, Converter] = {
+    "listen.max_client_conn": positive,
+    "admin.stats_period": positive_duration,
+    "logging.level": _LOGGING["level"],
+    "logging.wait_threshold": parse_duration,
+    **{f"timeouts.{name}": parse_duration for name in TIMEOUTS},
+    **{
+        f"pool.{name}": POOL[name]
+        for name in ("size", "min_size", "reserve_size", "reserve_timeout")
+    },
+}
+
+
+def mapping(value: Any, key: str) -> dict[Any, Any]:
+    if value is None:  # an empty section (`listen:`) means all defaults
+        return {}
+    if not isinstance(value, dict):
+        raise expected_error(key or "top level", "a mapping", value)
+    return value
+
+
+def reject_unknown(entries: Mapping[Any, Any], allowed: Iterable[str], prefix: str) -> None:
+    allowed = list(allowed)
+    for name in entries:
+        if name not in allowed:
+            hint = suggestion(name, allowed) or f" (expected one of: {', '.join(allowed)})"
+            raise key_error(join_key(prefix, str(name)), f"unknown key{hint}")
+
+
+def convert_table(table: Mapping[str, Converter], value: Any, prefix: str) -> dict[str, Any]:
+    """VALUE's keys, each converted by TABLE; an unknown key is an error."""
+    entries = mapping(value, prefix)
+    reject_unknown(entries, table, prefix)
+    return {name: table[name](item, join_key(prefix, name)) for name, item in entries.items()}
