@@ -14,6 +14,7 @@ import sys
 from pgmux import __version__
 from pgmux.proxy.config import Config, ConfigError, read_config, unsupported_warning
 from pgmux.proxy.config.tls import load_security
+from pgmux.proxy.config.userlist import load_users
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = read_config(path)
         config = loaded.config
-        from pgmux.proxy.daemon.lifecycle import load_users
-
         load_users(config)
         load_security(config)  # certificates and the hba file, so --check sees them too
     except ConfigError as exc:

@@ -14,9 +14,12 @@ import base64
 import binascii
 import os
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pgmux.proxy.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pgmux.proxy.config.model import Config
 
 SecretKind = Literal["plain", "md5", "scram-sha-256"]
 
@@ -26,6 +29,11 @@ _SCRAM_PREFIX = "SCRAM-SHA-256$"
 _SCRAM = re.compile(
     r"SCRAM-SHA-256\$([1-9]\d*):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)"
 )
+
+
+def load_users(config: Config) -> dict[str, str]:
+    """The users of CONFIG's auth.users_file; {} when it names none."""
+    return load_users_file(config.auth.users_file) if config.auth.users_file else {}
 
 
 def load_users_file(path: str | os.PathLike[str]) -> dict[str, str]:

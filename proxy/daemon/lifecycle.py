@@ -22,7 +22,7 @@ from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, ConfigError, load_config
 from pgmux.proxy.config.tls import load_security
-from pgmux.proxy.config.userlist import load_users_file
+from pgmux.proxy.config.userlist import load_users
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
 from pgmux.proxy.metrics import Observer
@@ -30,10 +30,6 @@ from pgmux.proxy.registry import Registry
 from pgmux.proxy.workers import WorkerInfo
 
 log = get_logger("pgmux.lifecycle")
-
-
-def load_users(config: Config) -> dict[str, str]:
-    return load_users_file(config.auth.users_file) if config.auth.users_file else {}
 
 
 class PidfileError(Exception):
