@@ -124,13 +124,13 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
 
 
 def _translate_settings(settings: dict[str, IniEntry], result: Translation) -> None:
-    for name, entry in settings.items():
+    for name, written in settings.items():
         if name not in SETTINGS_BY_NAME:
             raise ConfigError(
-                entry.where.file,
+                written.where.file,
                 name,
                 "unknown parameter" + suggestion(name, SETTINGS_BY_NAME),
-                line=entry.where.line,
+                line=written.where.line,
             )
     for setting in SETTINGS:
         entry = settings.get(setting.name)
@@ -164,7 +164,7 @@ def _translate_hba(settings: dict[str, IniEntry], result: Translation) -> None:
     auth.hba_file whenever it is set, so pass it on only in that case."""
     auth_type = settings.get("auth_type")
     is_hba = auth_type is not None and auth_type.value.strip().lower() == "hba"
-    if is_hba and not result.data["auth"].get("hba_file"):
+    if auth_type is not None and is_hba and not result.data["auth"].get("hba_file"):
         where = auth_type.where
         raise ConfigError(where.file, "auth_type", "hba needs auth_hba_file", line=where.line)
     if not is_hba and result.data["auth"].get("hba_file"):

@@ -20,6 +20,7 @@ import hashlib
 import re
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 from pgmux.proxy.config.errors import ConfigError
 from pgmux.proxy.config.hba import Hba, load_hba
@@ -241,7 +242,8 @@ def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | 
     cert = ssl_object.getpeercert()
     if not cert:
         return None
-    for rdn in cert.get("subject", ()):
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    for rdn in subject:
         for name, value in rdn:
             if name == "commonName":
                 return str(value)

@@ -74,7 +74,9 @@ def suggestion(word: object, choices: Iterable[str]) -> str:
 _INT_TEXT = re.compile(r"\s*[+-]?\d+\s*")
 
 
-def integer(minimum: int, maximum: int | None = None, expected: str = "") -> Converter:
+def integer(
+    minimum: int, maximum: int | None = None, expected: str = ""
+) -> Callable[[Any, str], int]:
     expected = expected or ("a positive integer" if minimum == 1 else "a non-negative integer")
 
     def convert(value: Any, key: str) -> int:
@@ -167,11 +169,14 @@ def file_mode(value: Any, key: str) -> int:
     return value
 
 
+# At most 256: a cancel key's low byte names its worker (proxy/workers.py).
+_worker_count = integer(1, 256, expected="an integer from 1 to 256 or 'auto'")
+
+
 def workers(value: Any, key: str) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return min(os.cpu_count() or 1, 256)
-    # At most 256: a cancel key's low byte names its worker (proxy/workers.py).
-    return integer(1, 256, expected="an integer from 1 to 256 or 'auto'")(value, key)
+    return _worker_count(value, key)
 
 
 # -- durations -----------------------------------------------------------------------
