@@ -23,14 +23,7 @@ from pgmux.proxy.config.ini_translate import Unsupported, unsupported_warning
 from pgmux.proxy.config.load import LoadedConfig, load_config, read_config
 from pgmux.proxy.config.model import (
     ADMIN_DATABASES,
-    AUTH_TYPES,
     FALLBACK_DATABASE,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    MAX_MESSAGE_SIZE,
-    POOL_MODES,
-    SESSION_STATES,
-    TLS_MODES,
     AdminConfig,
     AuthConfig,
     Config,
@@ -47,30 +40,16 @@ from pgmux.proxy.config.model import (
 )
 from pgmux.proxy.config.schema import RUNTIME_SETTINGS
 from pgmux.proxy.config.show import settings_table
-from pgmux.proxy.config.values import (
-    Converter,
-    format_duration,
-    format_size,
-    parse_duration,
-    parse_size,
-)
+from pgmux.proxy.config.values import format_duration
 
 __all__ = [
     "ADMIN_DATABASES",
-    "AUTH_TYPES",
     "FALLBACK_DATABASE",
-    "LOG_FORMATS",
-    "LOG_LEVELS",
-    "MAX_MESSAGE_SIZE",
-    "POOL_MODES",
     "RUNTIME_SETTINGS",
-    "SESSION_STATES",
-    "TLS_MODES",
     "AdminConfig",
     "AuthConfig",
     "Config",
     "ConfigError",
-    "Converter",
     "DatabaseConfig",
     "HttpConfig",
     "LimitsConfig",
@@ -84,11 +63,8 @@ __all__ = [
     "Unsupported",
     "UserConfig",
     "format_duration",
-    "format_size",
     "load_config",
     "parse_config",
-    "parse_duration",
-    "parse_size",
     "pgbouncer_settings",
     "pgmux_key",
     "read_config",
