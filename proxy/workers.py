@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import itertools
 import os
 import pickle
 import shutil
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux.protocol import messages
 from pgmux.protocol.startup import CANCEL_REQUEST_CODE
+from pgmux.proxy.base import ids
 from pgmux.proxy.base.ledger import Ledger
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.sdnotify import Notifier
@@ -688,15 +688,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _number_connections_apart(info: WorkerInfo) -> None:
-    """Client and server ids unique across workers (the console shows them all,
-    KILL_CLIENT takes one): worker i of N numbers i+1, i+1+N, i+1+2N..."""
-    from pgmux.proxy.datapath import client, server
-
-    client._client_ids = itertools.count(info.index + 1, info.count)
-    server._server_ids = itertools.count(info.index + 1, info.count)
-
-
 def run_workers(config: Config, level: str = "info") -> int:
     """`pgmux -c FILE` with listen.workers > 1: the supervisor's entry point."""
 
@@ -707,7 +698,7 @@ def run_workers(config: Config, level: str = "info") -> int:
         from pgmux.proxy.daemon.lifecycle import Daemon
 
         structlog.contextvars.bind_contextvars(worker=info.index)
-        _number_connections_apart(info)
+        ids.configure(info.index, info.count)  # ids unique across workers (SHOW CLIENTS)
         return uvloop.run(Daemon(info.shape(config), worker=info).run())
 
     return Supervisor(config, worker_main).run()

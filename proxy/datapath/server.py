@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
 from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
+from pgmux.proxy.base import ids
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.datapath import varcache
@@ -52,8 +52,6 @@ _COPY_IN_RESPONSE = ord("G")
 _COPY_BOTH_RESPONSE = ord("W")
 _ERROR_RESPONSE = ord("E")
 _IDLE = ord("I")
-
-_server_ids = itertools.count(1)
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
 
@@ -103,7 +101,7 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, pool: Pool, credentials: ServerCredentials) -> None:
         self.pool = pool
-        self.id = next(_server_ids)
+        self.id = ids.next_server_id()
         self.credentials = credentials
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
