@@ -55,15 +55,22 @@ from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config
 from pgmux.proxy.console.gather import local_rows, merge
 from pgmux.proxy.console.show import Result
+from pgmux.proxy.core.peers import (
+    MAX_WORKERS,
+    Message,
+    ParamsLearned,
+    RoomWanted,
+    ServerHandedOver,
+    SlotFreed,
+    pid_of_worker,
+    worker_of,
+)
 
 if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.workers")
 
-WORKER_BITS = 8  # low bits of a cancel pid: the issuing worker
-MAX_WORKERS = 1 << WORKER_BITS
-_WORKER_MASK = MAX_WORKERS - 1
 _CANCEL_PACKET = struct.Struct("!III4s")  # length, code, pid, key
 
 # Signals the supervisor handles; the workers get them forwarded.
@@ -128,11 +135,6 @@ def mailbox_path(rundir: str, index: int) -> str:
     return os.path.join(rundir, f"mail.{index}")
 
 
-def worker_of(pid: int) -> int:
-    """The index of the worker that issued a cancel pid."""
-    return pid & _WORKER_MASK
-
-
 @dataclasses.dataclass
 class WorkerInfo:
     """What a worker process knows about itself and its siblings."""
@@ -152,7 +154,7 @@ class WorkerInfo:
 
     def issue_pid(self, random_bits: int) -> int:
         """A cancel pid whose low byte names this worker."""
-        return (random_bits << WORKER_BITS | self.index) & 0x7FFFFFFF
+        return pid_of_worker(random_bits, self.index)
 
     def forward_cancel(self, pid: int, key: bytes) -> bool:
         """Send a CancelRequest for another worker's client there; False if it is ours."""
@@ -192,7 +194,7 @@ class WorkerInfo:
         answers = await self._ask_others(("run", query), None)
         return ["no answer" if a is NO_ANSWER else a for a in answers.values()]
 
-    def send(self, index: int, message: tuple, fd: int | None = None) -> bool:
+    def send(self, index: int, message: Message, fd: int | None = None) -> bool:
         """A message (and maybe a socket, which is closed here) to worker INDEX.
 
         Blocking, but only for a local unix socket whose reader is another
@@ -214,7 +216,7 @@ class WorkerInfo:
             if fd is not None:
                 os.close(fd)
 
-    def broadcast(self, message: tuple) -> None:
+    def broadcast(self, message: Message) -> None:
         for index in range(self.count):
             if index != self.index:
                 self.send(index, message)
@@ -293,20 +295,17 @@ class _Mailbox:
             message = None
         self._deliver(message, letter.fds)
 
-    def _deliver(self, message: tuple | None, fds: list[int]) -> None:
+    def _deliver(self, message: Message | None, fds: list[int]) -> None:
         registry = self.registry
-        kind = message[0] if message else None
-        if kind == "server" and fds:
-            _kind, dbname, user, state = message  # type: ignore[misc]
-            registry.adopt_server(dbname, user, state, fds.pop(0))
-        elif kind == "room":
-            _kind, dbname, user, scope = message  # type: ignore[misc]
-            registry.room_wanted(dbname, user, scope)
-        elif kind == "params":
-            _kind, dbname, user, params = message  # type: ignore[misc]
-            registry.params_heard(dbname, user, params)
-        elif kind == "freed":
-            registry.shared_slot_freed()
+        match message:
+            case ServerHandedOver(dbname, user, snapshot) if fds:
+                registry.adopt_server(dbname, user, snapshot, fds.pop(0))
+            case RoomWanted(dbname, user, scope):
+                registry.room_wanted(dbname, user, scope)
+            case ParamsLearned(dbname, user, params):
+                registry.params_heard(dbname, user, params)
+            case SlotFreed():
+                registry.shared_slot_freed()
         for fd in fds:
             os.close(fd)
 

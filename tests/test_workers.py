@@ -35,7 +35,7 @@ from helpers import (
 from test_admin_console import admin_psycopg, console_config, show
 
 from pgmux.proxy.base.ledger import Ledger, LedgerFull, scope_key
-from pgmux.proxy.workers import worker_of
+from pgmux.proxy.core.peers import worker_of
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
