@@ -144,7 +144,7 @@ class WorkerInfo:
     rundir: str
     sockets: list[socket.socket] = dataclasses.field(default_factory=list)
     ledger: Ledger | None = None  # the limits all workers share
-    # This worker's Prometheus text (set by the metrics module), for worker 0's /metrics.
+    # This worker's Prometheus text (the daemon sets it), for worker 0's /metrics.
     local_metrics: Callable[[], bytes] | None = None
     _servers: list[asyncio.AbstractServer] = dataclasses.field(default_factory=list)
     _mailbox: _Mailbox | None = None
@@ -228,11 +228,10 @@ class WorkerInfo:
         self._servers.append(await loop.create_unix_server(factory, path))
         os.chmod(path, 0o600)
 
-    async def gather_metrics(self, own: bytes) -> bytes:
-        """Every worker's Prometheus text in one exposition, labelled worker="N"."""
+    async def metrics_of_others(self) -> dict[int, bytes]:
+        """The other workers' Prometheus texts, by index (those that answered)."""
         answers = await self._ask_others(("metrics", None), _PEER_TIMEOUT)
-        texts = {index: text for index, text in answers.items() if text is not NO_ANSWER}
-        return merge_metrics({self.index: own, **texts})
+        return {index: text for index, text in answers.items() if text is not NO_ANSWER}
 
 
 class _ForwardedCancel(asyncio.Protocol):
@@ -403,35 +402,6 @@ async def _ask(path: str, request: tuple, timeout: float | None) -> Any:
             "worker_request_failed", request=request[0], error=str(exc) or type(exc).__name__
         )
         return NO_ANSWER
-
-
-def merge_metrics(texts: dict[int, bytes]) -> bytes:
-    """Prometheus text of several workers: each family once, every sample labelled."""
-    headers: dict[str, list[str]] = {}
-    samples: dict[str, list[str]] = {}
-    for index, text in sorted(texts.items()):
-        family = ""
-        for line in text.decode().splitlines():
-            if line.startswith(("# HELP ", "# TYPE ")):
-                family = line.split(" ", 3)[2]
-                lines = headers.setdefault(family, [])
-                if line not in lines:
-                    lines.append(line)
-                samples.setdefault(family, [])
-            elif line and not line.startswith("#"):
-                samples.setdefault(family, []).append(_with_worker(line, index))
-    out = []
-    for family, lines in samples.items():
-        out += headers.get(family, [])
-        out += lines
-    return ("\n".join(out) + "\n").encode()
-
-
-def _with_worker(sample: str, index: int) -> str:
-    name_end = min(i for i in (sample.find("{"), sample.find(" ")) if i >= 0)
-    if sample[name_end] == "{":
-        return f'{sample[:name_end]}{{worker="{index}",{sample[name_end + 1 :]}'
-    return f'{sample[:name_end]}{{worker="{index}"}}{sample[name_end:]}'
 
 
 async def _forward_cancel(path: str, packet: bytes) -> None:

@@ -25,7 +25,7 @@ from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.config.userlist import load_users_file
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
-from pgmux.proxy.metrics import Observer
+from pgmux.proxy.metrics import Observer, Workers
 from pgmux.proxy.registry import Registry
 from pgmux.proxy.workers import WorkerInfo
 
@@ -95,7 +95,14 @@ class Daemon:
         self.registry.worker = worker
         self.registry.ledger = worker.ledger if worker is not None else None
         self.registry.daemon = self  # the console's RELOAD / SHUTDOWN
-        self.observer = Observer(self)  # stats period, /metrics /health /ready
+        # stats period, /metrics /health /ready
+        self.observer = Observer(
+            self.registry,
+            listening=lambda: bool(self.listener.servers),
+            workers=Workers(worker.index, worker.metrics_of_others) if worker else None,
+        )
+        if worker is not None:  # worker 0's /metrics asks this worker for its text
+            worker.local_metrics = self.observer.http.exposition
         self.listener = Listener(self.registry)
         self.janitor = Janitor(self.registry)
         # Under listen.workers > 1 the supervisor is systemd's main process.
