@@ -25,9 +25,9 @@ from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.config.userlist import load_users_file
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
+from pgmux.proxy.daemon.peers import WorkerInfo
 from pgmux.proxy.metrics import Observer, Workers
 from pgmux.proxy.registry import Registry
-from pgmux.proxy.workers import WorkerInfo
 
 log = get_logger("pgmux.lifecycle")
 
@@ -89,7 +89,7 @@ class Daemon:
 
     def __init__(self, config: Config, worker: WorkerInfo | None = None) -> None:
         self.config = config
-        self.worker = worker  # one of listen.workers processes (proxy/workers.py)
+        self.worker = worker  # one of listen.workers processes (daemon/peers.py)
         self.registry = Registry(config, load_users(config))
         self.registry.tls, self.registry.hba = load_security(config)
         self.registry.worker = worker
@@ -147,7 +147,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.pause)
         loop.add_signal_handler(signal.SIGUSR2, self.resume)
-        # pgmux starts with these blocked (cli.py, workers.py); now they can arrive.
+        # pgmux starts with these blocked (cli.py, supervisor.py); now they can arrive.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
 
     def pause(self) -> None:
