@@ -425,8 +425,8 @@ class MetricsServer:
                 "servers": registry.server_count,
             })  # fmt: skip
         if path == "/ready":
-            ready, body = await readiness(self.registry, self.listening())
-            return (200 if ready else 503), "application/json", _json(body)
+            ready, report = await readiness(self.registry, self.listening())
+            return (200 if ready else 503), "application/json", _json(report)
         return 404, "application/json", _json({"error": "not found", "path": path})
 
 

@@ -24,7 +24,6 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import structlog
 import uvloop
@@ -33,14 +32,11 @@ from pgmux.proxy.base import ids
 from pgmux.proxy.base.ledger import Ledger
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.sdnotify import Notifier
-from pgmux.proxy.config import Config
+from pgmux.proxy.config import Config, ListenConfig
 from pgmux.proxy.core.peers import MAX_WORKERS
 from pgmux.proxy.daemon.lifecycle import Daemon
 from pgmux.proxy.daemon.listener import inherited_sockets
 from pgmux.proxy.daemon.peers import WorkerInfo
-
-if TYPE_CHECKING:
-    from pgmux.proxy.config import ListenConfig
 
 log = get_logger("pgmux.supervisor")
 
