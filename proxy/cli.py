@@ -175,9 +175,9 @@ def run(
             print("pgmux: -u is not supported with listen.workers > 1", file=sys.stderr)
             return 2
     if config.listen.workers > 1:
-        from pgmux.proxy.workers import run_workers
+        from pgmux.proxy.supervisor import run_workers
 
-        return run_workers(config, level)
+        return run_workers(config)
     daemon = Daemon(config)
     if user is not None:
         from pgmux.proxy.base.privileges import drop_privileges

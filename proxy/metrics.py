@@ -10,16 +10,19 @@
   keeps answering while a shutdown drains clients, and closes last.
 
 The collector reads the same live objects as the console when scraped;
-nothing on the data path touches prometheus_client.
+nothing on the data path touches prometheus_client. Under listen.workers the
+first worker serves HTTP, and its /metrics merges every worker's text, each
+sample labelled worker="N".
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -40,7 +43,6 @@ from pgmux.proxy.config import FALLBACK_DATABASE
 from pgmux.proxy.console.show import consoles, pool_counts
 
 if TYPE_CHECKING:
-    from pgmux.proxy.daemon.lifecycle import Daemon
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.registry import Registry
 
@@ -133,11 +135,11 @@ LABELS = ["database", "user"]
 class PgmuxCollector:
     """Reads the registry at scrape time; labels are database and user names only."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
 
     def collect(self) -> Iterator[Metric]:
-        registry = self.daemon.registry
+        registry = self.registry
         pools = list(registry.pools.values())
         now = time.monotonic()
         yield from self._gauges(pools, now)
@@ -243,12 +245,53 @@ def _database_names(registry: Registry) -> list[str]:
     return names + sorted({p.dbname for p in registry.pools.values()} - set(names))
 
 
-def build_registry(daemon: Daemon) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(PgmuxCollector(daemon))  # type: ignore[arg-type]
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    return registry
+def build_registry(registry: Registry) -> CollectorRegistry:
+    """The prometheus_client registry /metrics exposes: pgmux's collector and the process's."""
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(PgmuxCollector(registry))  # type: ignore[arg-type]
+    ProcessCollector(registry=collectors)
+    PlatformCollector(registry=collectors)
+    return collectors
+
+
+# --- several workers: one exposition -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """This process as one of listen.workers, as /metrics sees it (daemon/peers.py)."""
+
+    index: int  # only worker 0 serves HTTP
+    others: Callable[[], Awaitable[dict[int, bytes]]]  # the other workers' texts, by index
+
+
+def merge_metrics(texts: dict[int, bytes]) -> bytes:
+    """Prometheus text of several workers: each family once, every sample labelled."""
+    headers: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for index, text in sorted(texts.items()):
+        family = ""
+        for line in text.decode().splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                family = line.split(" ", 3)[2]
+                lines = headers.setdefault(family, [])
+                if line not in lines:
+                    lines.append(line)
+                samples.setdefault(family, [])
+            elif line and not line.startswith("#"):
+                samples.setdefault(family, []).append(_with_worker(line, index))
+    out = []
+    for family, lines in samples.items():
+        out += headers.get(family, [])
+        out += lines
+    return ("\n".join(out) + "\n").encode()
+
+
+def _with_worker(sample: str, index: int) -> str:
+    name_end = min(i for i in (sample.find("{"), sample.find(" ")) if i >= 0)
+    if sample[name_end] == "{":
+        return f'{sample[:name_end]}{{worker="{index}",{sample[name_end + 1 :]}'
+    return f'{sample[:name_end]}{{worker="{index}"}}{sample[name_end:]}'
 
 
 # --- readiness ---------------------------------------------------------------------
@@ -274,8 +317,8 @@ async def probe_server(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> 
     return None if answer in (b"S", b"N") else "not a PostgreSQL server"
 
 
-async def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
-    registry = daemon.registry
+async def readiness(registry: Registry, listening: bool) -> tuple[bool, dict[str, Any]]:
+    """/ready: listening, not paused or shutting down, every database's server answers."""
     targets: dict[str, tuple[str, int]] = {}
     for name, db in registry.config.databases.items():
         targets[name] = (db.host, db.port)
@@ -286,7 +329,7 @@ async def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
         name: {"reachable": by_target[target] is None, "error": by_target[target]}
         for name, target in targets.items()
     }
-    listening = bool(daemon.listener.servers) and not registry.shutting_down
+    listening = listening and not registry.shutting_down
     paused = registry.paused or registry.suspended
     ready = listening and not paused and all(d["reachable"] for d in databases.values())
     body = {
@@ -303,18 +346,30 @@ async def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
 
 
 class MetricsServer:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.registry = build_registry(daemon)
-        if daemon.worker is not None:  # worker 0's /metrics gathers every worker's
-            daemon.worker.local_metrics = lambda: generate_latest(self.registry)
+    """GET /metrics, /health and /ready on admin.http.
+
+    LISTENING says whether the daemon accepts clients (for /ready); WORKERS is
+    set under listen.workers, where worker 0's /metrics gathers every worker's.
+    """
+
+    def __init__(
+        self, registry: Registry, listening: Callable[[], bool], workers: Workers | None
+    ) -> None:
+        self.registry = registry
+        self.listening = listening
+        self.workers = workers
+        self.collectors = build_registry(registry)
         self.started = time.monotonic()
         self._server: asyncio.Server | None = None
 
+    def exposition(self) -> bytes:
+        """This process's Prometheus text."""
+        return generate_latest(self.collectors)
+
     async def start(self) -> None:
-        http = self.daemon.config.admin.http
-        worker = self.daemon.worker
-        if http.port is None or (worker is not None and worker.index != 0):
+        http = self.registry.config.admin.http
+        workers = self.workers
+        if http.port is None or (workers is not None and workers.index != 0):
             return  # under listen.workers, the first worker serves HTTP
         self._server = await asyncio.start_server(
             self._handle, http.address, http.port, reuse_address=True
@@ -353,12 +408,13 @@ class MetricsServer:
             return 405, "application/json", _json({"error": "method not allowed"})
         path = path.split("?", 1)[0]
         if path == "/metrics":
-            body = generate_latest(self.registry)
-            if self.daemon.worker is not None:
-                body = await self.daemon.worker.gather_metrics(body)
+            body = self.exposition()
+            if self.workers is not None:
+                others = await self.workers.others()
+                body = merge_metrics({self.workers.index: body, **others})
             return 200, CONTENT_TYPE_LATEST, body
         if path == "/health":
-            registry = self.daemon.registry
+            registry = self.registry
             return 200, "application/json", _json({
                 "status": "ok",
                 "pid": os.getpid(),
@@ -369,8 +425,8 @@ class MetricsServer:
                 "servers": registry.server_count,
             })  # fmt: skip
         if path == "/ready":
-            ready, body = await readiness(self.daemon)
-            return (200 if ready else 503), "application/json", _json(body)
+            ready, report = await readiness(self.registry, self.listening())
+            return (200 if ready else 503), "application/json", _json(report)
         return 404, "application/json", _json({"error": "not found", "path": path})
 
 
@@ -400,9 +456,11 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
 class Observer:
     """The stats period and the HTTP endpoint, started and stopped by Daemon.run."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.stats = StatsPeriod(daemon.registry)
-        self.http = MetricsServer(daemon)
+    def __init__(
+        self, registry: Registry, listening: Callable[[], bool], workers: Workers | None = None
+    ) -> None:
+        self.stats = StatsPeriod(registry)
+        self.http = MetricsServer(registry, listening, workers)
 
     async def start(self) -> None:
         self.stats.start()

@@ -26,6 +26,7 @@ from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, DatabaseConfig, PoolSettings
 from pgmux.proxy.config.hba import Hba
 from pgmux.proxy.config.tls import TlsContexts
+from pgmux.proxy.core.peers import ParamsLearned, RoomWanted, SlotFreed
 from pgmux.proxy.datapath.auth import LearnedSecret
 from pgmux.proxy.datapath.authquery import AuthQuery
 from pgmux.proxy.datapath.pool import Pool
@@ -33,9 +34,9 @@ from pgmux.proxy.datapath.server import ServerCredentials
 from pgmux.proxy.datapath.translator import StatementCache
 
 if TYPE_CHECKING:
+    from pgmux.proxy.core.peers import Peers, ServerSnapshot
     from pgmux.proxy.daemon.lifecycle import Daemon
     from pgmux.proxy.datapath.client import ClientConnection
-    from pgmux.proxy.workers import WorkerInfo
 
 log = get_logger("pgmux.registry")
 
@@ -66,7 +67,7 @@ class Registry:
         # authenticated clients per database and per user (max_*_client_connections)
         self.db_client_count: Counter[str] = Counter()
         self.user_client_count: Counter[str] = Counter()
-        self.worker: WorkerInfo | None = None  # set when running as one of listen.workers
+        self.worker: Peers | None = None  # set when running as one of listen.workers
         # with several workers: the limits they share (proxy/ledger.py)
         self.ledger: Ledger | None = None
         # server parameters other workers' pools learned, for our pools' welcomes
@@ -283,7 +284,7 @@ class Registry:
         if pool not in self.starving:
             # Once per episode: the other workers hand over an idle server of
             # this pool, or close one of another pool under the shared limit.
-            self.worker.broadcast(("room", pool.dbname, pool.user, scope))
+            self.worker.broadcast(RoomWanted(pool.dbname, pool.user, scope))
         self._starve(pool)
         return False
 
@@ -293,13 +294,13 @@ class Registry:
         row = self._starving_row
         for index in range(self.ledger.workers):
             if index != self.ledger.index and self.ledger.waiting_of(row, index):
-                self.worker.send(index, ("freed",))
+                self.worker.send(index, SlotFreed())
 
     def params_learned(self, pool: Pool) -> None:
         """Our pool met its first server: the other workers' pools welcome
         their clients with its parameters instead of waiting for a server."""
         if self.worker is not None and pool.server_params is not None:
-            self.worker.broadcast(("params", pool.dbname, pool.user, pool.server_params))
+            self.worker.broadcast(ParamsLearned(pool.dbname, pool.user, pool.server_params))
 
     def params_heard(self, dbname: str, user: str, params: dict[str, str]) -> None:
         self.known_params[(dbname, user)] = params
@@ -322,7 +323,7 @@ class Registry:
         if victim is not None:
             victim.pool.close_server(victim, "slot lent to another worker")
 
-    def adopt_server(self, dbname: str, user: str, state: dict, fd: int) -> None:
+    def adopt_server(self, dbname: str, user: str, state: ServerSnapshot, fd: int) -> None:
         """A server another worker handed over, for our waiting clients."""
         pool = self.pools.get((dbname, user))
         if pool is None:

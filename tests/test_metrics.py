@@ -22,6 +22,7 @@ from helpers import PgmuxFactory, close_quietly, connect_asyncpg, connect_psycop
 from prometheus_client.parser import text_string_to_metric_families
 from test_admin_console import console_config
 
+from pgmux.proxy.metrics import merge_metrics
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,6 +104,33 @@ async def test_metrics_parse_and_have_the_families(pgmux: PgmuxFactory) -> None:
         assert status == 404 and json.loads(body)["error"] == "not found"
     finally:
         await close_quietly(holder, waiter)
+
+
+def test_merged_metrics_label_every_sample_with_its_worker() -> None:
+    worker = (
+        "# HELP pgmux_servers Server connections.\n"
+        "# TYPE pgmux_servers gauge\n"
+        "pgmux_servers {servers}\n"
+        "# HELP pgmux_errors_total Errors by kind.\n"
+        "# TYPE pgmux_errors_total counter\n"
+        'pgmux_errors_total{{database="appdb",kind="io"}} {errors}\n'
+    )
+    text = merge_metrics({
+        1: worker.format(servers=3, errors=1).encode(),
+        0: worker.format(servers=2, errors=0).encode(),
+    }).decode()  # fmt: skip
+    assert text.splitlines() == [
+        "# HELP pgmux_servers Server connections.",
+        "# TYPE pgmux_servers gauge",
+        'pgmux_servers{worker="0"} 2',
+        'pgmux_servers{worker="1"} 3',
+        "# HELP pgmux_errors_total Errors by kind.",
+        "# TYPE pgmux_errors_total counter",
+        'pgmux_errors_total{worker="0",database="appdb",kind="io"} 0',
+        'pgmux_errors_total{worker="1",database="appdb",kind="io"} 1',
+    ]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {s.labels["worker"] for s in families["pgmux_servers"].samples} == {"0", "1"}
 
 
 async def test_health_and_ready_follow_the_backend(pgmux: PgmuxFactory) -> None:

@@ -34,8 +34,11 @@ from helpers import (
 )
 from test_admin_console import admin_psycopg, console_config, show
 
+from pgmux.proxy.base import ids
 from pgmux.proxy.base.ledger import Ledger, LedgerFull, scope_key
-from pgmux.proxy.workers import worker_of
+from pgmux.proxy.config import Config, LimitsConfig
+from pgmux.proxy.core.peers import MAX_WORKERS, pid_of_worker, worker_of
+from pgmux.proxy.daemon.peers import worker_config
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
@@ -133,6 +136,41 @@ def test_ledger_hands_a_server_to_the_worker_with_fewer_then_the_oldest_waiter()
     assert ledger.taker(row, 2, 1.0) == 2  # more here: even an older waiter yields
     ledger.move([row], 2)
     assert [ledger.count_of(row, w) for w in range(3)] == [1, 1, 2]
+
+
+# -- a worker's share, its cancel pids and connection ids (pure) ---------------------
+
+
+def test_only_the_login_guard_is_split_between_workers() -> None:
+    config = Config(limits=LimitsConfig(max_logins_in_progress=5))
+    shares = [worker_config(config, 2, index) for index in range(2)]
+    assert [c.limits.max_logins_in_progress for c in shares] == [3, 2]
+    assert all(c.listen.max_client_conn == config.listen.max_client_conn for c in shares)
+    unlimited = Config(limits=LimitsConfig(max_logins_in_progress=0))
+    assert worker_config(unlimited, 2, 1).limits.max_logins_in_progress == 0
+    assert worker_config(config, 1, 0) is config
+
+
+def test_a_cancel_pid_names_its_worker_and_stays_positive() -> None:
+    for index in (0, 1, MAX_WORKERS - 1):
+        for random_bits in (1, 0x7FFFFFFF, 0x12345678):
+            pid = pid_of_worker(random_bits, index)
+            assert 0 <= pid <= 0x7FFFFFFF
+            assert worker_of(pid) == index
+
+
+def test_connection_ids_of_workers_never_collide() -> None:
+    numbered: list[list[int]] = []
+    try:
+        for index in range(3):
+            ids.configure(index, 3)
+            numbered.append([ids.next_client_id() for _ in range(4)])
+            assert [ids.next_server_id() for _ in range(2)] == numbered[-1][:2]
+    finally:
+        ids.configure(0, 1)
+    assert numbered[1] == [2, 5, 8, 11]
+    everyone = [n for worker in numbered for n in worker]
+    assert len(set(everyone)) == len(everyone)
 
 
 # -- a running multi-worker pgmux -----------------------------------------------------
@@ -235,7 +273,10 @@ async def test_console_commands_act_on_every_worker(pgmux: PgmuxFactory, pg: Tem
             cur = await console.execute(f"KILL_CLIENT {client_id}")
             assert cur.statusmessage == "KILL_CLIENT"
         for conn in by_worker.values():
-            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            # The FATAL may reach asyncpg while it is idle; then its state machine
+            # complains (InternalClientError) instead of raising the FATAL itself.
+            killed = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+            with pytest.raises((*killed, OSError)):
                 await conn.fetchval("SELECT 1")
     finally:
         await close_quietly(console, *clients)

@@ -25,9 +25,9 @@ from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.config.userlist import load_users
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
-from pgmux.proxy.metrics import Observer
+from pgmux.proxy.daemon.peers import WorkerInfo
+from pgmux.proxy.metrics import Observer, Workers
 from pgmux.proxy.registry import Registry
-from pgmux.proxy.workers import WorkerInfo
 
 log = get_logger("pgmux.lifecycle")
 
@@ -85,13 +85,20 @@ class Daemon:
 
     def __init__(self, config: Config, worker: WorkerInfo | None = None) -> None:
         self.config = config
-        self.worker = worker  # one of listen.workers processes (proxy/workers.py)
+        self.worker = worker  # one of listen.workers processes (daemon/peers.py)
         self.registry = Registry(config, load_users(config))
         self.registry.tls, self.registry.hba = load_security(config)
         self.registry.worker = worker
         self.registry.ledger = worker.ledger if worker is not None else None
         self.registry.daemon = self  # the console's RELOAD / SHUTDOWN
-        self.observer = Observer(self)  # stats period, /metrics /health /ready
+        # stats period, /metrics /health /ready
+        self.observer = Observer(
+            self.registry,
+            listening=lambda: bool(self.listener.servers),
+            workers=Workers(worker.index, worker.metrics_of_others) if worker else None,
+        )
+        if worker is not None:  # worker 0's /metrics asks this worker for its text
+            worker.local_metrics = self.observer.http.exposition
         self.listener = Listener(self.registry)
         self.janitor = Janitor(self.registry)
         # Under listen.workers > 1 the supervisor is systemd's main process.
@@ -136,7 +143,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.pause)
         loop.add_signal_handler(signal.SIGUSR2, self.resume)
-        # pgmux starts with these blocked (cli.py, workers.py); now they can arrive.
+        # pgmux starts with these blocked (cli.py, supervisor.py); now they can arrive.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
 
     def pause(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import time
 from struct import Struct
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from pgmux.protocol.startup import (
     StartupMessage,
     StartupReader,
 )
+from pgmux.proxy.base import ids
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import GLOBAL
 from pgmux.proxy.base.tasks import spawn
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.client")
-
-_client_ids = itertools.count(1)
 
 _LENGTH = Struct("!I").unpack_from
 _QUERY = ord("Q")
@@ -171,7 +169,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle_mark = 0.0
         self.query_cancelled = 0.0
         self.cancel_sent_at = 0.0
-        self.id = next(_client_ids)  # SHOW CLIENTS id, KILL_CLIENT's argument
+        self.id = ids.next_client_id()  # SHOW CLIENTS id, KILL_CLIENT's argument
         self.xact_started = 0.0  # first request of the transaction in progress
         self.query_mark = 0.0  # the last ReadyForQuery, or when the server was linked
         self.console: AdminSession | None = None

@@ -20,6 +20,7 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.core.peers import ServerHandedOver, ServerSnapshot
 from pgmux.proxy.datapath import session_state
 from pgmux.proxy.datapath.server import (
     ServerConnection,
@@ -308,10 +309,10 @@ class Pool:
         registry.ledger.move(self.shared_rows, worker)
         self._forget(server, shared=False)
         log.debug("server_handed_over", db=self.dbname, user=self.user, to_worker=worker)
-        if not registry.worker.send(worker, ("server", self.dbname, self.user, state), fd):
+        if not registry.worker.send(worker, ServerHandedOver(self.dbname, self.user, state), fd):
             registry.ledger.give_back(self.shared_rows, worker)
 
-    async def adopt(self, state: dict, fd: int) -> None:
+    async def adopt(self, state: ServerSnapshot, fd: int) -> None:
         """A server handed over by another worker joins this pool."""
         server = ServerConnection.adopted(self, self.credentials, state)
         self.servers.add(server)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import os
 import sys
 import time
@@ -27,8 +26,10 @@ from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
 from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
+from pgmux.proxy.base import ids
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.core.peers import ServerSnapshot
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.replies import ResponseFilter
 
@@ -52,8 +53,6 @@ _COPY_IN_RESPONSE = ord("G")
 _COPY_BOTH_RESPONSE = ord("W")
 _ERROR_RESPONSE = ord("E")
 _IDLE = ord("I")
-
-_server_ids = itertools.count(1)
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
 
@@ -103,7 +102,7 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, pool: Pool, credentials: ServerCredentials) -> None:
         self.pool = pool
-        self.id = next(_server_ids)
+        self.id = ids.next_server_id()
         self.credentials = credentials
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
@@ -144,34 +143,36 @@ class ServerConnection(asyncio.Protocol):
     # --- moving between workers (listen.workers > 1) ---------------------------
 
     @classmethod
-    def adopted(cls, pool: Pool, credentials: ServerCredentials, state: dict) -> ServerConnection:
+    def adopted(
+        cls, pool: Pool, credentials: ServerCredentials, snapshot: ServerSnapshot
+    ) -> ServerConnection:
         """A logged-in server another worker handed over (export_state there)."""
         server = cls(pool, credentials)
         server.state = ServerState.IDLE
-        server.backend_pid = state["backend_pid"]
-        server.backend_key = state["backend_key"]
-        server.params = varcache.interned(state["params"])
-        server.applied = state["applied"]
-        server.connected_at = state["connected_at"]  # CLOCK_MONOTONIC: one clock for all
-        server.last_used = state["last_used"]
+        server.backend_pid = snapshot.backend_pid
+        server.backend_key = snapshot.backend_key
+        server.params = varcache.interned(snapshot.params)
+        server.applied = snapshot.applied
+        server.connected_at = snapshot.connected_at  # CLOCK_MONOTONIC: one clock for all
+        server.last_used = snapshot.last_used
         cache = pool.registry.statement_cache
-        for rest in state["prepared"]:  # oldest first, as the LRU had them
+        for rest in snapshot.prepared:  # oldest first, as the LRU had them
             statement = cache.get(rest)
             server.prepared[statement.name] = statement
         server._login.set_result(None)
         return server
 
-    def export_state(self) -> dict:
+    def export_state(self) -> ServerSnapshot:
         """What another worker needs to carry on with this idle, clean server."""
-        return {
-            "backend_pid": self.backend_pid,
-            "backend_key": self.backend_key,
-            "params": self.params,
-            "applied": self.applied,
-            "connected_at": self.connected_at,
-            "last_used": self.last_used,
-            "prepared": [statement.rest for statement in self.prepared.values()],
-        }
+        return ServerSnapshot(
+            backend_pid=self.backend_pid,
+            backend_key=self.backend_key,
+            params=self.params,
+            applied=self.applied,
+            connected_at=self.connected_at,
+            last_used=self.last_used,
+            prepared=tuple(statement.rest for statement in self.prepared.values()),
+        )
 
     def movable(self) -> bool:
         """Only a plain socket can change process; a TLS session lives in this one."""
