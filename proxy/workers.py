@@ -375,7 +375,7 @@ class _Peer(asyncio.Protocol):
         if kind == "show":
             answer = local_rows(self.registry, argument, time.monotonic())
         elif kind == "run":
-            from pgmux.proxy.console.session import (
+            from pgmux.proxy.console.commands import (
                 run_replayed,  # admin imports what imports this module
             )
 
