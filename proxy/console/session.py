@@ -269,4 +269,4 @@ def _encode_result(result: Result, formats: list[int], describe: bool) -> bytes:
     return b"".join(out)
 
 
-__all__ = ["AdminSession", "ConsoleError", "open_console"]
+__all__ = ["AdminSession", "open_console"]

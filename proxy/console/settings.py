@@ -59,7 +59,7 @@ def set_setting(registry: Registry, key: str, text: str) -> str:
         value = convert(_yaml_scalar(text), key)
     except ConfigError as exc:
         raise ConsoleError(sqlstate.INVALID_PARAMETER_VALUE, str(exc)) from None
-    apply_setting(registry, key, value)
+    _apply(registry, key, value)
     return key
 
 
@@ -72,7 +72,7 @@ def _yaml_scalar(text: str) -> Any:
     return text
 
 
-def apply_setting(registry: Registry, key: str, value: Any) -> None:
+def _apply(registry: Registry, key: str, value: Any) -> None:
     """Swap in a config with KEY set; pools and databases that inherit it follow."""
     config = registry.config
     section, name = key.split(".", 1)
