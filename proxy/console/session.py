@@ -177,11 +177,11 @@ class AdminSession:
         elif tag == "B":
             self._bind(body)
         elif tag == "D":
-            await self._describe(*parse_target(body, "Describe"))
+            await self._describe(*_target(body, "Describe"))
         elif tag == "E":
-            await self._execute(parse_execute(body)[0])
+            await self._execute(_portal_name(body))
         elif tag == "C":
-            kind, name = parse_target(body, "Close")
+            kind, name = _target(body, "Close")
             (self._statements if kind == "S" else self._portals).pop(name, None)
             self.send(messages.close_complete())
         else:
@@ -223,6 +223,7 @@ class AdminSession:
         portal = self._portal(name)
         if portal.result is None and show_argument(portal.query) is not None:
             portal.result = await self.commands.execute(portal.query)
+            _check_formats(portal.result, portal.formats)
         self.send(_row_description(portal.result, portal.formats))
 
     async def _execute(self, name: str) -> None:
@@ -234,12 +235,41 @@ class AdminSession:
         portal.result = None  # a second Execute of the portal runs it again
         if result is None:
             result = await self.commands.execute(portal.query)
+        _check_formats(result, portal.formats)
         self.send(_encode_result(result, portal.formats, describe=False))
         if result.after is not None:
             result.after()
 
 
-# --- answers on the wire -------------------------------------------------------------
+# --- messages in, answers out -------------------------------------------------------
+
+
+# A Describe, Execute or Close the console cannot read is that batch's error,
+# as in PostgreSQL: the console answers the next Sync and stays usable.
+
+
+def _target(body: bytes, what: str) -> tuple[str, str]:
+    try:
+        return parse_target(body, what)
+    except ProtocolError as exc:
+        raise ConsoleError(sqlstate.PROTOCOL_VIOLATION, exc.message) from None
+
+
+def _portal_name(body: bytes) -> str:
+    try:
+        return parse_execute(body)[0]
+    except ProtocolError as exc:
+        raise ConsoleError(sqlstate.PROTOCOL_VIOLATION, exc.message) from None
+
+
+def _check_formats(result: Result, formats: list[int]) -> None:
+    """Bind's result formats: none, one for all columns, or one per column."""
+    if result.columns and len(formats) > 1 and len(formats) != len(result.columns):
+        raise ConsoleError(
+            sqlstate.PROTOCOL_VIOLATION,
+            f"bind message has {len(formats)} result formats but query has "
+            f"{len(result.columns)} columns",
+        )
 
 
 def _split_statements(text: str) -> list[str]:
