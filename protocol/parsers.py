@@ -7,6 +7,8 @@ because a peer that disagrees with us about framing cannot be trusted further.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .codec import Cursor, decode
 from .errors import ProtocolError
 
@@ -113,6 +115,48 @@ def parse_parse(body: bytes) -> tuple[str, str, list[int]]:
     oids = [cursor.uint32() for _ in range(_count(cursor))]
     cursor.end()
     return name, sql, oids
+
+
+class Bind(NamedTuple):
+    portal: str
+    statement: str
+    param_formats: list[int]  # none: all text; one: for every parameter; else one each
+    params: list[bytes | None]  # None is NULL
+    result_formats: list[int]  # likewise, for the result columns
+
+
+def parse_bind(body: bytes) -> Bind:
+    cursor = Cursor(body, "Bind")
+    portal, statement = cursor.text(), cursor.text()
+    param_formats = [cursor.int16() for _ in range(_count(cursor))]
+    params: list[bytes | None] = []
+    for _ in range(_count(cursor)):
+        size = cursor.int32()
+        if size < -1:
+            raise ProtocolError("invalid Bind: negative parameter length")
+        params.append(None if size == -1 else cursor.take(size))
+    result_formats = [cursor.int16() for _ in range(_count(cursor))]
+    cursor.end()
+    return Bind(portal, statement, param_formats, params, result_formats)
+
+
+def parse_target(body: bytes, what: str) -> tuple[str, str]:
+    """Describe / Close: (b'S' statement or b'P' portal as 'S' / 'P', name)."""
+    cursor = Cursor(body, what)
+    kind = chr(cursor.byte())
+    if kind not in ("S", "P"):
+        raise ProtocolError(f"invalid {what}: unknown target type {kind!r}")
+    name = cursor.text()
+    cursor.end()
+    return kind, name
+
+
+def parse_execute(body: bytes) -> tuple[str, int]:
+    """Execute: (portal name, row limit; 0 means all rows)."""
+    cursor = Cursor(body, "Execute")
+    portal, max_rows = cursor.text(), cursor.int32()
+    cursor.end()
+    return portal, max_rows
 
 
 def _count(cursor: Cursor) -> int:

@@ -34,8 +34,11 @@ from pgmux.proxy.datapath.server import ServerCredentials
 from pgmux.proxy.datapath.translator import StatementCache
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from pgmux.proxy.config import Timeouts
+    from pgmux.proxy.core.control import Control
     from pgmux.proxy.core.peers import Peers, ServerSnapshot
-    from pgmux.proxy.daemon.lifecycle import Daemon
     from pgmux.proxy.datapath.client import ClientConnection
 
 log = get_logger("pgmux.registry")
@@ -72,7 +75,7 @@ class Registry:
         self.ledger: Ledger | None = None
         # server parameters other workers' pools learned, for our pools' welcomes
         self.known_params: dict[tuple[str, str], dict[str, str]] = {}
-        self.daemon: Daemon | None = None  # the console's RELOAD and SHUTDOWN reach it here
+        self.control: Control | None = None  # the console's RELOAD and SHUTDOWN reach it here
         # PAUSE / SUSPEND / DISABLE state, as the console and SIGUSR1/SIGUSR2 set it
         self.paused = False
         self.suspended = False
@@ -419,6 +422,20 @@ class Registry:
 
     def enable(self, dbname: str) -> None:
         self.disabled_databases.discard(dbname)
+
+    def apply_setting(
+        self,
+        config: Config,
+        pools: Iterable[tuple[Pool, DatabaseConfig, PoolSettings, Timeouts]] = (),
+    ) -> None:
+        """A console SET: CONFIG is the configuration with the new value; each
+        of POOLS inherits it and gets its new database entry, settings and
+        timeouts (its servers stay)."""
+        self.config = config
+        if self.control is not None:
+            self.control.config = config
+        for pool, database, settings, timeouts in pools:
+            pool.apply_settings(database, settings, timeouts)
 
     # --- clients ----------------------------------------------------------
 

@@ -206,6 +206,37 @@ async def test_reload(pgmux: PgmuxFactory) -> None:
         await close_quietly(console)
 
 
+async def test_set_pool_size_serves_the_queue_and_keeps_servers(
+    pgmux: PgmuxFactory, pg: Any
+) -> None:
+    """SET pool.size applies to the pools that inherit it at once: a waiting
+    client gets a new server, the busy one stays linked to its client, and a
+    database with its own pool_size keeps it."""
+    own = {"host": pg.host, "port": pg.port, "pool_size": 3}
+    mux = pgmux({**console_config(), "pool": {"size": 1}, "databases": {"other": own}})
+    holder = await connect_asyncpg(mux)
+    queued = await connect_asyncpg(mux)
+    console = await admin_psycopg(mux)
+    try:
+        tx = await begin(holder)
+        backend = await holder.fetchval("SELECT pg_backend_pid()")
+        query = asyncio.create_task(queued.fetchval("SELECT 6"))
+        await asyncio.sleep(0.3)
+        assert not query.done(), "pool.size 1 served a second client"
+        cur = await console.execute("SET pool.size = 2")
+        assert cur.statusmessage == "SET pool.size=2"
+        assert await asyncio.wait_for(query, 10) == 6
+        assert await holder.fetchval("SELECT pg_backend_pid()") == backend
+        await tx.commit()
+        appdb = row_for(await show(console, "POOLS"), database="appdb")
+        assert appdb["sv_active"] + appdb["sv_idle"] == 2
+        databases = await show(console, "DATABASES")
+        assert row_for(databases, name="appdb")["pool_size"] == 2
+        assert row_for(databases, name="other")["pool_size"] == 3
+    finally:
+        await close_quietly(holder, queued, console)
+
+
 async def test_shutdown_wait_for_clients_lets_transactions_finish(pgmux: PgmuxFactory) -> None:
     mux = pgmux(console_config())
     conn = await connect_asyncpg(mux)

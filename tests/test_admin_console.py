@@ -453,3 +453,40 @@ async def test_extended_protocol_by_hand(pgmux: PgmuxFactory) -> None:
         assert result.rows and not result.errors
     finally:
         await raw.close()
+
+
+async def test_malformed_extended_messages(pgmux: PgmuxFactory) -> None:
+    """A Bind or Describe the console cannot read is that batch's error (08P01):
+    the rest is skipped until Sync, and the console stays usable."""
+    mux = pgmux(console_config())
+    raw = await RawClient.open(mux)
+    try:
+        await raw.login(*ADMIN, "pgmux")
+        await raw.send(
+            message(b"P", b"st1\0SHOW VERSION\0\0\0")
+            + message(b"B", b"\0st1\0\0\0\0\x01")  # one parameter announced, none sent
+            + message(b"E", b"\0\0\0\0\0")
+            + message(b"S")
+        )
+        replies = await raw.read_until_ready()
+        assert [kind for kind, _body in replies] == [b"1", b"E", b"Z"]
+        fields = error_fields(replies[1][1])
+        assert fields["C"] == "08P01" and fields["M"] == "invalid Bind message"
+        assert (await raw.query("SHOW VERSION")).rows
+        for describe in (b"Xst1\0", b"Sst1"):  # no such target type; no terminator
+            await raw.send(message(b"D", describe) + message(b"E", b"\0\0\0\0\0") + message(b"S"))
+            replies = await raw.read_until_ready()
+            assert [kind for kind, _body in replies] == [b"E", b"Z"]
+            assert error_fields(replies[0][1])["C"] == "08P01"
+        # Two result formats for SHOW VERSION's one column: PostgreSQL's error.
+        await raw.send(
+            message(b"B", b"\0st1\0\0\0\0\0\0\x02\0\x01\0\x01")
+            + message(b"E", b"\0\0\0\0\0")
+            + message(b"S")
+        )
+        replies = await raw.read_until_ready()
+        assert [kind for kind, _body in replies] == [b"2", b"E", b"Z"]
+        assert "2 result formats" in error_fields(replies[1][1])["M"]
+        assert (await raw.query("SHOW VERSION")).rows
+    finally:
+        await raw.close()

@@ -20,14 +20,19 @@ the console asks the others over each one's internal peer socket
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgmux.proxy.console.show import SHOW, STATS_AVERAGES_COLUMNS, STATS_COLUMNS, Result
 
+if TYPE_CHECKING:
+    from pgmux.proxy.registry import Registry
+
 Rows = list[Sequence[Any]]
+Merge = Callable[[list[Rows]], Rows]
+Combine = Callable[[Sequence[Any], Sequence[Any]], Sequence[Any]]
 
 
-def local_rows(registry, view: str, now: float) -> Rows:  # registry: Registry
+def local_rows(registry: Registry, view: str, now: float) -> Rows:
     """This worker's rows of VIEW, for the worker that runs the SHOW."""
     return SHOW[view](registry, now).rows if view in MERGED else []
 
@@ -39,7 +44,7 @@ def _concat(parts: list[Rows]) -> Rows:
     return [row for rows in parts for row in rows]
 
 
-def _keyed(key_columns: int, combine: Callable[[Sequence[Any], Sequence[Any]], Sequence[Any]]):
+def _keyed(key_columns: int, combine: Combine) -> Merge:
     """Rows with the same first KEY_COLUMNS values become one, by COMBINE."""
 
     def merge(parts: list[Rows]) -> Rows:
@@ -53,7 +58,7 @@ def _keyed(key_columns: int, combine: Callable[[Sequence[Any], Sequence[Any]], S
     return merge
 
 
-def _add_columns(columns: Sequence[int]):
+def _add_columns(columns: Sequence[int]) -> Combine:
     def combine(a: Sequence[Any], b: Sequence[Any]) -> Sequence[Any]:
         out = list(a)
         for i in columns:
@@ -75,7 +80,7 @@ def _lists(a: Sequence[Any], b: Sequence[Any]) -> Sequence[Any]:
     return (a[0], a[1] + b[1] if a[0] in summed else max(a[1], b[1]))
 
 
-def _stats_like(columns: Sequence[str]):
+def _stats_like(columns: Sequence[str]) -> Combine:
     """SHOW STATS-like rows: totals and rates add up; average times are
     weighted by the matching event rate of each worker."""
     index = {name: i for i, name in enumerate(columns)}
@@ -113,7 +118,7 @@ def _totals(a: Sequence[Any], b: Sequence[Any]) -> Sequence[Any]:
     return (a[0], a[1] + b[1])
 
 
-MERGED: dict[str, Callable[[list[Rows]], Rows]] = {
+MERGED: dict[str, Merge] = {
     "clients": _concat,
     "servers": _concat,
     "pools": _keyed(2, _pools),

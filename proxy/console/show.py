@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
+from pgmux.protocol.rows import INT4, INT8, NUMERIC, TEXT
 from pgmux.proxy.base.stats import PERIOD_FIELDS
 from pgmux.proxy.config import (
     ADMIN_DATABASES,
@@ -33,12 +34,7 @@ if TYPE_CHECKING:
     from pgmux.proxy.datapath.server import ServerConnection
     from pgmux.proxy.registry import Registry
 
-# Type OIDs PgBouncer uses in its RowDescriptions (pktbuf.c): s, i, q, N, T.
-TEXT = 25
-INT4 = 23
-INT8 = 20
-NUMERIC = 1700
-TYPLEN = {TEXT: -1, INT4: 4, INT8: 8, NUMERIC: -1}
+# The type OIDs of PgBouncer's RowDescription letters (pktbuf.c): s, i, q, N, T.
 _CODES = {"s": TEXT, "i": INT4, "q": INT8, "N": NUMERIC, "T": TEXT}
 
 CONSOLE_DB = ADMIN_DATABASES[0]
@@ -138,8 +134,8 @@ def pool_counts(pool: Pool, now: float) -> dict[str, int]:
         "cl_active": len(pool.clients) - waiting,
         "cl_waiting": waiting,
         "sv_active": linked,
-        "sv_active_cancel": sum(getattr(s, "cancels_in_flight", 0) for s in pool.servers),
-        "sv_being_canceled": sum(1 for s in pool.servers if getattr(s, "release_pending", 0)),
+        "sv_active_cancel": sum(s.cancels_in_flight for s in pool.servers),
+        "sv_being_canceled": sum(1 for s in pool.servers if s.release_pending),
         "sv_idle": len(pool.idle),
         "sv_used": 0,  # pgmux runs no server_check_query: an idle server is ready
         "sv_tested": len(pool.active) - linked,  # being cleaned after a client left
@@ -271,7 +267,7 @@ def show_databases(registry: Registry, now: float) -> Result:
             name, db.host, db.port, db.dbname or name, db.user, db.pool.size, db.pool.min_size,
             db.pool.reserve_size, int(db.timeouts.server_lifetime), db.pool.mode, None,
             db.pool.max_db_connections, registry.db_server_count[name],
-            getattr(db.pool, "max_db_client_connections", 0), clients.get(name, 0),
+            db.pool.max_db_client_connections, clients.get(name, 0),
             int(paused), int(registry.is_disabled(name)),
         ))  # fmt: skip
     return table("ssissiiiissiiiiii", DATABASES_COLUMNS, rows)
@@ -298,7 +294,7 @@ def show_users(registry: Registry, now: float) -> Result:
         pool_size = str(user.pool_size) if user is not None and user.pool_size else ""
         max_conn = user.max_user_connections if user and user.max_user_connections else 0
         max_conn = max_conn or config.pool.max_user_connections
-        max_clients = getattr(user, "max_user_client_connections", 0) if user else 0
+        max_clients = user.max_user_client_connections if user else 0
         rows.append((
             name, pool_size, "", user.pool_mode if user is not None else None, max_conn,
             registry.user_server_count[name], max_clients, clients.get(name, 0),
@@ -419,9 +415,12 @@ TOTALS_NAMES = (
 
 
 def _ps_counts(pools: Sequence[Pool]) -> list[int]:
-    """Prepared-statement counters, when the pool keeps them (else zeros)."""
-    names = ("total_client_parse_count", "total_server_parse_count", "total_bind_count")
-    return [sum(int(getattr(p.stats, n, 0)) for p in pools) for n in names]
+    """The prepared-statement counters: client Parses, server Parses, Binds."""
+    return [
+        sum(p.stats.total_client_parse_count for p in pools),
+        sum(p.stats.total_server_parse_count for p in pools),
+        sum(p.stats.total_bind_count for p in pools),
+    ]
 
 
 def totals(pools: Sequence[Pool]) -> list[int]:

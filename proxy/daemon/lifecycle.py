@@ -90,7 +90,7 @@ class Daemon:
         self.registry.tls, self.registry.hba = load_security(config)
         self.registry.worker = worker
         self.registry.ledger = worker.ledger if worker is not None else None
-        self.registry.daemon = self  # the console's RELOAD / SHUTDOWN
+        self.registry.control = self  # the console's RELOAD / SHUTDOWN
         # stats period, /metrics /health /ready
         self.observer = Observer(
             self.registry,

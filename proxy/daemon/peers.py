@@ -46,8 +46,8 @@ from pgmux.proxy.base.ledger import Ledger
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config
+from pgmux.proxy.console.commands import run_replayed
 from pgmux.proxy.console.gather import local_rows, merge
-from pgmux.proxy.console.session import run_replayed
 from pgmux.proxy.console.show import Result
 from pgmux.proxy.core.peers import (
     Message,

@@ -792,6 +792,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._welcome(pool.server_params)
 
+    def become_console(self, session: AdminSession) -> None:
+        """The admin console logged this client in: its session reads the
+        client's messages from now on (data_received hands them over)."""
+        self.console = session
+        self.phase = Phase.ADMIN
+
     def _welcome_server(self, server: ServerConnection) -> None:
         pool = self.pool
         assert pool is not None

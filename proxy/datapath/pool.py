@@ -565,6 +565,21 @@ class Pool:
             "cl_waiting": len(self.waiting),
         }
 
+    # --- runtime settings (console SET) ---
+
+    def apply_settings(
+        self, database: DatabaseConfig, settings: PoolSettings, timeouts: Timeouts
+    ) -> None:
+        """A console SET changed a value this pool inherits. Unlike reconfigure,
+        no server is replaced: the new values apply from now on, and a pool
+        whose size changed opens servers for its queue at once."""
+        sized = settings != self.settings
+        self.database = database
+        self.settings = settings
+        self.timeouts = timeouts
+        if sized and self.waiting:
+            self.grow()
+
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ServerError):
