@@ -50,6 +50,8 @@ log = get_logger("pgmux.registry")
 
 
 class Registry:
+    """The pools by (database, user) and the clients, with the parts they share."""
+
     def __init__(self, config: Config, users: dict[str, str]) -> None:
         self._config = config
         self.pools: dict[tuple[str, str], Pool] = {}

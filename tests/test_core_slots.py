@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ class FakeServer:
 
 
 class FakePool:
-    def __init__(self, slots: ServerSlots, dbname: str, user: str, **settings: int) -> None:
+    def __init__(self, slots: ServerSlots, dbname: str, user: str, **settings: Any) -> None:
         self.slots = slots
         self.dbname = dbname
         self.user = user

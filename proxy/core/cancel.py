@@ -62,8 +62,9 @@ class CancelKeys:
 
     def forget(self, client: ClientConnection) -> None:
         """CLIENT is gone: its pid may be issued again."""
-        if self.keys.get(client.cancel_pid) is client:
-            del self.keys[client.cancel_pid]
+        pid = client.cancel_pid
+        if self.keys.get(pid) is client:
+            del self.keys[pid]
 
     def cancel(self, pid: int, key: bytes) -> None:
         """A CancelRequest: forward it to the server running that client's query."""

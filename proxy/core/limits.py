@@ -71,6 +71,7 @@ class ServerSlots:
         self.db_server_count[pool.dbname] -= 1
         self.user_server_count[pool.user] -= 1
         if self.ledger is not None and shared:
+            assert pool.shared_rows is not None  # every pool has them when there is a ledger
             self.ledger.give(pool.shared_rows)
             self._tell_starving_workers()
         self.feed_starving()
@@ -198,6 +199,7 @@ class ServerSlots:
         """Take a slot in the ledger: every limit is checked across all workers."""
         assert self.ledger is not None and self.peers is not None
         rows = pool.shared_rows
+        assert rows is not None
         if pool in self.starving and self.ledger.total(rows[0]) >= pool.size_limit():
             return False  # still full, and the other workers know: no lock taken
         limits = (
