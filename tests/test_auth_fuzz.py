@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from types import SimpleNamespace
 
 import pytest
 from helpers import PgmuxFactory, connect_asyncpg, startup_packet
@@ -20,6 +19,8 @@ from hypothesis import strategies as st
 
 from pgmux.protocol.auth import ScramClient, ScramServer, make_scram_secret, parse_scram_secret
 from pgmux.protocol.errors import ProtocolError
+from pgmux.proxy.config import Config
+from pgmux.proxy.core.authstate import AuthState
 from pgmux.proxy.datapath.auth import ClientAuth
 
 # The startup phase, the framing and the auth exchange get 10 000 examples each;
@@ -79,8 +80,10 @@ def test_scram_client_against_a_hostile_server(server_first, server_final, keys)
     raise AssertionError("a fuzzed server cannot prove itself")
 
 
-def registry_stub() -> SimpleNamespace:
-    return SimpleNamespace(mock_key=MOCK_KEY, scram_cache={}, learned={})
+def auth_state() -> AuthState:
+    state = AuthState(Config(), users={})
+    state.mock_key = MOCK_KEY
+    return state
 
 
 password_bodies = st.one_of(
@@ -101,7 +104,7 @@ password_bodies = st.one_of(
 )
 def test_client_auth_exchange(method, secret, bodies, tls):
     auth = ClientAuth(
-        method, "fuzz", secret, registry_stub(), channel_binding=BINDING if tls else None
+        method, "fuzz", secret, auth_state(), channel_binding=BINDING if tls else None
     )
     auth.start()
     try:

@@ -169,7 +169,7 @@ def file_mode(value: Any, key: str) -> int:
     return value
 
 
-# At most 256: a cancel key's low byte names its worker (proxy/workers.py).
+# At most 256: a cancel key's low byte names its worker (proxy/core/peers.py).
 _worker_count = integer(1, 256, expected="an integer from 1 to 256 or 'auto'")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
@@ -31,24 +30,13 @@ from pgmux.protocol.auth import (
     secret_from_password,
 )
 from pgmux.protocol.errors import AuthError, ProtocolError
+from pgmux.proxy.core.authstate import LearnedSecret
 
 if TYPE_CHECKING:
-    from pgmux.proxy.registry import Registry
+    from pgmux.proxy.core.authstate import AuthState
 
 SCRAM = "SCRAM-SHA-256"
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class LearnedSecret:
-    """How pgmux may log in to PostgreSQL as a user, learned from a client's login."""
-
-    password: str | None = None  # plain password or md5 hash
-    client_key: bytes | None = None  # SCRAM passthrough: the client's proven ClientKey
-    scram: ScramSecret | None = None  # ...and the secret it belongs to
-
-    def __repr__(self) -> str:
-        return "LearnedSecret(****)"
 
 
 class ClientAuth:
@@ -59,14 +47,14 @@ class ClientAuth:
         method: str,
         user: str,
         secret: str | None,
-        registry: Registry,
+        state: AuthState,
         *,
         channel_binding: bytes | None = None,
         from_auth_query: bool = False,
     ) -> None:
         self.user = user
         self.secret = secret
-        self.registry = registry
+        self.state = state  # where learned secrets go; also the SCRAM cache, mock key
         self.method = _effective_method(method, secret)
         self.channel_binding = channel_binding  # set on TLS connections
         self.from_auth_query = from_auth_query
@@ -103,7 +91,7 @@ class ClientAuth:
     def _learn_password(self) -> None:
         # The users file's secrets reach the pool directly; auth_query's only this way.
         if self.from_auth_query and self.secret is not None:
-            self.registry.learned[self.user] = LearnedSecret(password=self.secret)
+            self.state.learned[self.user] = LearnedSecret(password=self.secret)
 
     def _handle_scram(self, body: bytes) -> tuple[bytes | None, bool]:
         self._step += 1
@@ -117,7 +105,7 @@ class ClientAuth:
             self._scram = ScramServer(
                 self._scram_secret(),
                 username=self.user,
-                mock_key=self.registry.mock_key,
+                mock_key=self.state.mock_key,
                 channel_binding=self.channel_binding,
                 plus=plus,
             )
@@ -136,13 +124,13 @@ class ClientAuth:
         if secret is None or self._scram is None or self._scram.client_key is None:
             return
         if self.from_auth_query and not secret.startswith("SCRAM-SHA-256$"):
-            self.registry.learned[self.user] = LearnedSecret(password=secret)
+            self.state.learned[self.user] = LearnedSecret(password=secret)
             return
         parsed = parse_scram_secret(secret)
         if parsed is not None:
             # Only the SCRAM secret is known: keep the key the client proved,
             # so pgmux can log in to PostgreSQL as this user (passthrough).
-            self.registry.learned[self.user] = LearnedSecret(
+            self.state.learned[self.user] = LearnedSecret(
                 client_key=self._scram.client_key, scram=parsed
             )
 
@@ -155,11 +143,11 @@ class ClientAuth:
             return parsed
         # A plain password: derive a SCRAM secret once (PBKDF2 is deliberately slow).
         key = (self.user, secret)
-        cached = self.registry.scram_cache.get(key)
+        cached = self.state.scram_cache.get(key)
         if cached is None:
             cached = secret_from_password(secret)
-            self.registry.scram_cache[key] = cached
-        return cached  # type: ignore[return-value]
+            self.state.scram_cache[key] = cached
+        return cached
 
     def _check_plain(self, password: str) -> None:
         secret = self.secret

@@ -27,7 +27,7 @@ from pgmux.proxy.config.userlist import secret_kind
 
 if TYPE_CHECKING:
     from pgmux.proxy.config import DatabaseConfig
-    from pgmux.proxy.registry import Registry
+    from pgmux.proxy.core.authstate import AuthState
 
 log = get_logger("pgmux.authquery")
 
@@ -38,8 +38,8 @@ MAX_CACHED = 10_000  # cached answers; the oldest go first
 class AuthQuery:
     """Cached, concurrency-safe auth_query lookups for one daemon."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, state: AuthState) -> None:
+        self.state = state  # config (auth.*, timeouts), the users file, TLS to PostgreSQL
         self._cache: OrderedDict[tuple[Any, str], tuple[float, str | None]] = OrderedDict()
         self._inflight: dict[tuple[Any, str], asyncio.Future[str | None]] = {}
         self._conns: OrderedDict[tuple[str, int, str], asyncpg.Connection] = OrderedDict()
@@ -47,11 +47,11 @@ class AuthQuery:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.registry.config.auth.query)
+        return bool(self.state.config.auth.query)
 
     async def secret(self, dbname: str, database: DatabaseConfig, user: str) -> str | None:
         """The user's secret, or None when unknown or when the lookup failed."""
-        auth = self.registry.config.auth
+        auth = self.state.config.auth
         if not auth.query or user == self._query_user():
             return None
         target = (database.host, database.port, database.dbname or dbname)
@@ -89,11 +89,11 @@ class AuthQuery:
     # --- internals ------------------------------------------------------------
 
     def _query_user(self) -> str:
-        auth = self.registry.config.auth
+        auth = self.state.config.auth
         return auth.query_user or ""
 
     def _remember(self, key: tuple[Any, str], secret: str | None) -> None:
-        ttl = self.registry.config.auth.query_cache_ttl
+        ttl = self.state.config.auth.query_cache_ttl
         if not ttl:
             return
         self._cache[key] = (time.monotonic() + ttl, secret)
@@ -103,11 +103,11 @@ class AuthQuery:
 
     async def _lookup(self, target: tuple[str, int, str], user: str) -> str | None:
         lock = self._locks.setdefault(target, asyncio.Lock())
-        timeout = self.registry.config.timeouts.server_connect or None
+        timeout = self.state.config.timeouts.server_connect or None
         async with lock:  # one asyncpg connection runs one query at a time
             conn = await self._connection(target, timeout)
             try:
-                row = await conn.fetchrow(self.registry.config.auth.query, user, timeout=timeout)
+                row = await conn.fetchrow(self.state.config.auth.query, user, timeout=timeout)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError):
                 self._drop(target)
                 raise
@@ -115,7 +115,9 @@ class AuthQuery:
             return None
         return str(row[1])
 
-    async def _connection(self, target: tuple[str, int, str], timeout: float | None):
+    async def _connection(
+        self, target: tuple[str, int, str], timeout: float | None
+    ) -> asyncpg.Connection:
         conn = self._conns.get(target)
         if conn is not None and not conn.is_closed():
             self._conns.move_to_end(target)
@@ -144,17 +146,17 @@ class AuthQuery:
             conn.terminate()
 
     def _password(self) -> str | None:
-        auth = self.registry.config.auth
+        auth = self.state.config.auth
         if auth.query_password is not None:
             return auth.query_password
-        secret = self.registry.users.get(self._query_user())
+        secret = self.state.users.get(self._query_user())
         # asyncpg needs the plain password; a hash in the users file cannot log in.
         if secret is None or secret_kind(secret) != "plain":
             return None
         return secret
 
     def _ssl(self) -> Any:
-        tls = self.registry.tls.server
+        tls = self.state.tls.server
         if tls.context is None:
             return False
         if tls.required:

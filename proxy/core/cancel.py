@@ -1,0 +1,115 @@
+"""Cancel keys and CancelRequests: PgBouncer's cancel handling (objects.c, client.c).
+
+Every client gets a (pid, key) pair of its own in BackendKeyData. A
+CancelRequest naming it is forwarded, as a CancelRequest with the server's
+own key on a new connection, to the PostgreSQL backend running that client's
+query. Until PostgreSQL has taken the request the server is held back from
+its next client, so a late cancel never lands on someone else's query. With
+several workers the pid's low byte names the worker that issued it, and a
+request for another worker's client is passed on to that worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.tasks import spawn
+
+if TYPE_CHECKING:
+    from pgmux.proxy.core.peers import Peers
+    from pgmux.proxy.datapath.client import ClientConnection
+    from pgmux.proxy.datapath.server import ServerConnection, ServerCredentials
+
+log = get_logger("pgmux.cancel")
+
+
+class CancelKeys:
+    """The cancel keys of this process's clients, and the cancels they send."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, ClientConnection] = {}
+        self.peers: Peers | None = None  # set when running as one of listen.workers
+
+    def issue(self, client: ClientConnection) -> tuple[int, bytes]:
+        """A fresh (pid, key) for CLIENT's BackendKeyData; the pid is unique here."""
+        while True:
+            pid = secrets.randbits(31) or 1
+            if self.peers is not None:
+                pid = self.peers.issue_pid(pid)  # the low byte names this worker
+            if pid and pid not in self.keys:
+                break
+        self.keys[pid] = client
+        return pid, secrets.token_bytes(4)
+
+    def owner(self, pid: int, key: bytes) -> ClientConnection | None:
+        """The client this (pid, key) was issued to; None if unknown or forged."""
+        client = self.keys.get(pid)
+        if client is None or not hmac.compare_digest(client.cancel_key, key):
+            return None
+        return client
+
+    def forget(self, client: ClientConnection) -> None:
+        """CLIENT is gone: its pid may be issued again."""
+        pid = client.cancel_pid
+        if self.keys.get(pid) is client:
+            del self.keys[pid]
+
+    def cancel(self, pid: int, key: bytes) -> None:
+        """A CancelRequest: forward it to the server running that client's query."""
+        if self.peers is not None and self.peers.forward_cancel(pid, key):
+            return  # another worker's client: that worker cancels
+        client = self.owner(pid, key)
+        if client is None:
+            return  # unknown or forged key: silently nothing, as PostgreSQL does
+        # Only while the client is linked and has a request on its server: the
+        # key names the client, so a server it gave back is never cancelled.
+        server = client.server
+        if server is not None and client.expect_rfq > 0:
+            log.info("cancel_forwarded", server_id=server.id, **client.log_fields())
+            self.cancel_server(server)
+
+    def cancel_server(self, server: ServerConnection) -> None:
+        """Ask PostgreSQL to cancel what this backend runs (a new connection, its key).
+
+        Until PostgreSQL has taken the request, the pool holds the server back
+        (Pool.release), so the cancel cannot land on the next client's query.
+        """
+        if server.backend_pid:
+            server.cancels_in_flight += 1
+            spawn(_cancel_then_release(server))
+
+
+async def _cancel_then_release(server: ServerConnection) -> None:
+    """Send the cancel; the last one in flight lets a held-back server go."""
+    try:
+        timeout = server.pool.timeouts.cancel_wait or 10.0
+        await send_cancel(server.credentials, server.backend_pid, server.backend_key, timeout)
+    finally:
+        server.cancels_in_flight -= 1
+        if not server.cancels_in_flight and server.release_pending:
+            server.release_pending = False
+            server.pool.release(server)
+
+
+async def send_cancel(creds: ServerCredentials, pid: int, key: bytes, timeout: float) -> None:
+    """A CancelRequest for backend PID to the PostgreSQL of CREDS; failures are logged."""
+    try:
+        if creds.host.startswith("/"):
+            path = f"{creds.host}/.s.PGSQL.{creds.port}"
+            connect = asyncio.open_unix_connection(path)
+        else:
+            connect = asyncio.open_connection(creds.host, creds.port)
+        reader, writer = await asyncio.wait_for(connect, timeout)
+        try:
+            writer.write(messages.cancel_request(pid, key))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(1), timeout)  # PostgreSQL closes when done
+        finally:
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel_forward_failed", error=str(exc) or type(exc).__name__)
