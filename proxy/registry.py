@@ -362,7 +362,7 @@ class Registry:
 
     def pause_done(self, dbname: str | None = None) -> bool:
         """True once no server of the paused scope is linked or logging in."""
-        return not any(pool.active or pool.connecting for pool in self.pools_of(dbname))
+        return not any(pool.busy for pool in self.pools_of(dbname))
 
     def resume(self, dbname: str | None = None) -> None:
         """Lift PAUSE / SUSPEND (all, or one database's PAUSE): waiting clients run."""
@@ -401,11 +401,7 @@ class Registry:
     def reconnect(self, dbname: str | None = None) -> None:
         """Replace servers: idle ones close now, the others when released."""
         for pool in self.pools_of(dbname):
-            for server in list(pool.servers):
-                if server in pool.idle:
-                    pool.close_server(server, "RECONNECT")
-                else:
-                    server.close_when_released = True
+            pool.replace_servers("RECONNECT")
 
     def closing_servers(self, dbname: str | None = None) -> int:
         """Servers still waiting to close after RECONNECT or a reload (WAIT_CLOSE)."""
@@ -532,9 +528,7 @@ class Registry:
             await _send_cancel(server.credentials, server.backend_pid, server.backend_key, timeout)
         finally:
             server.cancels_in_flight -= 1
-            if not server.cancels_in_flight and server.release_pending:
-                server.release_pending = False
-                server.pool.release(server)
+            server.pool.cancel_finished(server)
 
 
 async def _send_cancel(creds: ServerCredentials, pid: int, key: bytes, timeout: float) -> None:

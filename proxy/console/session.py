@@ -75,7 +75,6 @@ def _syntax_error(query: str) -> ConsoleError:
 
 def open_console(client: ClientConnection, leftover: bytes = b"") -> None:
     """The client authenticated to the console database: check its user, welcome it."""
-    from pgmux.proxy.datapath.client import Phase  # client.py imports this module
 
     admin_config = client.registry.config.admin
     is_admin = client.user in admin_config.users
@@ -86,8 +85,7 @@ def open_console(client: ClientConnection, leftover: bytes = b"") -> None:
             sqlstate.INVALID_AUTHORIZATION,
         )
     session = AdminSession(client, is_admin)
-    client.console = session
-    client.phase = Phase.ADMIN
+    client.become_console(session)
     client.cancel_pid, client.cancel_key = client.registry.issue_cancel_key(client)
     params = {
         "server_version": f"{__version__}/pgmux",

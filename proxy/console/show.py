@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pgmux import __version__
 from pgmux.proxy.base.stats import PERIOD_FIELDS
 from pgmux.proxy.config import ADMIN_DATABASES, FALLBACK_DATABASE, RUNTIME_SETTINGS
-from pgmux.proxy.datapath.server import ServerState
+from pgmux.proxy.core.states import CLIENT_SHOWN, SERVER_SHOWN
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -126,17 +126,16 @@ POOLS_COLUMNS = (
 def pool_counts(pool: Pool, now: float) -> dict[str, int]:
     """The numbers SHOW POOLS and the /metrics gauges share."""
     waiting = len(pool.waiting)
-    linked = sum(1 for s in pool.active if s.client is not None)
     maxwait = now - pool.waiting[0].wait_started if pool.waiting else 0.0
     return {
         "cl_active": len(pool.clients) - waiting,
         "cl_waiting": waiting,
-        "sv_active": linked,
-        "sv_active_cancel": sum(getattr(s, "cancels_in_flight", 0) for s in pool.servers),
-        "sv_being_canceled": sum(1 for s in pool.servers if getattr(s, "release_pending", 0)),
+        "sv_active": len(pool.active),
+        "sv_active_cancel": sum(s.cancels_in_flight for s in pool.active),
+        "sv_being_canceled": len(pool.cancel_wait),
         "sv_idle": len(pool.idle),
         "sv_used": 0,  # pgmux runs no server_check_query: an idle server is ready
-        "sv_tested": len(pool.active) - linked,  # being cleaned after a client left
+        "sv_tested": len(pool.cleaning),  # being cleaned after a client left
         "sv_login": pool.connecting,
         "maxwait_us_total": _us(maxwait),
     }
@@ -187,9 +186,7 @@ def _client_row(client: ClientConnection, state: str, now: float, wall: float) -
 
 
 def client_state(client: ClientConnection) -> str:
-    if client.wait_started:
-        return "waiting"
-    return "active" if client.server is not None else "idle"
+    return CLIENT_SHOWN[client.state]
 
 
 def show_clients(registry: Registry, now: float) -> Result:
@@ -202,13 +199,7 @@ def show_clients(registry: Registry, now: float) -> Result:
 
 
 def server_state(pool: Pool, server: ServerConnection) -> str:
-    if server.state is ServerState.LOGIN:
-        return "new"
-    if server in pool.idle:
-        return "idle"
-    if getattr(server, "release_pending", False):
-        return "being_canceled"
-    return "active" if server.client is not None else "tested"
+    return SERVER_SHOWN[server.state]
 
 
 def _server_row(pool: Pool, server: ServerConnection, now: float, wall: float) -> tuple:

@@ -13,7 +13,6 @@ Two paths read from the socket:
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import os
 import sys
@@ -29,6 +28,7 @@ from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.core.states import ServerState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.replies import ResponseFilter
 
@@ -56,17 +56,6 @@ _IDLE = ord("I")
 _server_ids = itertools.count(1)
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
-
-
-class ServerState(enum.Enum):
-    LOGIN = "login"
-    IDLE = "idle"
-    ACTIVE = "active"
-    CLOSED = "closed"
-
-
-# Module globals read faster than Enum members on the data path.
-_ACTIVE, _IDLE_STATE = ServerState.ACTIVE, ServerState.IDLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +94,7 @@ class ServerConnection(asyncio.Protocol):
         self.pool = pool
         self.id = next(_server_ids)
         self.credentials = credentials
+        # Set by the pool's transitions only (Pool._set_server_state, Pool._link).
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
@@ -119,7 +109,6 @@ class ServerConnection(asyncio.Protocol):
         self.copy_in = False
         self.close_when_released = False
         self.cancels_in_flight = 0  # CancelRequests sent to PostgreSQL for this backend
-        self.release_pending = False  # released while a cancel was in flight
         self.local_address = ""
         # transaction pooling: prepared statements, replies owed, session state
         self.prepared: OrderedDict[bytes, Statement] = OrderedDict()  # an LRU
@@ -134,6 +123,7 @@ class ServerConnection(asyncio.Protocol):
         self._slow = True
         self._reader = MessageReader()
         self._login: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._logged_in = False  # PostgreSQL said ReadyForQuery to the startup
         self._scram: ScramClient | None = None
         self._tls_wanted: ServerTls | None = None  # SSLRequest sent, answer pending
         self._rfq_wanted = 0
@@ -147,7 +137,7 @@ class ServerConnection(asyncio.Protocol):
     def adopted(cls, pool: Pool, credentials: ServerCredentials, state: dict) -> ServerConnection:
         """A logged-in server another worker handed over (export_state there)."""
         server = cls(pool, credentials)
-        server.state = ServerState.IDLE
+        server._logged_in = True
         server.backend_pid = state["backend_pid"]
         server.backend_key = state["backend_key"]
         server.params = varcache.interned(state["params"])
@@ -189,7 +179,6 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         fd = os.dup(self.transport.get_extra_info("socket").fileno())
         self.moved = True
-        self.state = ServerState.CLOSED
         self.transport.abort()
         return fd
 
@@ -258,17 +247,11 @@ class ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.moved:
             return  # the other worker has the backend now
-        previous = self.state
-        self.state = ServerState.CLOSED
         lost = ServerLost(str(exc) if exc else "server closed the connection")
         if not self._login.done():
             self._login.set_exception(lost)
         self._wake_rfq_waiter(lost)
-        client = self.client
-        self.client = None
-        if client is not None:
-            client.server_lost(self)
-        self.pool.server_closed(self, previous)
+        self.pool.server_lost(self)
 
     async def wait_login(self, timeout: float) -> None:
         try:
@@ -281,7 +264,7 @@ class ServerConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             if reason:
                 log.debug("server_close", reason=reason, **self._log_fields())
-            if self.state is not ServerState.LOGIN:
+            if self._logged_in:
                 self.transport.write(messages.terminate())
             self.transport.close()
 
@@ -359,18 +342,16 @@ class ServerConnection(asyncio.Protocol):
         if client is not None:
             client.server_parameter(name, value)
 
-    # --- link / unlink (called by the pool) -------------------------------
+    # --- link / unlink (the pool's transitions call these) ------------------
 
-    def link(self, client: ClientConnection, now: float) -> None:
-        self.client = client
-        self.state = _ACTIVE
+    def link(self, now: float) -> None:
+        """A client gets this server: its bytes flow on the hot path."""
         self.linked_at = now
         self._slow = False
 
-    def hand_on(self, client: ClientConnection, now: float) -> None:
+    def hand_on(self, now: float) -> None:
         """unlink() then link() in one step, for a server that goes straight
         from one client to the next without being idle."""
-        self.client = client
         self.last_used = self.linked_at = now
         self._slow = False  # it may come from a statement of pgmux's own (a reset)
         self.copy_in = False
@@ -381,8 +362,7 @@ class ServerConnection(asyncio.Protocol):
         self._slow = False
 
     def unlink(self, now: float) -> None:
-        self.client = None
-        self.state = _IDLE_STATE
+        """The server leaves its client: replies go to the slow path."""
         self.last_used = now
         self._slow = True
         self.copy_in = False
@@ -471,7 +451,7 @@ class ServerConnection(asyncio.Protocol):
             self.close()
 
     def _slow_message(self, kind: int, body: bytes) -> None:
-        if self.state is ServerState.LOGIN:
+        if not self._logged_in:
             self._login_message(kind, body)
         elif kind == _READY_FOR_QUERY:
             self.tx_status = body[0] if body else _IDLE
@@ -509,7 +489,7 @@ class ServerConnection(asyncio.Protocol):
         elif kind == ord("K"):
             self.backend_pid, self.backend_key = messages.parse_backend_key_data(body)
         elif kind == _READY_FOR_QUERY:
-            self.state = ServerState.IDLE
+            self._logged_in = True
             self.tx_status = body[0] if body else _IDLE
             if not self._login.done():
                 self._login.set_result(None)
