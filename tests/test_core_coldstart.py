@@ -17,13 +17,14 @@ import contextlib
 from typing import Any
 
 import pytest
-from helpers import close_quietly, connect_asyncpg, wait_until
+from helpers import RawClient, close_quietly, connect_asyncpg, query_message, wait_until
 
 from pgmux.tempgres import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
 CLIENTS = 600
+FLUSH = b"H\x00\x00\x00\x04"
 ADMIN = ("admin", "admin-secret")
 
 
@@ -154,3 +155,43 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write(data)
             await writer.drain()
     writer.close()
+
+
+async def test_600_waiting_lone_flushes_are_handed_the_server_in_turn(pgmux: Any) -> None:
+    """600 clients queued with nothing but a Flush: each gets the only server,
+    owes nothing, and gives it back at once, all from one loop in the pool."""
+    mux = pgmux(
+        {
+            "listen": {"max_client_conn": CLIENTS + 50},
+            "pool": {"size": 1, "max_server_connections": 1},
+            "timeouts": {"query_wait": "120s"},
+        }
+    )
+    holder = await connect_asyncpg(mux)
+    raw: list[RawClient] = []
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.fetchval("SELECT 1")  # the pool's only server is taken
+        for _ in range(CLIENTS):
+            client = await RawClient.open(mux)
+            await client.login("app", "app-secret", "appdb")
+            raw.append(client)
+        for client in raw:
+            await client.send(FLUSH)
+        await asyncio.sleep(0.5)  # every Flush is queued behind the holder
+        await tx.commit()  # the server goes round all 600 waiters
+        for client in raw[::60]:  # and every one of them can still run a query
+            await client.send(query_message("SELECT 7"))
+            kinds = []
+            while (msg := await client.read_message(30)) is not None:
+                kinds.append(msg[0])
+                if msg[0] == b"Z":
+                    break
+            assert kinds[-1:] == [b"Z"] and b"E" not in kinds, kinds
+        assert await holder.fetchval("SELECT 8") == 8
+        assert "RecursionError" not in mux.logs()
+    finally:
+        for client in raw:
+            client.writer.close()
+        await close_quietly(holder)
