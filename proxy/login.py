@@ -189,7 +189,7 @@ class ClientLogin:
             if wrapped is not None:
                 wrapped.abort()
             return
-        client.transport = wrapped  # type: ignore[assignment]  # uvloop's is not a subclass
+        client.transport = wrapped
         client.tls = tls
         early, self._tls_early = self._tls_early or [], None
         if early:

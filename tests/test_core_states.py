@@ -269,3 +269,36 @@ def test_only_the_transitions_write_states_and_links() -> None:
             if (module, cls, func) not in allowed:
                 wrong.append(f"{path.name}:{line} {cls}.{func} writes {owner}.{attr}")
     assert not wrong, "\n".join(wrong)
+
+
+async def test_a_client_leaving_the_queue_is_forgotten(pgmux: Any) -> None:
+    """A queued client that disconnects leaves the queue: the server it waited
+    for goes to the next client, and SHOW POOLS counts nobody waiting."""
+    mux = pgmux(
+        {"admin": {"users": ["admin"]}, "pool": {"size": 1, "max_server_connections": 1}},
+        users={"app": "app-secret", "admin": ADMIN[1]},
+    )
+    holder = await connect_asyncpg(mux)
+    leaver = await connect_asyncpg(mux)
+    console = await connect_asyncpg(mux, dbname="pgmux", user=ADMIN[0], password=ADMIN[1])
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.fetchval("SELECT 1")
+        pending = asyncio.create_task(leaver.fetchval("SELECT 2"))
+
+        async def waiting() -> int:
+            rows = await console.fetch("SHOW POOLS")
+            return sum(r["cl_waiting"] for r in rows if r["database"] == "appdb")
+
+        await wait_until(waiting, lambda n: n == 1, timeout=10, what="the leaver queued")
+        leaver.terminate()
+        await asyncio.gather(pending, return_exceptions=True)
+        await wait_until(waiting, lambda n: n == 0, timeout=10, what="the queue empty")
+        await tx.commit()
+        late = await connect_asyncpg(mux)
+        assert await late.fetchval("SELECT 3") == 3
+        await late.close()
+        assert "Traceback" not in mux.logs()
+    finally:
+        await close_quietly(holder, console)

@@ -132,7 +132,7 @@ def pool_counts(pool: Pool, now: float) -> dict[str, int]:
         "cl_waiting": waiting,
         "sv_active": len(pool.active),
         "sv_active_cancel": sum(s.cancels_in_flight for s in pool.active),
-        "sv_being_canceled": len(pool.cancel_wait),
+        "sv_being_canceled": len(pool.being_canceled),
         "sv_idle": len(pool.idle),
         "sv_used": 0,  # pgmux runs no server_check_query: an idle server is ready
         "sv_tested": len(pool.cleaning),  # being cleaned after a client left

@@ -75,7 +75,7 @@ class Pool:
         self.idle: list[ServerConnection] = []  # a stack: the last released is reused first
         self.active: set[ServerConnection] = set()  # linked to a client
         self.cleaning: set[ServerConnection] = set()  # pgmux's own statements after a client
-        self.cancel_wait: set[ServerConnection] = set()  # a cancel for it is on its way
+        self.being_canceled: set[ServerConnection] = set()  # a cancel for it is on its way
         self.waiting: deque[ClientConnection] = deque()
         self.clients: set[ClientConnection] = set()
         self.server_params: dict[str, str] | None = None
@@ -105,7 +105,7 @@ class Pool:
     @property
     def busy(self) -> bool:
         """A server is logging in, linked, or being cleaned or cancelled."""
-        return bool(self.login or self.active or self.cleaning or self.cancel_wait)
+        return bool(self.login or self.active or self.cleaning or self.being_canceled)
 
     # --- the state of a server: only these two methods change it -------------
 
@@ -129,7 +129,7 @@ class Pool:
             elif old is _CLEANING:
                 self.cleaning.discard(server)
             elif old is _CANCEL_WAIT:
-                self.cancel_wait.discard(server)
+                self.being_canceled.discard(server)
             if state is _IDLE:
                 self.idle.append(server)
             elif state is _ACTIVE:
@@ -137,7 +137,7 @@ class Pool:
             elif state is _CLEANING:
                 self.cleaning.add(server)
             elif state is _CANCEL_WAIT:
-                self.cancel_wait.add(server)
+                self.being_canceled.add(server)
             elif state is _CLOSED:
                 self.servers.discard(server)
             elif state is _LOGIN:

@@ -96,7 +96,8 @@ class ServerConnection(asyncio.Protocol):
         self.credentials = credentials
         # Set by the pool's transitions only (Pool._set_server_state, Pool._link).
         self.state = ServerState.LOGIN
-        self.transport: asyncio.Transport | None = None
+        # set by connection_made; the data path only meets connected servers
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client: ClientConnection | None = None
         self.params: dict[str, str] = {}  # ParameterStatus values it reported
         self.applied: dict[str, str] = {}  # unreported GUCs pgmux set on it
@@ -193,7 +194,7 @@ class ServerConnection(asyncio.Protocol):
         tls = self.pool.registry.tls.server
         if tls.context is not None and isinstance(sockname, tuple):  # no TLS on unix sockets
             self._tls_wanted = tls
-            transport.write(messages.ssl_request())
+            self.transport.write(messages.ssl_request())
             return
         self._send_startup()
 
@@ -235,7 +236,7 @@ class ServerConnection(asyncio.Protocol):
             if transport is not None:
                 transport.abort()
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         self._send_startup()
 
     def _login_failed(self, message: str) -> None:
@@ -464,7 +465,7 @@ class ServerConnection(asyncio.Protocol):
             self._slow_error(messages.parse_error_fields(body))
         elif kind == _COPY_IN_RESPONSE:
             # Only a departed client's COPY gets here, while it is cleaned up.
-            self.transport.write(_COPY_FAIL_MESSAGE)  # type: ignore[union-attr]
+            self.transport.write(_COPY_FAIL_MESSAGE)
 
     def _slow_error(self, fields: dict[str, str]) -> None:
         error = ServerError(fields)
