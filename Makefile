@@ -17,7 +17,7 @@ help:
 	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS FLOOR=1 QUICK=1)"
 	@echo "make run     pgmux -c $(CONFIG)"
 	@echo "make check   validate $(CONFIG) without starting"
-	@echo "make lint    ruff check + ruff format --check"
+	@echo "make lint    ruff check + ruff format --check + mypy (tools/typecheck.py)"
 	@echo "make format  ruff format + ruff check --fix"
 	@echo "make venv    create $(VENV) and install pgmux with its test dependencies"
 
@@ -56,6 +56,7 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/typecheck.py
 
 format: venv
 	$(VENV)/bin/ruff format .

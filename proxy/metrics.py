@@ -248,7 +248,7 @@ def _database_names(registry: Registry) -> list[str]:
 def build_registry(registry: Registry) -> CollectorRegistry:
     """The prometheus_client registry /metrics exposes: pgmux's collector and the process's."""
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(PgmuxCollector(registry))  # type: ignore[arg-type]
+    collectors.register(PgmuxCollector(registry))
     ProcessCollector(registry=collectors)
     PlatformCollector(registry=collectors)
     return collectors

@@ -29,6 +29,7 @@ from pgmux.proxy.core.cancel import CancelKeys
 from pgmux.proxy.core.flags import Flags
 from pgmux.proxy.core.limits import ClientSlots, ServerSlots
 from pgmux.proxy.core.peers import ParamsLearned
+from pgmux.proxy.datapath import handover
 from pgmux.proxy.datapath.authquery import AuthQuery
 from pgmux.proxy.datapath.pool import Pool
 from pgmux.proxy.datapath.server import ServerCredentials
@@ -38,16 +39,13 @@ if TYPE_CHECKING:
     from collections import Counter
     from collections.abc import Iterable
 
-    from pgmux.protocol.auth import ScramSecret
     from pgmux.proxy.base.ledger import Ledger
     from pgmux.proxy.config import Timeouts
     from pgmux.proxy.config.hba import Hba
     from pgmux.proxy.config.tls import TlsContexts
-    from pgmux.proxy.core.authstate import LearnedSecret
     from pgmux.proxy.core.control import Control
     from pgmux.proxy.core.peers import Peers, ServerSnapshot
     from pgmux.proxy.datapath.client import ClientConnection
-    from pgmux.proxy.datapath.server import ServerConnection
 
 log = get_logger("pgmux.registry")
 
@@ -186,7 +184,7 @@ class Registry:
         if scope == "pool":
             pool = self.pools.get((dbname, user))
             if pool is not None:
-                pool.offer_idle()
+                handover.offer_idle(pool)
             return
         self.slots.make_room(dbname, user, [scope], "slot lent to another worker")
 
@@ -205,7 +203,7 @@ class Registry:
             os.close(fd)
             self.ledger.give(self.slots.shared_rows(dbname, user))
             return
-        spawn(pool.adopt(state, fd))
+        spawn(handover.adopt(pool, state, fd))
 
     # --- PAUSE, RESUME, SUSPEND, KILL, RECONNECT, ENABLE / DISABLE ---------
 
@@ -218,7 +216,7 @@ class Registry:
 
     def pause_done(self, dbname: str | None = None) -> bool:
         """True once no server of the paused scope is linked or logging in."""
-        return not any(pool.active or pool.connecting for pool in self.pools_of(dbname))
+        return not any(pool.busy for pool in self.pools_of(dbname))
 
     def resume(self, dbname: str | None = None) -> None:
         """Lift PAUSE / SUSPEND (all, or one database's PAUSE): waiting clients run."""
@@ -249,11 +247,7 @@ class Registry:
     def reconnect(self, dbname: str | None = None) -> None:
         """Replace servers: idle ones close now, the others when released."""
         for pool in self.pools_of(dbname):
-            for server in list(pool.servers):
-                if server in pool.idle:
-                    pool.close_server(server, "RECONNECT")
-                else:
-                    server.close_when_released = True
+            pool.replace_servers("RECONNECT")
 
     def closing_servers(self, dbname: str | None = None) -> int:
         """Servers still waiting to close after RECONNECT or a reload (WAIT_CLOSE)."""
@@ -342,18 +336,6 @@ class Registry:
         self.auth.hba = hba
 
     @property
-    def learned(self) -> dict[str, LearnedSecret]:
-        return self.auth.learned
-
-    @property
-    def scram_cache(self) -> dict[tuple[str, str], ScramSecret]:
-        return self.auth.scram_cache
-
-    @property
-    def mock_key(self) -> bytes:
-        return self.auth.mock_key
-
-    @property
     def paused(self) -> bool:
         return self.flags.paused
 
@@ -382,43 +364,3 @@ class Registry:
     @property
     def user_server_count(self) -> Counter[str]:
         return self.slots.user_server_count
-
-    @property
-    def starving(self) -> dict[Pool, None]:
-        return self.slots.starving
-
-    def may_open_server(self, pool: Pool, register_starving: bool = True) -> bool:
-        return self.slots.may_open(pool, register_starving)
-
-    def has_starving_pools(self, pool: Pool) -> bool:
-        return self.slots.has_starving_pools(pool)
-
-    def stop_starving(self, pool: Pool) -> None:
-        self.slots.stop_starving(pool)
-
-    def server_slot_taken(self, pool: Pool) -> None:
-        self.slots.taken(pool)
-
-    def server_slot_freed(self, pool: Pool, shared: bool = True) -> None:
-        self.slots.freed(pool, shared)
-
-    def shared_rows(self, dbname: str, user: str) -> tuple[int, int, int, int]:
-        return self.slots.shared_rows(dbname, user)
-
-    def client_total(self) -> int:
-        return self.client_slots.total()
-
-    def take_client_slot(self, dbname: str, db_limit: int, user: str, user_limit: int) -> str:
-        return self.client_slots.take(dbname, db_limit, user, user_limit)
-
-    def release_client_slot(self, dbname: str, user: str) -> None:
-        self.client_slots.release(dbname, user)
-
-    def issue_cancel_key(self, client: ClientConnection) -> tuple[int, bytes]:
-        return self.cancels.issue(client)
-
-    def cancel(self, pid: int, key: bytes) -> None:
-        self.cancels.cancel(pid, key)
-
-    def cancel_server(self, server: ServerConnection) -> None:
-        self.cancels.cancel_server(server)

@@ -19,10 +19,14 @@ import hashlib
 import mmap
 import multiprocessing
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from pgmux.protocol import sqlstate
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Lock
 
 log = get_logger("pgmux.ledger")
 
@@ -206,7 +210,7 @@ class _Held:
 
     __slots__ = ("_lock", "_taken")
 
-    def __init__(self, lock) -> None:  # lock: multiprocessing.synchronize.Lock
+    def __init__(self, lock: Lock) -> None:
         self._lock = lock
         self._taken = False
 

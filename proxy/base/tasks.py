@@ -27,4 +27,5 @@ def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
 def _finished(task: asyncio.Task[Any]) -> None:
     _running.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        log.error("task_failed", task=task.get_coro().__qualname__, error=repr(task.exception()))
+        name = getattr(task.get_coro(), "__qualname__", task.get_name())
+        log.error("task_failed", task=name, error=repr(task.exception()))

@@ -49,7 +49,7 @@ def open_console(client: ClientConnection, leftover: bytes = b"") -> None:
         )
     session = AdminSession(client, is_admin)
     client.become_console(session)
-    client.cancel_pid, client.cancel_key = client.registry.issue_cancel_key(client)
+    client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)
     params = {
         "server_version": f"{__version__}/pgmux",
         "server_encoding": "UTF8",

@@ -26,7 +26,7 @@ from pgmux.proxy.config import (
     pgbouncer_settings,
     settings_table,
 )
-from pgmux.proxy.datapath.server import ServerState
+from pgmux.proxy.core.states import CLIENT_SHOWN, SERVER_SHOWN
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -128,17 +128,16 @@ POOLS_COLUMNS = (
 def pool_counts(pool: Pool, now: float) -> dict[str, int]:
     """The numbers SHOW POOLS and the /metrics gauges share."""
     waiting = len(pool.waiting)
-    linked = sum(1 for s in pool.active if s.client is not None)
     maxwait = now - pool.waiting[0].wait_started if pool.waiting else 0.0
     return {
         "cl_active": len(pool.clients) - waiting,
         "cl_waiting": waiting,
-        "sv_active": linked,
-        "sv_active_cancel": sum(s.cancels_in_flight for s in pool.servers),
-        "sv_being_canceled": sum(1 for s in pool.servers if s.release_pending),
+        "sv_active": len(pool.active),
+        "sv_active_cancel": sum(s.cancels_in_flight for s in pool.active),
+        "sv_being_canceled": len(pool.being_canceled),
         "sv_idle": len(pool.idle),
         "sv_used": 0,  # pgmux runs no server_check_query: an idle server is ready
-        "sv_tested": len(pool.active) - linked,  # being cleaned after a client left
+        "sv_tested": len(pool.cleaning),  # being cleaned after a client left
         "sv_login": pool.connecting,
         "maxwait_us_total": _us(maxwait),
     }
@@ -189,9 +188,7 @@ def _client_row(client: ClientConnection, state: str, now: float, wall: float) -
 
 
 def client_state(client: ClientConnection) -> str:
-    if client.wait_started:
-        return "waiting"
-    return "active" if client.server is not None else "idle"
+    return CLIENT_SHOWN[client.state]
 
 
 def show_clients(registry: Registry, now: float) -> Result:
@@ -204,13 +201,7 @@ def show_clients(registry: Registry, now: float) -> Result:
 
 
 def server_state(pool: Pool, server: ServerConnection) -> str:
-    if server.state is ServerState.LOGIN:
-        return "new"
-    if server in pool.idle:
-        return "idle"
-    if getattr(server, "release_pending", False):
-        return "being_canceled"
-    return "active" if server.client is not None else "tested"
+    return SERVER_SHOWN[server.state]
 
 
 def _server_row(pool: Pool, server: ServerConnection, now: float, wall: float) -> tuple:

@@ -91,9 +91,7 @@ async def _cancel_then_release(server: ServerConnection) -> None:
         await send_cancel(server.credentials, server.backend_pid, server.backend_key, timeout)
     finally:
         server.cancels_in_flight -= 1
-        if not server.cancels_in_flight and server.release_pending:
-            server.release_pending = False
-            server.pool.release(server)
+        server.pool.cancel_finished(server)
 
 
 async def send_cancel(creds: ServerCredentials, pid: int, key: bytes, timeout: float) -> None:

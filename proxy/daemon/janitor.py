@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import sqlstate
 from pgmux.proxy.base.log import get_logger
-from pgmux.proxy.datapath.client import Phase
+from pgmux.proxy.core.states import READY
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -64,14 +64,11 @@ class Janitor:
     def drain(self, pool: Pool) -> None:
         """A reload removed this pool's database: let its clients finish, then close."""
         pool.close()
-        for server in pool.active:
-            server.close_when_released = True
         self.draining.add(pool)
 
     def _drain(self, pool: Pool, now: float) -> None:
         message = f'database "{pool.dbname}" was removed from the configuration'
-        while pool.waiting:  # no server will open for them any more
-            pool.waiting.popleft().wait_failed(sqlstate.ADMIN_SHUTDOWN, message)
+        pool.fail_waiting(sqlstate.ADMIN_SHUTDOWN, message)  # no server will open for them
         for client in list(pool.clients):
             server = client.server  # session mode: linked, but maybe between transactions
             if not client.running and (server is None or server.clean_for_release):
@@ -89,7 +86,7 @@ class Janitor:
         if not (limits.client_idle or limits.idle_transaction or limits.query):
             return
         for client in list(pool.clients):
-            if client.phase is not Phase.READY:
+            if client.state not in READY:
                 continue
             if client.running:
                 client.idle_mark = now  # idle time counts from the end of its request
@@ -130,7 +127,7 @@ class Janitor:
             self._fire(pool, client, "query", now - started)
             client.query_cancelled = started
             client.cancel_sent_at = now
-            self.registry.cancel_server(server)
+            self.registry.cancels.cancel_server(server)
         elif limits.cancel_wait and now - client.cancel_sent_at >= limits.cancel_wait:
             # The statement ignored the cancel: end the client; the pool
             # cancels again and closes the server if it does not come back.

@@ -12,7 +12,9 @@ import socket
 from typing import TYPE_CHECKING
 
 from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.console.session import open_console
 from pgmux.proxy.datapath.client import ClientConnection
+from pgmux.proxy.login import new_client
 
 if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
@@ -36,7 +38,7 @@ class Listener:
         listen = self.registry.config.listen
 
         def factory() -> ClientConnection:
-            return ClientConnection(self.registry)
+            return new_client(self.registry, open_console)
 
         if sockets is None:
             sockets = inherited_sockets()

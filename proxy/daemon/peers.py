@@ -259,7 +259,7 @@ class _ForwardedCancel(asyncio.Protocol):
             return
         length, code, pid, key = _CANCEL_PACKET.unpack_from(self.buffer)
         if length == _CANCEL_PACKET.size and code == CANCEL_REQUEST_CODE:
-            self.registry.cancel(pid, key)
+            self.registry.cancels.cancel(pid, key)
         assert self.transport is not None
         self.transport.close()
 

@@ -3,31 +3,33 @@
 Clients queue FIFO for a server; idle servers are reused most-recently-used
 first, so the ones at the bottom of the stack age out with server_idle. Every
 change of a server's or client's place in the pool goes through the methods
-here, so the lists the console shows cannot drift from reality.
+here: a server's state, the list that holds it and its link to a client
+change together in `_set_server_state` and `_link` (PgBouncer's
+change_server_state), so the lists the console shows cannot drift from reality.
+Chains of hand-offs run as loops here, never as calls back and forth between
+pool and client, so a thousand waiting clients cost no stack depth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pgmux.protocol import messages, sqlstate
+from pgmux.protocol import sqlstate
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.core.peers import ServerHandedOver, ServerSnapshot
-from pgmux.proxy.datapath import session_state
+from pgmux.proxy.core.states import ClientState, ServerState
+from pgmux.proxy.datapath import cleanup, handover
 from pgmux.proxy.datapath.server import (
     ServerConnection,
     ServerCredentials,
     ServerError,
     ServerLost,
-    ServerState,
 )
 
 if TYPE_CHECKING:
@@ -36,8 +38,13 @@ if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
 
 # Module globals read faster than Enum members.
-_CLOSED = ServerState.CLOSED
+_LOGIN = ServerState.LOGIN
+_IDLE = ServerState.IDLE
 _ACTIVE = ServerState.ACTIVE
+_CLEANING = ServerState.CLEANING
+_CANCEL_WAIT = ServerState.CANCEL_WAIT
+_CLOSED = ServerState.CLOSED
+_WELCOME = ClientState.WELCOME
 
 log = get_logger("pgmux.pool")
 
@@ -53,16 +60,25 @@ class Pool:
         settings: PoolSettings,
     ) -> None:
         self.registry = registry
+        # the parts of the registry the pool works with
+        self.slots = registry.slots  # server limits shared across pools (core/limits.py)
+        self.flags = registry.flags  # PAUSE / SUSPEND / DISABLE (core/flags.py)
+        self.cancels = registry.cancels  # CancelRequests to PostgreSQL (core/cancel.py)
         self.database = database
         self.dbname = dbname  # the name clients ask for
         self.user = user  # the user pgmux logs in to PostgreSQL as
         self.credentials = credentials
         self.settings = settings
         self.timeouts: Timeouts = database.timeouts
+        # every server, and one list per state (ServerState): each server is in
+        # `servers` and in the list of its state, and only _set_server_state and
+        # _link move it
         self.servers: set[ServerConnection] = set()
+        self.login: set[ServerConnection] = set()
         self.idle: list[ServerConnection] = []  # a stack: the last released is reused first
-        self.active: set[ServerConnection] = set()
-        self.connecting = 0
+        self.active: set[ServerConnection] = set()  # linked to a client
+        self.cleaning: set[ServerConnection] = set()  # pgmux's own statements after a client
+        self.being_canceled: set[ServerConnection] = set()  # a cancel for it is on its way
         self.waiting: deque[ClientConnection] = deque()
         self.clients: set[ClientConnection] = set()
         self.server_params: dict[str, str] | None = None
@@ -74,7 +90,7 @@ class Pool:
         # with several workers: this pool's rows in the shared ledger
         self.shared_rows: tuple[int, int, int, int] | None = None
         if registry.ledger is not None:
-            self.shared_rows = registry.shared_rows(dbname, user)
+            self.shared_rows = self.slots.shared_rows(dbname, user)
             self.server_params = registry.known_params.get((dbname, user))
 
     def __repr__(self) -> str:
@@ -84,59 +100,65 @@ class Pool:
     def mode(self) -> str:
         return self.settings.mode
 
-    # --- clients ----------------------------------------------------------
+    @property
+    def connecting(self) -> int:
+        """Servers logging in (sv_login)."""
+        return len(self.login)
 
-    def acquire(self, client: ClientConnection) -> None:
-        """Give the client a server now, or queue it (FIFO) until one is free."""
-        if self.idle and not self.waiting and not self.registry.is_paused(self.dbname):
-            self._link(self.idle.pop(), client)
-            return
-        client.wait_started = time.monotonic()
-        self.waiting.append(client)
-        if self.shared_rows is not None:
-            self.waiting_changed()
-        if len(self.servers) < self.settings.size or self.settings.reserve_size:
-            self.grow()  # else every server is ours and busy: nothing to open
+    @property
+    def busy(self) -> bool:
+        """A server is logging in, linked, or being cleaned or cancelled."""
+        return bool(self.login or self.active or self.cleaning or self.being_canceled)
 
-    def cancel_wait(self, client: ClientConnection) -> None:
-        with contextlib.suppress(ValueError):
-            self.waiting.remove(client)
-            self.waiting_changed()
+    # --- the state of a server: only these two methods change it -------------
 
-    def waiting_changed(self) -> None:
-        """Tell the other workers how many of ours wait, and since when.
-        (The two hot-path callers check shared_rows themselves, saving a call.)"""
-        ledger = self.registry.ledger
-        if ledger is None or self.shared_rows is None:
-            return
-        waiting = self.waiting
-        ledger.set_waiting(
-            self.shared_rows[0], len(waiting), waiting[0].wait_started if waiting else 0.0
-        )
-        if not waiting and self in self.registry.starving:
-            self.registry.stop_starving(self)  # the next waiter asks the others afresh
-
-    def server_total(self) -> int:
-        """Servers of this pool in all workers."""
-        if self.shared_rows is None:
-            return len(self.servers)
-        assert self.registry.ledger is not None
-        return self.registry.ledger.total(self.shared_rows[0])
-
-    def _link(
-        self,
-        server: ServerConnection,
-        client: ClientConnection,
-        now: float = 0.0,
-        handed_on: bool = False,
+    def _set_server_state(
+        self, server: ServerConnection, state: ServerState, client: ClientConnection | None = None
     ) -> None:
+        """Move a server to `state`: out of its old list, into the new one, and
+        linked to `client` (None for every state but ACTIVE, which _link sets)."""
+        old = server.state
+        if old is not state:
+            if old is _IDLE:
+                idle = self.idle
+                if idle and idle[-1] is server:
+                    idle.pop()
+                else:
+                    idle.remove(server)
+            elif old is _ACTIVE:
+                self.active.discard(server)
+            elif old is _LOGIN:
+                self.login.discard(server)
+            elif old is _CLEANING:
+                self.cleaning.discard(server)
+            elif old is _CANCEL_WAIT:
+                self.being_canceled.discard(server)
+            if state is _IDLE:
+                self.idle.append(server)
+            elif state is _ACTIVE:
+                self.active.add(server)
+            elif state is _CLEANING:
+                self.cleaning.add(server)
+            elif state is _CANCEL_WAIT:
+                self.being_canceled.add(server)
+            elif state is _CLOSED:
+                self.servers.discard(server)
+            elif state is _LOGIN:
+                self.login.add(server)
+            server.state = state
+        server.client = client
+
+    def _link(self, server: ServerConnection, client: ClientConnection, now: float = 0.0) -> bool:
+        """Link a server to a client (state ACTIVE); False when the client had
+        nothing for it after all, and the server is free again."""
         if not now:
             now = time.monotonic()
-        if handed_on:
-            server.hand_on(client, now)  # straight from its last client: still active
+        if server.state is _ACTIVE:
+            server.hand_on(now)  # straight from its last client: still active
+            server.client = client
         else:
-            self.active.add(server)
-            server.link(client, now)
+            server.link(now)
+            self._set_server_state(server, _ACTIVE, client)
         stats = self.stats
         stats.server_assignments += 1
         if client.wait_started:
@@ -152,25 +174,73 @@ class Pool:
                     server_id=server.id,
                     **client.log_fields(),
                 )
-        client.server_assigned(server)
+        return client.server_assigned(server)
+
+    # --- clients ----------------------------------------------------------
+
+    def acquire(self, client: ClientConnection) -> None:
+        """Give the client a server now, or queue it (FIFO) until one is free."""
+        if self.idle and not self.waiting and not self.flags.is_paused(self.dbname):
+            server = self.idle[-1]
+            if not self._link(server, client):
+                self.release(server)
+            return
+        client.wait_started = time.monotonic()
+        self.waiting.append(client)
+        if self.shared_rows is not None:
+            self.waiting_changed()
+        if len(self.servers) < self.settings.size or self.settings.reserve_size:
+            self.grow()  # else every server is ours and busy: nothing to open
+
+    def cancel_wait(self, client: ClientConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(client)
+            self.waiting_changed()
+
+    def fail_waiting(self, code: str, message: str) -> None:
+        """Every queued client gets this error (no server will come for them)."""
+        while self.waiting:
+            self.waiting.popleft().wait_failed(code, message)
+        self.waiting_changed()
+
+    def waiting_changed(self) -> None:
+        """Tell the other workers how many of ours wait, and since when.
+        (The two hot-path callers check shared_rows themselves, saving a call.)"""
+        ledger = self.slots.ledger
+        if ledger is None or self.shared_rows is None:
+            return
+        waiting = self.waiting
+        ledger.set_waiting(
+            self.shared_rows[0], len(waiting), waiting[0].wait_started if waiting else 0.0
+        )
+        if not waiting and self in self.slots.starving:
+            self.slots.stop_starving(self)  # the next waiter asks the others afresh
+
+    def server_total(self) -> int:
+        """Servers of this pool in all workers."""
+        if self.shared_rows is None:
+            return len(self.servers)
+        assert self.slots.ledger is not None
+        return self.slots.ledger.total(self.shared_rows[0])
 
     # --- servers coming back ---------------------------------------------
 
     def release(self, server: ServerConnection, now: float = 0.0) -> None:
-        """A clean server comes back from a client (or from login); `now`, when
-        given, is the time its ReadyForQuery was read (one clock read for all)."""
-        if server.cancels_in_flight and server.state is not _CLOSED:
-            # A cancel is still on its way to this backend; handed on now, it
-            # could stop the next client's query. The registry releases it after.
-            server.release_pending = True
+        """A clean server comes back from a client (or from login or cleanup);
+        `now`, when given, is the time its ReadyForQuery was read (one clock read
+        for all)."""
+        if server.state is _CLOSED:
             return
-        if server.dirty and server.state is not _CLOSED:
+        if server.cancels_in_flight:
+            # A cancel is still on its way to this backend; handed on now, it
+            # could stop the next client's query. cancel_finished releases it.
+            self._set_server_state(server, _CANCEL_WAIT)
+            return
+        if server.dirty:
             # Session state left behind (session_state: reset, or a pinned client
             # that disconnected): clean it before anyone else gets the server.
-            spawn(self._reset_then_release(server))
-            return
-        if server.state is _CLOSED:
-            self.active.discard(server)
+            self._set_server_state(server, _CLEANING)
+            spawn(cleanup.reset_then_release(self, server))
             return
         if not now:
             now = time.monotonic()
@@ -180,48 +250,33 @@ class Pool:
             if self.waiting:
                 self.grow()  # a replacement, with the current settings
             return
-        if self.registry.is_paused(self.dbname):
+        if self.flags.is_paused(self.dbname):
             server.unlink(now)
             self.close_server(server, "paused")  # PAUSE disconnects servers once released
             return
-        if self.shared_rows is not None and self._hand_over_to_taker(server):
+        if self.shared_rows is not None and handover.hand_over_to_taker(self, server):
             return
-        if self.waiting:
+        waiting = self.waiting
+        while waiting:
             # The usual case under load: straight to the next client, never idle.
-            handed_on = server.state is _ACTIVE  # not a fresh login or an adopted server
-            self._link(server, self.waiting.popleft(), now, handed_on)
+            client = waiting.popleft()
             if self.shared_rows is not None:
                 self.waiting_changed()
-            return
-        self.active.discard(server)
+            if self._link(server, client, now):
+                return
+            if server.state is _CLOSED:
+                return
         server.unlink(now)
-        if self.registry.has_starving_pools(self) and self.server_total() > self.settings.min_size:
+        if self.slots.has_starving_pools(self) and self.server_total() > self.settings.min_size:
             # Another pool waits for a slot under a shared limit: lend it ours.
             self.close_server(server, "slot handed to another pool")
             return
-        self.idle.append(server)
+        self._set_server_state(server, _IDLE)
 
-    async def _reset_then_release(self, server: ServerConnection) -> None:
-        server.client = None
-        try:
-            await self._reset_session_state(server, self.timeouts.server_connect or 10.0)
-        except (ServerError, ServerLost) as exc:
-            self.close_server(server, f"session state reset failed: {exc}")
-            return
-        self.release(server)
-
-    async def _reset_session_state(self, server: ServerConnection, timeout: float) -> None:
-        """Undo what a client left behind (session_state.py), so the next one starts clean."""
-        if not server.dirty:
-            return
-        kinds, server.dirty = server.dirty, set()
-        for sql in session_state.reset_statements(kinds):
-            await server.query(sql, timeout)
-        if session_state.PREPARE in kinds:
-            server.prepared.clear()  # DEALLOCATE ALL took pgmux's statements too
-        if session_state.SET in kinds:
-            server.applied = {}  # RESET ALL undid the GUCs pgmux had applied
-        self.stats.session_resets += 1
+    def cancel_finished(self, server: ServerConnection) -> None:
+        """The last cancel in flight for a server reached PostgreSQL."""
+        if not server.cancels_in_flight and server.state is _CANCEL_WAIT:
+            self.release(server)
 
     def _should_close(self, server: ServerConnection, now: float) -> bool:
         if server.close_when_released or self.closed:
@@ -231,8 +286,11 @@ class Pool:
 
     def close_server(self, server: ServerConnection, reason: str) -> None:
         known = server in self.servers
-        self._forget(server)
+        client = server.client
+        self.forget(server)
         server.close(reason)
+        if client is not None and client.server is server:
+            client.server_lost(server)
         if known:
             log.info(
                 "pool_shrink",
@@ -243,35 +301,50 @@ class Pool:
                 servers=len(self.servers),
             )
 
-    def server_closed(self, server: ServerConnection, previous: ServerState) -> None:
-        """connection_lost of a server (expected or not)."""
-        self._forget(server)
+    def server_lost(self, server: ServerConnection) -> None:
+        """connection_lost of a server (expected or not): its client hears of it."""
+        client = server.client
+        self.forget(server)
+        if client is not None:
+            client.server_lost(server)
 
-    def _forget(self, server: ServerConnection, shared: bool = True) -> None:
-        if server not in self.servers:
+    def forget(self, server: ServerConnection, shared: bool = True) -> None:
+        """The server leaves the pool (closed, or moved to another worker: not SHARED)."""
+        known = server in self.servers
+        self._set_server_state(server, _CLOSED)
+        if known:
+            self.slots.freed(self, shared)
+
+    def add_server(self, server: ServerConnection) -> None:
+        """A new server (logging in, or adopted from another worker) joins the pool."""
+        self.servers.add(server)
+        self.login.add(server)
+        self.slots.taken(self)
+
+    def learn_params(self, server: ServerConnection) -> None:
+        """The pool's first logged-in server tells the parameters every welcome needs."""
+        if self.server_params is not None:
             return
-        self.servers.discard(server)
-        self.active.discard(server)
-        if server in self.idle:
-            self.idle.remove(server)
-        self.registry.server_slot_freed(self, shared)
+        self.server_params = dict(server.params)
+        self.registry.params_learned(self)
+        self._welcome_waiters(self.server_params)
+
+    def _welcome_waiters(self, params: dict[str, str]) -> None:
+        """Clients queued only for their welcome (every mode but session) get it
+        now, without a server: one loop, however many they are."""
+        welcomed = [c for c in self.waiting if c.state is _WELCOME and c.release_on_idle]
+        if not welcomed:
+            return
+        keep = [c for c in self.waiting if c.state is not _WELCOME or not c.release_on_idle]
+        self.waiting.clear()
+        self.waiting.extend(keep)
+        self.waiting_changed()
+        for client in welcomed:
+            client.wait_started = 0.0
+            client.welcome(params)
 
     # --- servers moving between workers (listen.workers > 1) ----------------
-
-    def _hand_over_to_taker(self, server: ServerConnection) -> bool:
-        """Give a server that came free to another worker if its clients deserve
-        it more (ledger.taker); True when it went."""
-        ledger = self.registry.ledger
-        assert ledger is not None and self.shared_rows is not None
-        row = self.shared_rows[0]
-        if not ledger.waiting_elsewhere(row):
-            return False
-        oldest = self.waiting[0].wait_started if self.waiting else None
-        taker = ledger.taker(row, len(self.servers) - 1, oldest)
-        if taker is None:
-            return False
-        self._hand_over(server, taker)
-        return True
+    # (the moves themselves: datapath/handover.py)
 
     def params_heard(self, params: dict[str, str]) -> None:
         """Another worker learned this pool's server parameters: clients
@@ -279,55 +352,7 @@ class Pool:
         if self.server_params is not None:
             return
         self.server_params = params
-        welcomed = [client for client in self.waiting if client.params_arrived(params)]
-        for client in welcomed:
-            self.waiting.remove(client)
-        if welcomed:
-            self.waiting_changed()
-
-    def offer_idle(self) -> None:
-        """Another worker's clients wait for this pool: hand over idle servers."""
-        ledger = self.registry.ledger
-        assert ledger is not None and self.shared_rows is not None
-        while self.idle and not self.waiting:
-            taker = ledger.taker(self.shared_rows[0], len(self.servers) - 1, None)
-            if taker is None:
-                return
-            self._hand_over(self.idle.pop(), taker)
-
-    def _hand_over(self, server: ServerConnection, worker: int) -> None:
-        registry = self.registry
-        assert registry.ledger is not None and registry.worker is not None
-        assert self.shared_rows is not None
-        server.client = None  # released straight from a client, it may still name it
-        if not server.movable():
-            # A TLS session cannot change process: close it, the taker opens one.
-            self.close_server(server, "slot handed to another worker")
-            return
-        state = server.export_state()
-        fd = server.detach()
-        registry.ledger.move(self.shared_rows, worker)
-        self._forget(server, shared=False)
-        log.debug("server_handed_over", db=self.dbname, user=self.user, to_worker=worker)
-        if not registry.worker.send(worker, ServerHandedOver(self.dbname, self.user, state), fd):
-            registry.ledger.give_back(self.shared_rows, worker)
-
-    async def adopt(self, state: ServerSnapshot, fd: int) -> None:
-        """A server handed over by another worker joins this pool."""
-        server = ServerConnection.adopted(self, self.credentials, state)
-        self.servers.add(server)
-        self.registry.server_slot_taken(self)
-        loop = asyncio.get_running_loop()
-        try:
-            sock = socket.socket(fileno=fd)
-            sock.setblocking(False)
-            await loop.connect_accepted_socket(lambda: server, sock)
-        except OSError as exc:
-            log.warning("server_adopt_failed", db=self.dbname, user=self.user, error=str(exc))
-            self._forget(server)
-            return
-        log.debug("server_adopted", db=self.dbname, user=self.user, server_id=server.id)
-        self.release(server)
+        self._welcome_waiters(params)
 
     # --- a client leaving while linked ------------------------------------
 
@@ -345,31 +370,10 @@ class Pool:
         elif clean and self.mode != "session":
             self.release(server)
         elif clean or self.settings.rollback_abandoned:
-            server.client = None
-            spawn(self._clean_abandoned(server, expect, client.in_batch))
+            self._set_server_state(server, _CLEANING)
+            spawn(cleanup.clean_abandoned(self, server, expect, client.in_batch))
         else:
             self.close_server(server, "client left mid-transaction")
-
-    async def _clean_abandoned(self, server: ServerConnection, expect: int, in_batch: bool) -> None:
-        timeout = self.timeouts.cancel_wait or 10.0
-        try:
-            if expect:
-                # Stop whatever it still runs for the departed client.
-                self.registry.cancel_server(server)
-            await server.wait_ready_for_query(
-                expect + in_batch, messages.sync() if in_batch else b"", timeout
-            )
-            if not server.clean_for_release:
-                await server.query("ROLLBACK", timeout)
-            await self._reset_session_state(server, timeout)
-            if self.mode == "session":
-                await server.query("DISCARD ALL", timeout)
-                server.applied = {}
-        except (ServerError, ServerLost) as exc:
-            self.close_server(server, f"cleanup after client failed: {exc}")
-            return
-        self.stats.abandoned_cleaned += 1
-        self.release(server)
 
     # --- growing ----------------------------------------------------------
 
@@ -394,7 +398,7 @@ class Pool:
             self._open_server()
 
     def _may_connect(self, quiet: bool = False) -> bool:
-        if self.closed or self.registry.shutting_down or self.registry.is_paused(self.dbname):
+        if self.closed or self.registry.shutting_down or self.flags.is_paused(self.dbname):
             return False
         now = time.monotonic()
         if now < self.retry_at:
@@ -402,7 +406,7 @@ class Pool:
             return False
         if self.shared_rows is None and len(self.servers) >= self.size_limit():
             return False  # with several workers the ledger checks the size
-        return self.registry.may_open_server(self, register_starving=not quiet)
+        return self.slots.may_open(self, register_starving=not quiet)
 
     def _schedule_retry(self, delay: float) -> None:
         if self._retry_handle is None:
@@ -415,9 +419,7 @@ class Pool:
 
     def _open_server(self) -> None:
         server = ServerConnection(self, self.credentials)
-        self.servers.add(server)
-        self.connecting += 1
-        self.registry.server_slot_taken(self)
+        self.add_server(server)
         spawn(self._login_server(server))
 
     async def _login_server(self, server: ServerConnection) -> None:
@@ -433,18 +435,14 @@ class Pool:
             await asyncio.wait_for(connect, timeout)
             await server.wait_login(self.timeouts.server_connect)
         except (OSError, TimeoutError, ServerLost, ServerError, ProtocolError) as exc:
-            self.connecting -= 1
-            self._forget(server)
+            self.forget(server)
             server.abort()
             self._connect_failed(exc)
             return
-        self.connecting -= 1
         if server not in self.servers:  # closed while logging in (reload, shutdown)
             server.close()
             return
-        if self.server_params is None:
-            self.server_params = dict(server.params)
-            self.registry.params_learned(self)
+        self.learn_params(server)
         if self.last_connect_error:
             log.info("server_connect_recovered", db=self.dbname, user=self.user)
         self.last_connect_error = None
@@ -472,14 +470,9 @@ class Pool:
         if isinstance(exc, ServerError):
             # PostgreSQL itself refused (bad password, no such database...):
             # waiting longer will not help, so the waiting clients hear why now.
-            self._fail_waiting(exc.sqlstate, f"server login failed: {exc}")
+            self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
         elif self.waiting:
             self._schedule_retry(retry)
-
-    def _fail_waiting(self, code: str, message: str) -> None:
-        while self.waiting:
-            self.waiting.popleft().wait_failed(code, message)
-        self.waiting_changed()
 
     # --- janitor ----------------------------------------------------------
 
@@ -535,11 +528,7 @@ class Pool:
         self.settings = settings
         self.retry_at = 0.0
         self.last_connect_error = None
-        for server in list(self.servers):
-            if server in self.idle:
-                self.close_server(server, "reload")
-            else:
-                server.close_when_released = True
+        self.replace_servers("reload")
         log.info(
             "pool_reconfigured",
             db=self.dbname,
@@ -549,21 +538,20 @@ class Pool:
         )
         self.grow()
 
+    def replace_servers(self, reason: str) -> None:
+        """Idle servers close now, the others when their client releases them
+        (RECONNECT, a reload that changed the login)."""
+        for server in list(self.servers):
+            if server.state is _IDLE:
+                self.close_server(server, reason)
+            else:
+                server.close_when_released = True
+
     def close(self) -> None:
-        """The database went away (reload) or pgmux stops: close what is idle."""
+        """The database went away (reload) or pgmux stops: close what is idle;
+        the rest closes as it comes back."""
         self.closed = True
-        for server in list(self.idle):
-            self.close_server(server, "pool closed")
-
-    # --- state for the console -------------------------------------------
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "sv_active": len(self.active),
-            "sv_idle": len(self.idle),
-            "sv_login": self.connecting,
-            "cl_waiting": len(self.waiting),
-        }
+        self.replace_servers("pool closed")
 
     # --- runtime settings (console SET) ---
 

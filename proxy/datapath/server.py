@@ -13,7 +13,6 @@ Two paths read from the socket:
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from pgmux.proxy.base import ids
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.core.peers import ServerSnapshot
+from pgmux.proxy.core.states import ServerState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.replies import ResponseFilter
 
@@ -55,17 +55,6 @@ _ERROR_RESPONSE = ord("E")
 _IDLE = ord("I")
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
-
-
-class ServerState(enum.Enum):
-    LOGIN = "login"
-    IDLE = "idle"
-    ACTIVE = "active"
-    CLOSED = "closed"
-
-
-# Module globals read faster than Enum members on the data path.
-_ACTIVE, _IDLE_STATE = ServerState.ACTIVE, ServerState.IDLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +93,10 @@ class ServerConnection(asyncio.Protocol):
         self.pool = pool
         self.id = ids.next_server_id()
         self.credentials = credentials
+        # Set by the pool's transitions only (Pool._set_server_state, Pool._link).
         self.state = ServerState.LOGIN
-        self.transport: asyncio.Transport | None = None
+        # set by connection_made; the data path only meets connected servers
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client: ClientConnection | None = None
         self.params: dict[str, str] = {}  # ParameterStatus values it reported
         self.applied: dict[str, str] = {}  # unreported GUCs pgmux set on it
@@ -118,7 +109,6 @@ class ServerConnection(asyncio.Protocol):
         self.copy_in = False
         self.close_when_released = False
         self.cancels_in_flight = 0  # CancelRequests sent to PostgreSQL for this backend
-        self.release_pending = False  # released while a cancel was in flight
         self.local_address = ""
         # transaction pooling: prepared statements, replies owed, session state
         self.prepared: OrderedDict[bytes, Statement] = OrderedDict()  # an LRU
@@ -133,6 +123,7 @@ class ServerConnection(asyncio.Protocol):
         self._slow = True
         self._reader = MessageReader()
         self._login: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._logged_in = False  # PostgreSQL said ReadyForQuery to the startup
         self._scram: ScramClient | None = None
         self._tls_wanted: ServerTls | None = None  # SSLRequest sent, answer pending
         self._rfq_wanted = 0
@@ -148,7 +139,7 @@ class ServerConnection(asyncio.Protocol):
     ) -> ServerConnection:
         """A logged-in server another worker handed over (export_state there)."""
         server = cls(pool, credentials)
-        server.state = ServerState.IDLE
+        server._logged_in = True
         server.backend_pid = snapshot.backend_pid
         server.backend_key = snapshot.backend_key
         server.params = varcache.interned(snapshot.params)
@@ -190,7 +181,6 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         fd = os.dup(self.transport.get_extra_info("socket").fileno())
         self.moved = True
-        self.state = ServerState.CLOSED
         self.transport.abort()
         return fd
 
@@ -202,10 +192,10 @@ class ServerConnection(asyncio.Protocol):
         self.local_address = str(sockname[1]) if isinstance(sockname, tuple) else "unix"
         if self._login.done():
             return  # adopted from another worker: logged in long ago
-        tls = self.pool.registry.tls.server
+        tls = self.pool.registry.auth.tls.server
         if tls.context is not None and isinstance(sockname, tuple):  # no TLS on unix sockets
             self._tls_wanted = tls
-            transport.write(messages.ssl_request())
+            self.transport.write(messages.ssl_request())
             return
         self._send_startup()
 
@@ -247,7 +237,7 @@ class ServerConnection(asyncio.Protocol):
             if transport is not None:
                 transport.abort()
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         self._send_startup()
 
     def _login_failed(self, message: str) -> None:
@@ -259,17 +249,11 @@ class ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.moved:
             return  # the other worker has the backend now
-        previous = self.state
-        self.state = ServerState.CLOSED
         lost = ServerLost(str(exc) if exc else "server closed the connection")
         if not self._login.done():
             self._login.set_exception(lost)
         self._wake_rfq_waiter(lost)
-        client = self.client
-        self.client = None
-        if client is not None:
-            client.server_lost(self)
-        self.pool.server_closed(self, previous)
+        self.pool.server_lost(self)
 
     async def wait_login(self, timeout: float) -> None:
         try:
@@ -282,7 +266,7 @@ class ServerConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             if reason:
                 log.debug("server_close", reason=reason, **self._log_fields())
-            if self.state is not ServerState.LOGIN:
+            if self._logged_in:
                 self.transport.write(messages.terminate())
             self.transport.close()
 
@@ -360,18 +344,16 @@ class ServerConnection(asyncio.Protocol):
         if client is not None:
             client.server_parameter(name, value)
 
-    # --- link / unlink (called by the pool) -------------------------------
+    # --- link / unlink (the pool's transitions call these) ------------------
 
-    def link(self, client: ClientConnection, now: float) -> None:
-        self.client = client
-        self.state = _ACTIVE
+    def link(self, now: float) -> None:
+        """A client gets this server: its bytes flow on the hot path."""
         self.linked_at = now
         self._slow = False
 
-    def hand_on(self, client: ClientConnection, now: float) -> None:
+    def hand_on(self, now: float) -> None:
         """unlink() then link() in one step, for a server that goes straight
         from one client to the next without being idle."""
-        self.client = client
         self.last_used = self.linked_at = now
         self._slow = False  # it may come from a statement of pgmux's own (a reset)
         self.copy_in = False
@@ -382,8 +364,7 @@ class ServerConnection(asyncio.Protocol):
         self._slow = False
 
     def unlink(self, now: float) -> None:
-        self.client = None
-        self.state = _IDLE_STATE
+        """The server leaves its client: replies go to the slow path."""
         self.last_used = now
         self._slow = True
         self.copy_in = False
@@ -472,7 +453,7 @@ class ServerConnection(asyncio.Protocol):
             self.close()
 
     def _slow_message(self, kind: int, body: bytes) -> None:
-        if self.state is ServerState.LOGIN:
+        if not self._logged_in:
             self._login_message(kind, body)
         elif kind == _READY_FOR_QUERY:
             self.tx_status = body[0] if body else _IDLE
@@ -485,7 +466,7 @@ class ServerConnection(asyncio.Protocol):
             self._slow_error(messages.parse_error_fields(body))
         elif kind == _COPY_IN_RESPONSE:
             # Only a departed client's COPY gets here, while it is cleaned up.
-            self.transport.write(_COPY_FAIL_MESSAGE)  # type: ignore[union-attr]
+            self.transport.write(_COPY_FAIL_MESSAGE)
 
     def _slow_error(self, fields: dict[str, str]) -> None:
         error = ServerError(fields)
@@ -510,7 +491,7 @@ class ServerConnection(asyncio.Protocol):
         elif kind == ord("K"):
             self.backend_pid, self.backend_key = messages.parse_backend_key_data(body)
         elif kind == _READY_FOR_QUERY:
-            self.state = ServerState.IDLE
+            self._logged_in = True
             self.tx_status = body[0] if body else _IDLE
             if not self._login.done():
                 self._login.set_result(None)
@@ -560,7 +541,7 @@ class ServerConnection(asyncio.Protocol):
         creds = self.credentials
         if creds.password is not None:
             return creds.password, None
-        learned = self.pool.registry.learned.get(creds.user)
+        learned = self.pool.registry.auth.learned.get(creds.user)
         if learned is not None and learned.password is not None:
             return learned.password, learned
         return None, learned
@@ -582,7 +563,7 @@ class ServerConnection(asyncio.Protocol):
     def _no_password(self, method: str) -> ServerError:
         user = self.credentials.user
         message = f'no password known for server login as user "{user}" ({method})'
-        if method == "scram-sha-256" and self.pool.registry.users.get(user, "").startswith(
+        if method == "scram-sha-256" and self.pool.registry.auth.users.get(user, "").startswith(
             "SCRAM-SHA-256$"
         ):
             message += "; a client must log in with SCRAM first (passthrough)"

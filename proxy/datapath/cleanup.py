@@ -1,0 +1,71 @@
+"""Cleaning a server after its client, before anyone else gets it.
+
+A server comes here in state CLEANING (``Pool.release`` and ``Pool.abandon``
+put it there): session state a client left behind is reset
+(session_state.py), a transaction a departed client left open is rolled back,
+a session-mode server is reset with DISCARD ALL. Then the pool takes it back
+(``Pool.release``), or closes it when the cleanup fails. PgBouncer closes such
+servers; pgmux reuses them (pool.rollback_abandoned).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages
+from pgmux.proxy.datapath import session_state
+from pgmux.proxy.datapath.server import ServerError, ServerLost
+
+if TYPE_CHECKING:
+    from pgmux.proxy.datapath.pool import Pool
+    from pgmux.proxy.datapath.server import ServerConnection
+
+
+async def reset_then_release(pool: Pool, server: ServerConnection) -> None:
+    """Reset what a client left behind, then give the server back to the pool."""
+    try:
+        await reset_session_state(pool, server, pool.timeouts.server_connect or 10.0)
+    except (ServerError, ServerLost) as exc:
+        pool.close_server(server, f"session state reset failed: {exc}")
+        return
+    pool.release(server)
+
+
+async def reset_session_state(pool: Pool, server: ServerConnection, timeout: float) -> None:
+    """Undo what a client left behind (session_state.py), so the next one starts clean."""
+    if not server.dirty:
+        return
+    kinds, server.dirty = server.dirty, set()
+    for sql in session_state.reset_statements(kinds):
+        await server.query(sql, timeout)
+    if session_state.PREPARE in kinds:
+        server.prepared.clear()  # DEALLOCATE ALL took pgmux's statements too
+    if session_state.SET in kinds:
+        server.applied = {}  # RESET ALL undid the GUCs pgmux had applied
+    pool.stats.session_resets += 1
+
+
+async def clean_abandoned(
+    pool: Pool, server: ServerConnection, expect: int, in_batch: bool
+) -> None:
+    """A client left with requests outstanding or a transaction open: wait for
+    the replies it is owed, roll back, reset, then give the server back."""
+    timeout = pool.timeouts.cancel_wait or 10.0
+    try:
+        if expect:
+            # Stop whatever it still runs for the departed client.
+            pool.cancels.cancel_server(server)
+        await server.wait_ready_for_query(
+            expect + in_batch, messages.sync() if in_batch else b"", timeout
+        )
+        if not server.clean_for_release:
+            await server.query("ROLLBACK", timeout)
+        await reset_session_state(pool, server, timeout)
+        if pool.mode == "session":
+            await server.query("DISCARD ALL", timeout)
+            server.applied = {}
+    except (ServerError, ServerLost) as exc:
+        pool.close_server(server, f"cleanup after client failed: {exc}")
+        return
+    pool.stats.abandoned_cleaned += 1
+    pool.release(server)

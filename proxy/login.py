@@ -1,0 +1,347 @@
+"""From accept to the pool: a client's login (the login half of PgBouncer's client.c).
+
+A ``ClientLogin`` feeds on a new connection's bytes: the startup packet
+(SSLRequest, GSSENCRequest, CancelRequest, StartupMessage), the TLS
+handshake, the hba rules and the client-connection limits, the password
+exchange (with auth_query when the users file does not know the user), and at
+last the hand-off: to the admin console, or into the client's pool. Then it
+lets go of the connection, and the ready ``ClientConnection`` carries on
+without any of this state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgmux.protocol import messages, sqlstate
+from pgmux.protocol.errors import AuthError, ProtocolError
+from pgmux.protocol.framing import MessageReader
+from pgmux.protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    StartupReader,
+)
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.stats import GLOBAL
+from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.config import ADMIN_DATABASES
+from pgmux.proxy.config.hba import Connection
+from pgmux.proxy.config.tls import ClientTls, peer_common_name
+from pgmux.proxy.core.states import ClientState
+from pgmux.proxy.datapath import varcache
+from pgmux.proxy.datapath.auth import ClientAuth
+from pgmux.proxy.datapath.client import ClientConnection
+
+if TYPE_CHECKING:
+    import ssl
+
+    from pgmux.proxy.config import DatabaseConfig
+    from pgmux.proxy.registry import Registry
+
+log = get_logger("pgmux.client")
+
+_PASSWORD = ord("p")
+
+# What the daemon gives the login to open a console session with.
+OpenConsole = Callable[[ClientConnection, bytes], None]
+
+
+def new_client(registry: Registry, open_console: OpenConsole) -> ClientConnection:
+    """A connection just accepted, with its login attached (the listener's factory)."""
+    client = ClientConnection(registry)
+    login = ClientLogin(client, registry, open_console)
+    client.feed_to(login.feed)
+    return client
+
+
+class ClientLogin:
+    """The login of one client; dropped once the client is in its pool or console."""
+
+    def __init__(
+        self, client: ClientConnection, registry: Registry, open_console: OpenConsole
+    ) -> None:
+        self.client = client
+        self.registry = registry
+        self.config = registry.config
+        self._open_console = open_console
+        self._authenticating = False
+        self._startup = StartupReader()
+        self._reader: MessageReader | None = None
+        self._auth: ClientAuth | None = None
+        self._tls_early: list[bytes] | None = None  # decrypted before start_tls returned
+
+    @property
+    def _gone(self) -> bool:
+        """The client left the login: closed, in its pool, or a console."""
+        return self.client.state is not ClientState.LOGIN
+
+    def feed(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            self._tls_early.append(data)
+            return
+        try:
+            if self._authenticating:
+                self._auth_received(data)
+            else:
+                self._startup_received(data)
+        except ProtocolError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: ProtocolError) -> None:
+        log.info(
+            "login_failed", error=exc.message, sqlstate=exc.sqlstate, **self.client.log_fields()
+        )
+        GLOBAL.login_failed(exc.sqlstate)
+        self.client.fail(exc.sqlstate, exc.message)
+
+    # --- the startup packet -------------------------------------------------
+
+    def _startup_received(self, data: bytes) -> None:
+        self._startup.feed(data)
+        while not self._authenticating and not self._gone:
+            event = self._startup.next_event()
+            if event is None:
+                return
+            if isinstance(event, SSLRequest):
+                if self._ssl_request():
+                    return  # the handshake runs; the StartupMessage comes encrypted
+            elif isinstance(event, GSSENCRequest):
+                self.client.send(b"N")  # no GSSAPI encryption; the client goes on without
+            elif isinstance(event, CancelRequest):
+                self.registry.cancels.cancel(event.pid, event.key)
+                self.client.transport.close()
+                self.client.closed("cancel request")
+                return
+            elif isinstance(event, StartupMessage):
+                self._startup_message(event)
+                rest = self._startup.take_remaining()
+                if rest and self._authenticating and not self._gone:
+                    self._auth_received(rest)
+
+    def _startup_message(self, startup: StartupMessage) -> None:
+        client = self.client
+        params = startup.params
+        client.user = params.get("user", "")
+        client.dbname = params.get("database") or client.user
+        client.application_name = params.get("application_name", "")
+        if self.registry.client_slots.total() > self.config.listen.max_client_conn:
+            raise ProtocolError(
+                "no more connections allowed (max_client_conn)", sqlstate.TOO_MANY_CONNECTIONS
+            )
+        console = client.dbname in ADMIN_DATABASES
+        database = None if console else self.config.database(client.dbname)
+        if database is None and not console:
+            raise ProtocolError(f"no such database: {client.dbname}", sqlstate.INVALID_CATALOG_NAME)
+        try:
+            ignore = frozenset(p.lower() for p in self.config.ignore_startup_parameters)
+            client.startup_gucs = varcache.startup_gucs(params, ignore)
+        except varcache.StartupParameterError as exc:
+            raise ProtocolError(str(exc), sqlstate.PROTOCOL_VIOLATION) from None
+        client.database = database
+        method = self._auth_method()
+        self._authenticating = True
+        self._reader = MessageReader(max_size=self.config.limits.max_packet_size)
+        secret = self.registry.auth.users.get(client.user)
+        if secret is None and database is not None and self.registry.auth_query.enabled:
+            client.transport.pause_reading()  # nothing to read until we ask
+            spawn(self._auth_query(method, database))
+            return
+        self._start_auth(method, secret, from_auth_query=False)
+
+    # --- TLS and hba ----------------------------------------------------------
+
+    def _ssl_request(self) -> bool:
+        """Answer an SSLRequest; True when a TLS handshake starts."""
+        tls = self.registry.auth.tls.client
+        if tls.context is None or self.client.peer == "unix":
+            self.client.send(b"N")
+            return False
+        if self._startup.take_remaining():
+            # Bytes sent before the handshake could be anyone's (CVE-2021-23222).
+            raise ProtocolError("received unencrypted data after SSL request")
+        transport = self.client.transport
+        transport.write(b"S")
+        transport.pause_reading()
+        self._tls_early = []
+        spawn(self._start_tls(transport, tls))
+        return True
+
+    async def _start_tls(self, transport: asyncio.Transport, tls: ClientTls) -> None:
+        client = self.client
+        loop = asyncio.get_running_loop()
+        assert tls.context is not None
+        try:
+            wrapped = await loop.start_tls(transport, client, tls.context, server_side=True)
+        except (OSError, ConnectionError, ValueError) as exc:  # ssl.SSLError is an OSError
+            if not self._gone:
+                log.info(
+                    "login_failed", error=f"TLS handshake failed: {exc}", **client.log_fields()
+                )
+                GLOBAL.login_failed(sqlstate.PROTOCOL_VIOLATION)
+                transport.abort()
+                client.closed("TLS handshake failed")
+            return
+        if self._gone or wrapped is None:
+            if wrapped is not None:
+                wrapped.abort()
+            return
+        client.transport = wrapped
+        client.tls = tls
+        early, self._tls_early = self._tls_early or [], None
+        if early:
+            self.feed(b"".join(early))
+
+    def _ssl_object(self) -> ssl.SSLObject | None:
+        if self.client.tls is None:
+            return None
+        return self.client.transport.get_extra_info("ssl_object")
+
+    def _auth_method(self) -> str:
+        """The method this login runs, after the TLS requirement and the hba
+        rules had their say (ProtocolError when they refuse the connection)."""
+        client = self.client
+        local = client.peer == "unix"
+        tls = self.registry.auth.tls.client
+        if tls.required and not local and client.tls is None:
+            raise ProtocolError("SSL required", sqlstate.INVALID_AUTHORIZATION)
+        verify_name = client.tls is not None and client.tls.mode == "verify-full"
+        if verify_name and peer_common_name(self._ssl_object()) != client.user:
+            raise ProtocolError(
+                f'certificate authentication failed for user "{client.user}"',
+                sqlstate.INVALID_AUTHORIZATION,
+            )
+        hba = self.registry.auth.hba
+        if hba is None:
+            return self.config.auth.type
+        conn = self._hba_connection(local)
+        rule = hba.match(conn)
+        if rule is None:
+            message = f"no pg_hba.conf entry for {conn.describe()}"
+            raise ProtocolError(message, sqlstate.INVALID_AUTHORIZATION)
+        if rule.method == "reject":
+            message = f"pg_hba.conf rejects connection for {conn.describe()}"
+            raise ProtocolError(message, sqlstate.INVALID_AUTHORIZATION)
+        return rule.method
+
+    def _hba_connection(self, local: bool) -> Connection:
+        client = self.client
+        address = server_address = None
+        if not local:
+            peer = client.transport.get_extra_info("peername")
+            sock = client.transport.get_extra_info("sockname")
+            address = peer[0] if isinstance(peer, tuple) else None
+            server_address = sock[0] if isinstance(sock, tuple) else None
+        return Connection(
+            database=client.dbname,
+            user=client.user,
+            local=local,
+            ssl=client.tls is not None,
+            address=address,
+            server_address=server_address,
+        )
+
+    # --- authentication -------------------------------------------------------
+
+    def _start_auth(self, method: str, secret: str | None, *, from_auth_query: bool) -> None:
+        client = self.client
+        self._auth = ClientAuth(
+            method,
+            client.user,
+            secret,
+            self.registry.auth,
+            channel_binding=client.tls.end_point if client.tls is not None else None,
+            from_auth_query=from_auth_query,
+        )
+        first = self._auth.start()
+        if first is None:
+            self._authenticated()
+        else:
+            client.send(first)
+
+    async def _auth_query(self, method: str, database: DatabaseConfig) -> None:
+        """Ask PostgreSQL for the user's secret (auth.query), then authenticate."""
+        client = self.client
+        secret = await self.registry.auth_query.secret(client.dbname, database, client.user)
+        if self._gone:
+            return  # gone meanwhile (client_login timeout, disconnect)
+        try:
+            self._start_auth(method, secret, from_auth_query=secret is not None)
+            if not self._gone:
+                self._auth_received(b"")
+        except ProtocolError as exc:
+            self._failed(exc)
+            return
+        if client.transport is not None and not client.transport.is_closing():
+            client.transport.resume_reading()
+
+    def _auth_received(self, data: bytes) -> None:
+        assert self._reader is not None and self._auth is not None
+        self._reader.feed(data)
+        while not self._gone:
+            message = self._reader.next_message()
+            if message is None:
+                return
+            kind, body = message
+            if kind != _PASSWORD:
+                raise ProtocolError(
+                    f"expected password response, got message type {chr(kind)!r}",
+                    sqlstate.PROTOCOL_VIOLATION,
+                )
+            try:
+                reply, finished = self._auth.handle(body)
+            except AuthError:
+                client = self.client
+                if self._auth.from_auth_query and client.database is not None:
+                    # Maybe the password changed: ask again next time.
+                    self.registry.auth_query.forget(client.dbname, client.database, client.user)
+                raise
+            if reply is not None:
+                self.client.send(reply)
+            if finished:
+                self._authenticated()
+
+    def _take_client_slot(self) -> None:
+        """max_db_client_connections / max_user_client_connections (PgBouncer
+        1.24), counted over authenticated clients only: a flood of
+        connections that never log in cannot use them up."""
+        client = self.client
+        database = client.database
+        if database is None:
+            return
+        db_limit = database.pool.max_db_client_connections
+        user_config = self.config.users.get(client.user)
+        user_limit = (
+            user_config.max_user_client_connections if user_config is not None else 0
+        ) or database.pool.max_user_client_connections
+        reached = self.registry.client_slots.take(client.dbname, db_limit, client.user, user_limit)
+        if reached:
+            raise ProtocolError(
+                f"no more connections allowed ({reached})", sqlstate.TOO_MANY_CONNECTIONS
+            )
+        client.counted = True
+
+    # --- the hand-off -----------------------------------------------------------
+
+    def _authenticated(self) -> None:
+        client = self.client
+        console = client.dbname in ADMIN_DATABASES
+        if not console:
+            self._take_client_slot()
+        client.send(messages.authentication_ok())
+        self.registry.login_done(client)
+        leftover = self._reader.take_remaining() if self._reader is not None else b""
+        if console:
+            self._open_console(client, leftover)
+            return
+        if self.registry.flags.is_disabled(client.dbname):
+            raise ProtocolError(
+                f'database "{client.dbname}" is disabled', sqlstate.CANNOT_CONNECT_NOW
+            )
+        assert client.database is not None
+        pool = self.registry.pool_for(client.dbname, client.database, client.user)
+        client.feed_to(None)  # from here on the client's bytes are its own
+        client.join(pool, leftover)
