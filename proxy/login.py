@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
+from pgmux.protocol.msgtypes import PASSWORD_MESSAGE as _PASSWORD
 from pgmux.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = get_logger("pgmux.client")
 
-_PASSWORD = ord("p")
 
 # What the daemon gives the login to open a console session with.
 OpenConsole = Callable[[ClientConnection, bytes], None]

@@ -11,13 +11,15 @@ from __future__ import annotations
 import enum
 
 
-class ServerState(enum.Enum):
-    LOGIN = "login"  # connecting, TLS, startup, authentication (SHOW SERVERS: new)
-    IDLE = "idle"  # in the pool's idle stack, ready for the next client
-    ACTIVE = "active"  # linked to a client
-    CLEANING = "cleaning"  # pgmux's own statements after a client: reset, rollback (tested)
-    CANCEL_WAIT = "cancel_wait"  # released while a cancel is on its way (being_canceled)
-    CLOSED = "closed"  # gone from the pool
+class ServerState(enum.IntEnum):
+    """An int so a pool can index its per-state lists with it (Pool._set_server_state)."""
+
+    LOGIN = 0  # connecting, TLS, startup, authentication (SHOW SERVERS: new)
+    ACTIVE = 1  # linked to a client
+    CLEANING = 2  # pgmux's own statements after a client: reset, rollback (tested)
+    CANCEL_WAIT = 3  # released while a cancel is on its way (being_canceled)
+    IDLE = 4  # in the pool's idle stack, ready for the next client
+    CLOSED = 5  # gone from the pool
 
 
 class ClientState(enum.Enum):
@@ -30,6 +32,21 @@ class ClientState(enum.Enum):
     CONSOLE = "console"  # an admin console session owns the connection
     CLOSED = "closed"
 
+
+# The members as module globals, for the data path: a global of the module that
+# imports them reads faster than an Enum attribute.
+SERVER_LOGIN = ServerState.LOGIN
+SERVER_ACTIVE = ServerState.ACTIVE
+SERVER_CLEANING = ServerState.CLEANING
+SERVER_CANCEL_WAIT = ServerState.CANCEL_WAIT
+SERVER_IDLE = ServerState.IDLE
+SERVER_CLOSED = ServerState.CLOSED
+CLIENT_WELCOME = ClientState.WELCOME
+CLIENT_IDLE = ClientState.IDLE
+CLIENT_WAITING = ClientState.WAITING
+CLIENT_LINKING = ClientState.LINKING
+CLIENT_ACTIVE = ClientState.ACTIVE
+CLIENT_CLOSED = ClientState.CLOSED
 
 # A logged-in client of a pool: the states the janitor's client timeouts watch.
 READY = frozenset((ClientState.IDLE, ClientState.WAITING, ClientState.LINKING, ClientState.ACTIVE))

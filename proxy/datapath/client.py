@@ -18,10 +18,24 @@ from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
+from pgmux.protocol.accounting import NO_BATCH
 from pgmux.protocol.errors import ProtocolError
+from pgmux.protocol.msgtypes import COPY_DATA as _COPY_DATA
+from pgmux.protocol.msgtypes import COPY_DONE as _COPY_DONE
+from pgmux.protocol.msgtypes import COPY_FAIL as _COPY_FAIL
+from pgmux.protocol.msgtypes import FLUSH as _FLUSH
+from pgmux.protocol.msgtypes import QUERY as _QUERY
+from pgmux.protocol.msgtypes import TERMINATE as _TERMINATE
+from pgmux.protocol.msgtypes import TX_IDLE as _IDLE
 from pgmux.proxy.base import ids
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.core.states import CLIENT_ACTIVE as _ACTIVE
+from pgmux.proxy.core.states import CLIENT_CLOSED as _CLOSED
+from pgmux.proxy.core.states import CLIENT_IDLE as _IDLE_STATE
+from pgmux.proxy.core.states import CLIENT_LINKING as _LINKING
+from pgmux.proxy.core.states import CLIENT_WAITING as _WAITING
+from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
 from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import session_state, varcache
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
@@ -37,30 +51,11 @@ if TYPE_CHECKING:
 log = get_logger("pgmux.client")
 
 _LENGTH = Struct("!I").unpack_from
-_QUERY = ord("Q")
-_SYNC = ord("S")
-_FUNCTION_CALL = ord("F")
-_TERMINATE = ord("X")
-_COPY_DATA = ord("d")
-_COPY_DONE = ord("c")
-_COPY_FAIL = ord("f")
-_FLUSH = ord("H")
-_IDLE = ord("I")
-
-# Messages after which the server owes nothing until a Sync arrives.
-NO_BATCH = frozenset((_QUERY, _SYNC, _FUNCTION_CALL, _COPY_DATA, _COPY_DONE, _COPY_FAIL))
 
 # Pause reading a client that piles up this much while it waits for a server.
 _PENDING_LIMIT = 1 << 20
 
-# Globals for the hot path: an Enum member or a module attribute costs a lookup more.
-_ACTIVE = ClientState.ACTIVE
-_IDLE_STATE = ClientState.IDLE
-_WAITING = ClientState.WAITING
-_WELCOME = ClientState.WELCOME
-_LINKING = ClientState.LINKING
-_CLOSED = ClientState.CLOSED
-_monotonic = time.monotonic
+_monotonic = time.monotonic  # a module global reads faster than the attribute
 
 # The states in which the client has asked for a server and not yet got it.
 _QUEUED = (ClientState.WAITING, ClientState.WELCOME)

@@ -23,7 +23,13 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.core.states import ClientState, ServerState
+from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
+from pgmux.proxy.core.states import SERVER_ACTIVE as _ACTIVE
+from pgmux.proxy.core.states import SERVER_CANCEL_WAIT as _CANCEL_WAIT
+from pgmux.proxy.core.states import SERVER_CLEANING as _CLEANING
+from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
+from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
+from pgmux.proxy.core.states import ServerState
 from pgmux.proxy.datapath import cleanup, handover
 from pgmux.proxy.datapath.server import (
     ServerConnection,
@@ -37,14 +43,6 @@ if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.registry import Registry
 
-# Module globals read faster than Enum members.
-_LOGIN = ServerState.LOGIN
-_IDLE = ServerState.IDLE
-_ACTIVE = ServerState.ACTIVE
-_CLEANING = ServerState.CLEANING
-_CANCEL_WAIT = ServerState.CANCEL_WAIT
-_CLOSED = ServerState.CLOSED
-_WELCOME = ClientState.WELCOME
 
 log = get_logger("pgmux.pool")
 
@@ -79,6 +77,8 @@ class Pool:
         self.active: set[ServerConnection] = set()  # linked to a client
         self.cleaning: set[ServerConnection] = set()  # pgmux's own statements after a client
         self.being_canceled: set[ServerConnection] = set()  # a cancel for it is on its way
+        # the sets above by ServerState (an int); IDLE is the stack, CLOSED none
+        self._by_state = (self.login, self.active, self.cleaning, self.being_canceled)
         self.waiting: deque[ClientConnection] = deque()
         self.clients: set[ClientConnection] = set()
         self.server_params: dict[str, str] | None = None
@@ -125,26 +125,14 @@ class Pool:
                     idle.pop()
                 else:
                     idle.remove(server)
-            elif old is _ACTIVE:
-                self.active.discard(server)
-            elif old is _LOGIN:
-                self.login.discard(server)
-            elif old is _CLEANING:
-                self.cleaning.discard(server)
-            elif old is _CANCEL_WAIT:
-                self.being_canceled.discard(server)
+            elif old is not _CLOSED:
+                self._by_state[old].discard(server)
             if state is _IDLE:
                 self.idle.append(server)
-            elif state is _ACTIVE:
-                self.active.add(server)
-            elif state is _CLEANING:
-                self.cleaning.add(server)
-            elif state is _CANCEL_WAIT:
-                self.being_canceled.add(server)
             elif state is _CLOSED:
                 self.servers.discard(server)
-            elif state is _LOGIN:
-                self.login.add(server)
+            else:
+                self._by_state[state].add(server)
             server.state = state
         server.client = client
 

@@ -25,6 +25,14 @@ from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
 from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
+from pgmux.protocol.msgtypes import AUTHENTICATION_REQUEST as _AUTHENTICATION
+from pgmux.protocol.msgtypes import BACKEND_KEY_DATA as _BACKEND_KEY_DATA
+from pgmux.protocol.msgtypes import COPY_BOTH_RESPONSE as _COPY_BOTH_RESPONSE
+from pgmux.protocol.msgtypes import COPY_IN_RESPONSE as _COPY_IN_RESPONSE
+from pgmux.protocol.msgtypes import ERROR_RESPONSE as _ERROR_RESPONSE
+from pgmux.protocol.msgtypes import PARAMETER_STATUS as _PARAMETER_STATUS
+from pgmux.protocol.msgtypes import READY_FOR_QUERY as _READY_FOR_QUERY
+from pgmux.protocol.msgtypes import TX_IDLE as _IDLE
 from pgmux.proxy.base import ids
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
@@ -44,15 +52,8 @@ if TYPE_CHECKING:
 
 log = get_logger("pgmux.server")
 
-_HEADER = Struct("!cI")
 _LENGTH = Struct("!I").unpack_from
 
-_READY_FOR_QUERY = ord("Z")
-_PARAMETER_STATUS = ord("S")
-_COPY_IN_RESPONSE = ord("G")
-_COPY_BOTH_RESPONSE = ord("W")
-_ERROR_RESPONSE = ord("E")
-_IDLE = ord("I")
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
 
@@ -484,11 +485,11 @@ class ServerConnection(asyncio.Protocol):
     # --- login ------------------------------------------------------------
 
     def _login_message(self, kind: int, body: bytes) -> None:
-        if kind == ord("R"):
+        if kind == _AUTHENTICATION:
             self._authentication(body)
         elif kind == _PARAMETER_STATUS:
             self.parameter_status(body, None)
-        elif kind == ord("K"):
+        elif kind == _BACKEND_KEY_DATA:
             self.backend_pid, self.backend_key = messages.parse_backend_key_data(body)
         elif kind == _READY_FOR_QUERY:
             self._logged_in = True
