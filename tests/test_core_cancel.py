@@ -32,10 +32,12 @@ class FakePeers:
 class FakePool:
     def __init__(self) -> None:
         self.timeouts = SimpleNamespace(cancel_wait=2.0)
-        self.released: list[object] = []
+        self.finished: list[object] = []
 
-    def release(self, server: object) -> None:
-        self.released.append(server)
+    def cancel_finished(self, server: SimpleNamespace) -> None:
+        """The pool's hook: it releases a server it held back for the cancel."""
+        assert not server.cancels_in_flight
+        self.finished.append(server)
 
 
 def fake_client(keys: CancelKeys, server: object = None, expect_rfq: int = 1) -> SimpleNamespace:
@@ -50,7 +52,6 @@ def fake_server(port: int, backend_pid: int = 4242) -> SimpleNamespace:
         backend_pid=backend_pid,
         backend_key=b"\x01\x02\x03\x04",
         cancels_in_flight=0,
-        release_pending=False,
         credentials=SimpleNamespace(host="127.0.0.1", port=port),
         pool=FakePool(),
     )
@@ -133,10 +134,9 @@ async def test_a_cancel_reaches_postgresql_with_the_servers_key() -> None:
         client = fake_client(keys, server)
         keys.cancel(client.cancel_pid, client.cancel_key)
         assert server.cancels_in_flight == 1
-        server.release_pending = True  # the pool held it back meanwhile
         await until(lambda: not server.cancels_in_flight)
     assert postmaster.received == [messages.cancel_request(4242, b"\x01\x02\x03\x04")]
-    assert server.pool.released == [server] and not server.release_pending
+    assert server.pool.finished == [server]
 
 
 async def test_no_cancel_without_a_request_on_the_server_or_with_a_wrong_key() -> None:
@@ -162,7 +162,6 @@ async def test_an_unreachable_postgresql_still_releases_the_server() -> None:
         port = postmaster.port
     keys = CancelKeys()
     server = fake_server(port)  # nothing listens there any more
-    server.release_pending = True
     keys.cancel_server(server)  # type: ignore[arg-type]
     await until(lambda: not server.cancels_in_flight)
-    assert server.pool.released == [server]
+    assert server.pool.finished == [server]
