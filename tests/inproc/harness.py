@@ -36,7 +36,8 @@ configure_logging("console", "error")  # the data path logs logins and pool chan
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "auth": {"type": "trust"},
-    "databases": {"appdb": {"host": "127.0.0.1", "port": 5432}},
+    # A path nothing listens on: should anything try a real connection, it fails at once.
+    "databases": {"appdb": {"host": "/nonexistent/pgmux-inproc", "port": 5432}},
     "pool": {"size": 2},
 }
 
@@ -138,6 +139,11 @@ def grow_with(pool: Pool, factory) -> None:
     pool._open_server = lambda: factory(pool)  # type: ignore[method-assign]
 
 
+def route_cancels(registry: Registry, sink) -> None:
+    """Send the registry's CancelRequests for a server to `sink(server)`, not to a socket."""
+    registry.cancel_server = sink  # type: ignore[method-assign]
+
+
 def owed(client: ClientConnection) -> int:
     """ReadyForQuery the client's server still owes it."""
     return client.expect_rfq
@@ -194,6 +200,8 @@ class Harness:
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.registry = make_registry(config)
+        self.cancels: list[ServerConnection] = []  # servers pgmux asked to cancel
+        route_cancels(self.registry, self.cancels.append)
         self.backends: dict[ServerConnection, FakeBackend] = {}
         self.replying: list[FakeBackend] = []  # backends with replies queued
         self._server_of: dict[int, ServerConnection] = {}  # id(backend) -> server
@@ -245,10 +253,11 @@ class Harness:
         """Deliver replies and run the tasks they start, until nothing moves."""
         splits = tuple(splits)
         for _ in range(100):
-            moved = self.deliver(splits)
+            # Tasks first: asyncio runs the steps a callback scheduled before it polls
+            # the sockets again (a reply cannot overtake the task that waits for it).
             for _ in range(5):
                 await asyncio.sleep(0)
-            if not moved and not self.replying:
+            if not self.deliver(splits) and not self.replying:
                 return
         raise AssertionError("the harness never settled")
 

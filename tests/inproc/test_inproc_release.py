@@ -160,3 +160,34 @@ async def test_pool_grows_when_no_server_is_idle(harness):
     await harness.settle()
     assert client.take().endswith(Z_IDLE)
     assert len(idle_servers(harness.pool())) == 1
+
+
+HALF_HEADER_BUG = (
+    "plain forwarding writes a client's partial header to the server and still "
+    "releases it at ReadyForQuery 'I': the next client's bytes follow those 3 bytes"
+)
+
+
+@pytest.mark.parametrize(
+    "scanner",
+    [
+        "filter",
+        pytest.param("plain", marks=pytest.mark.xfail(strict=True, reason=HALF_HEADER_BUG)),
+    ],
+)
+async def test_half_a_header_from_the_client_never_reaches_another_client_s_stream(scanner):
+    config = copy.deepcopy(SCANNERS[scanner])
+    config["pool"]["size"] = 1
+    harness = Harness(config)
+    await harness.open_servers(1)
+    first, second = harness.client(), harness.client()
+    rest = messages.query("select 2")
+    first.send(messages.query("select 1") + rest[:3])  # a TCP split inside the next header
+    server = first.server
+    second.send(messages.query("select 3"))
+    await harness.settle()
+    first.send(rest[3:])
+    await harness.settle()
+    backend = harness.backend(server)
+    assert sorted(backend.queries()) == ["select 1", "select 2", "select 3"]
+    assert first.take().count(Z_IDLE) == 2 and second.take().endswith(Z_IDLE)
