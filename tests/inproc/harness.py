@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from fakebackend import SERVER_PARAMS, FakeBackend
@@ -47,7 +47,12 @@ _ports = itertools.count(40000)
 class FakeTransport:
     """An asyncio transport that keeps what is written and whether reading is paused."""
 
-    def __init__(self, peer: tuple[str, int], local: tuple[str, int], sink=None) -> None:
+    def __init__(
+        self,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        sink: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.written = bytearray()
         self.sink = sink  # called with each write (a backend reads the server's writes)
         self.paused = False
@@ -105,7 +110,9 @@ def pool_of(registry: Registry, dbname: str = "appdb", user: str = "app") -> Poo
     return pool
 
 
-def ready_client(registry: Registry, transport: FakeTransport, dbname: str, user: str):
+def ready_client(
+    registry: Registry, transport: FakeTransport, dbname: str, user: str
+) -> ClientConnection:
     """A client that has logged in (trust) and got its welcome: ready for queries."""
     pool_of(registry, dbname, user)
     client = ClientConnection(registry)
@@ -134,12 +141,12 @@ async def _logged_in(pool: Pool, server: ServerConnection) -> None:
     pool.release(server)
 
 
-def grow_with(pool: Pool, factory) -> None:
+def grow_with(pool: Pool, factory: Callable[[Pool], ServerConnection]) -> None:
     """Make the pool open its servers with `factory(pool)` instead of a socket."""
     pool._open_server = lambda: factory(pool)  # type: ignore[method-assign]
 
 
-def route_cancels(registry: Registry, sink) -> None:
+def route_cancels(registry: Registry, sink: Callable[[ServerConnection], None]) -> None:
     """Send the registry's CancelRequests for a server to `sink(server)`, not to a socket."""
     registry.cancel_server = sink  # type: ignore[method-assign]
 

@@ -150,3 +150,19 @@ async def test_abandon_with_a_reply_still_owed_waits_for_it():
     assert harness.cancels == [server]  # stop what it runs for nobody
     assert idle_servers(harness.pool()) == [server]
     assert "ROLLBACK" not in harness.backend(server).queries()  # it was idle after the reply
+
+
+async def test_a_waiting_client_that_piles_up_is_paused_until_it_has_a_server():
+    harness = Harness(ONE_SERVER)
+    await harness.open_servers(1)
+    holder, piler = harness.client(), harness.client()
+    holder.send(messages.query("begin"))
+    await harness.settle()
+    big = messages.query("select 1 -- " + "x" * 300_000)
+    for _ in range(4):  # 1.2 MB waiting for a server: past the 1 MiB pending limit
+        piler.send(big)
+    assert piler.transport.paused and piler.transport.pauses == 1
+    holder.send(messages.query("commit"))
+    await harness.settle()
+    assert not piler.transport.paused and piler.transport.resumes == 1
+    assert piler.take().count(Z_IDLE) == 4
