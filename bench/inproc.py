@@ -118,7 +118,8 @@ async def run_cell(mode: str, clients: int, transactions: int, warmup: int) -> f
             "databases": {"appdb": {"host": "/nonexistent/pgmux-inproc", "port": 5432}},
             "pool": {"size": SERVERS},
             "listen": {"max_client_conn": clients + 10},
-        }
+        },
+        record=False,
     )
     await harness.open_servers(SERVERS)
     ready_for_query = messages.ready_for_query("I")

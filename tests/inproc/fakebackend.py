@@ -48,8 +48,15 @@ _READY = {status: messages.ready_for_query(chr(status)) for status in b"ITE"}
 class FakeBackend:
     """One scripted backend: `received` takes what the server wrote, `outbox` holds replies."""
 
-    def __init__(self, pid: int = 4242, on_reply: Callable[[FakeBackend], None] | None = None):
+    def __init__(
+        self,
+        pid: int = 4242,
+        on_reply: Callable[[FakeBackend], None] | None = None,
+        *,
+        record: bool = True,
+    ) -> None:
         self.pid = pid
+        self.record = record  # keep `log` (a benchmark's millions of messages would not fit)
         self.on_reply = on_reply  # told when replies are ready to deliver
         self.outbox: list[bytes] = []
         self.log: list[tuple[str, bytes]] = []  # (message type, body) of every request
@@ -61,6 +68,8 @@ class FakeBackend:
         self._skipping = False  # an extended-protocol error: ignore up to Sync
         self._copy_rows = -1  # >= 0 while in COPY FROM STDIN
         self.statements: dict[bytes, bytes] = {}  # name -> query text
+        # (query text, status before) -> (reply, status after): SQL is read once per text
+        self._replies: dict[tuple[bytes, int], tuple[bytes, int]] = {}
         self._portal = b""  # the query text of the last bound portal
 
     # --- input ---------------------------------------------------------------
@@ -107,11 +116,12 @@ class FakeBackend:
 
     def _message(self, kind: int, body: bytes) -> None:
         letter = chr(kind)
-        self.log.append((letter, bytes(body)))
+        if self.record:
+            self.log.append((letter, bytes(body)))
         if self._copy_rows >= 0:
             self._copy_message(letter)
         elif letter == "Q":
-            self.outbox.append(self._query(bytes(body[:-1]).decode().strip().lower()))
+            self.outbox.append(self._query(bytes(body[:-1])))
         elif letter == "X":
             self.terminated = True
         elif letter == "S":
@@ -128,12 +138,23 @@ class FakeBackend:
             self.outbox.append(b"".join(self._held))
             self._held.clear()
 
-    def _query(self, sql: str) -> bytes:
+    def _query(self, text: bytes) -> bytes:
         """The whole reply to a simple Query, ReadyForQuery included."""
+        sql = text.decode().strip().lower()
         if sql.startswith("copy") and "from stdin" in sql:
             self._copy_rows = 0
             return COPY_IN
-        return self._statement(sql) + _READY[self.status]
+        return self._run(text) + _READY[self.status]
+
+    def _run(self, text: bytes) -> bytes:
+        """One statement's reply (remembered by text and status)."""
+        key = (text, self.status)
+        known = self._replies.get(key)
+        if known is None:
+            known = self._statement(text.decode().strip().lower()), self.status
+            self._replies[key] = known
+        reply, self.status = known
+        return reply
 
     def _statement(self, sql: str) -> bytes:
         """One statement's reply, moving the transaction status as PostgreSQL does."""
@@ -183,7 +204,7 @@ class FakeBackend:
                 held.append(messages.parameter_description([23]))
             held.append(ROW)
         elif letter == "E":
-            reply = self._statement(self._portal.decode().strip().lower())
+            reply = self._run(self._portal)
             if reply[:1] == b"E":
                 self._fail(reply)
                 return

@@ -205,8 +205,9 @@ class FakeClient:
 class Harness:
     """One registry, its clients, and a FakeBackend behind every server it opens."""
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, *, record: bool = True) -> None:
         self.registry = make_registry(config)
+        self.record = record  # backends keep the messages they read (tests look at them)
         self.cancels: list[ServerConnection] = []  # servers pgmux asked to cancel
         route_cancels(self.registry, self.cancels.append)
         self.backends: dict[ServerConnection, FakeBackend] = {}
@@ -226,7 +227,9 @@ class Harness:
         return client
 
     def _open_server(self, pool: Pool) -> ServerConnection:
-        backend = FakeBackend(pid=len(self.backends) + 100, on_reply=self.replying.append)
+        backend = FakeBackend(
+            pid=len(self.backends) + 100, on_reply=self.replying.append, record=self.record
+        )
         transport = FakeTransport(("127.0.0.1", 5432), ("127.0.0.1", next(_ports)))
         transport.sink = backend.received
         server = open_server(pool, transport)
