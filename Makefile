@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/pgmux.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo run test bench lint format check
+.PHONY: help venv demo run test bench bench-inproc lint format check
 
 help:
 	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
 	@echo "make test    the test suite against a throwaway PostgreSQL (PYTEST_ARGS=... to narrow)"
 	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS FLOOR=1 QUICK=1)"
+	@echo "make bench-inproc  CPU µs per transaction of the data path, in process (PROCESSES=5)"
 	@echo "make run     pgmux -c $(CONFIG)"
 	@echo "make check   validate $(CONFIG) without starting"
 	@echo "make lint    ruff check + ruff format --check + mypy (tools/typecheck.py)"
@@ -52,6 +53,11 @@ bench: venv
 	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
 		{ echo "pgbouncer is missing: apt-get update && apt-get install -y pgbouncer"; exit 2; }
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# No sockets and no PostgreSQL: tests/inproc's harness under pgbench's workload.
+# PROCESSES=N processes per cell (the minimum counts); bench/inproc.py TREE_A TREE_B compares.
+bench-inproc: venv
+	$(PY) bench/inproc.py $(if $(PROCESSES),--processes $(PROCESSES))
 
 lint: venv
 	$(VENV)/bin/ruff check .

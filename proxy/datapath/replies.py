@@ -24,7 +24,7 @@ from struct import Struct
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from pgmux.protocol import messages
+from pgmux.protocol import messages, msgtypes
 from pgmux.protocol.extended import command_tag
 
 if TYPE_CHECKING:
@@ -44,17 +44,17 @@ SYNC = 6  # ReadyForQuery 'Z'
 QUERY = 7  # simple Query / FunctionCall: everything up to ReadyForQuery 'Z'
 EMIT = 8  # nothing from the server: send `emit` to the client when it is next
 
-_Z, _E, _C, _S, _I = ord("Z"), ord("E"), ord("C"), ord("S"), ord("I")
-_SUSPENDED = ord("s")
-_COPY_IN, _COPY_BOTH = ord("G"), ord("W")
+_S = ord("S")  # CommandComplete's tag starts with S: SELECT, SET, SHOW
+_IDLE = msgtypes.TX_IDLE
+_SUSPENDED = msgtypes.PORTAL_SUSPENDED
 # Replies that end a request, by the request they end.
 _ENDS = {
-    ord("1"): PARSE,
-    ord("2"): BIND,
-    ord("3"): CLOSE,
-    ord("T"): DESCRIBE,
-    ord("n"): DESCRIBE,
-    ord("s"): EXECUTE,
+    msgtypes.PARSE_COMPLETE: PARSE,
+    msgtypes.BIND_COMPLETE: BIND,
+    msgtypes.CLOSE_COMPLETE: CLOSE,
+    msgtypes.ROW_DESCRIPTION: DESCRIBE,
+    msgtypes.NO_DATA: DESCRIBE,
+    msgtypes.PORTAL_SUSPENDED: EXECUTE,
 }
 
 
@@ -63,13 +63,13 @@ _FORWARD, _RFQ, _END, _COMPLETE, _ERROR, _STATUS, _EMPTY, _COPY = range(8)
 _ACTIONS = [_FORWARD] * 256
 for _kind in _ENDS:
     _ACTIONS[_kind] = _END
-_ACTIONS[_Z] = _RFQ
-_ACTIONS[_C] = _COMPLETE
-_ACTIONS[_E] = _ERROR
-_ACTIONS[_S] = _STATUS
-_ACTIONS[_I] = _EMPTY
-_ACTIONS[_COPY_IN] = _COPY
-_ACTIONS[_COPY_BOTH] = _COPY
+_ACTIONS[msgtypes.READY_FOR_QUERY] = _RFQ
+_ACTIONS[msgtypes.COMMAND_COMPLETE] = _COMPLETE
+_ACTIONS[msgtypes.ERROR_RESPONSE] = _ERROR
+_ACTIONS[msgtypes.PARAMETER_STATUS] = _STATUS
+_ACTIONS[msgtypes.EMPTY_QUERY_RESPONSE] = _EMPTY
+_ACTIONS[msgtypes.COPY_IN_RESPONSE] = _COPY
+_ACTIONS[msgtypes.COPY_BOTH_RESPONSE] = _COPY
 
 
 class Entry:
@@ -179,7 +179,7 @@ class ResponseFilter:
                         entries.popleft()
                         if entries and entries[0].op == EMIT:
                             run = self._emit_after(out, data, run, end)
-                ready = status == _I and client.expect_rfq <= 0 and not client.in_batch
+                ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
             elif action == _END:
                 if entries and entries[0].op == _ENDS[kind]:
                     head = entries.popleft()

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from struct import Struct
 from typing import TYPE_CHECKING
 
-from pgmux.protocol import messages, sqlstate
+from pgmux.protocol import messages, msgtypes, sqlstate
 from pgmux.protocol.extended import (
     bind_names,
     build_close_statement,
@@ -60,11 +60,11 @@ if TYPE_CHECKING:
     from pgmux.proxy.datapath.server import ServerConnection
 
 _LENGTH = Struct("!I").unpack_from
-_PARSE, _BIND, _DESCRIBE, _CLOSE = ord("P"), ord("B"), ord("D"), ord("C")
-_EXECUTE, _SYNC, _QUERY, _FUNCTION_CALL = ord("E"), ord("S"), ord("Q"), ord("F")
-_COPY_DATA = ord("d")
-_STATEMENT = ord("S")
-_FAILED = ord("E")  # ReadyForQuery status: in a failed transaction
+_PARSE, _BIND, _DESCRIBE, _CLOSE = msgtypes.PARSE, msgtypes.BIND, msgtypes.DESCRIBE, msgtypes.CLOSE
+_EXECUTE, _SYNC, _QUERY = msgtypes.EXECUTE, msgtypes.SYNC, msgtypes.QUERY
+_FUNCTION_CALL, _COPY_DATA = msgtypes.FUNCTION_CALL, msgtypes.COPY_DATA
+_STATEMENT = msgtypes.TARGET_STATEMENT
+_FAILED = msgtypes.TX_FAILED
 # server.unnamed_gen of an unnamed statement that may exist but is no client's:
 # a generation no client has, so Binds of "" replay their Parse or get 26000.
 _NOBODY = -1
