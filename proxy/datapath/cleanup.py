@@ -10,9 +10,11 @@ servers; pgmux reuses them (pool.rollback_abandoned).
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
+from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.datapath import session_state
 from pgmux.proxy.datapath.server import ServerError, ServerLost
 
@@ -45,19 +47,31 @@ async def reset_session_state(pool: Pool, server: ServerConnection, timeout: flo
     pool.stats.session_resets += 1
 
 
-async def clean_abandoned(
-    pool: Pool, server: ServerConnection, expect: int, in_batch: bool
-) -> None:
+def clean_abandoned(pool: Pool, server: ServerConnection, expect: int, in_batch: bool) -> None:
     """A client left with requests outstanding or a transaction open: wait for
-    the replies it is owed, roll back, reset, then give the server back."""
+    the replies it is owed, roll back, reset, then give the server back.
+
+    The count of replies owed starts now, not when the task first runs: a
+    reply read in the same loop iteration as the client's disconnect counts.
+    """
+    if expect:
+        pool.cancels.cancel_server(server)  # stop whatever it still runs for the client
+    try:
+        owed = server.expect_ready_for_query(
+            expect + in_batch, messages.sync() if in_batch else b""
+        )
+    except ServerLost as exc:
+        pool.close_server(server, f"cleanup after client failed: {exc}")
+        return
+    spawn(_finish_abandoned(pool, server, owed))
+
+
+async def _finish_abandoned(
+    pool: Pool, server: ServerConnection, owed: asyncio.Future[None]
+) -> None:
     timeout = pool.timeouts.cancel_wait or 10.0
     try:
-        if expect:
-            # Stop whatever it still runs for the departed client.
-            pool.cancels.cancel_server(server)
-        await server.wait_ready_for_query(
-            expect + in_batch, messages.sync() if in_batch else b"", timeout
-        )
+        await server.await_ready_for_query(owed, timeout)
         if not server.clean_for_release:
             await server.query("ROLLBACK", timeout)
         await reset_session_state(pool, server, timeout)

@@ -359,7 +359,7 @@ class Pool:
             self.release(server)
         elif clean or self.settings.rollback_abandoned:
             self._set_server_state(server, _CLEANING)
-            spawn(cleanup.clean_abandoned(self, server, expect, client.in_batch))
+            cleanup.clean_abandoned(self, server, expect, client.in_batch)
         else:
             self.close_server(server, "client left mid-transaction")
 
@@ -421,11 +421,18 @@ class Pool:
             else:
                 connect = loop.create_connection(lambda: server, creds.host, creds.port)
             await asyncio.wait_for(connect, timeout)
+        except (OSError, TimeoutError) as exc:
+            self._login_failed(server, exc)
+            return
+        await self.finish_login(server)
+
+    async def finish_login(self, server: ServerConnection) -> None:
+        """The server is connected: wait for PostgreSQL's welcome, then release
+        it into the pool (the first one also tells the pool's parameters)."""
+        try:
             await server.wait_login(self.timeouts.server_connect)
-        except (OSError, TimeoutError, ServerLost, ServerError, ProtocolError) as exc:
-            self.forget(server)
-            server.abort()
-            self._connect_failed(exc)
+        except (ServerLost, ServerError, ProtocolError) as exc:
+            self._login_failed(server, exc)
             return
         if server not in self.servers:  # closed while logging in (reload, shutdown)
             server.close()
@@ -444,6 +451,11 @@ class Pool:
             servers=len(self.servers),
         )
         self.release(server)
+
+    def _login_failed(self, server: ServerConnection, exc: BaseException) -> None:
+        self.forget(server)
+        server.abort()
+        self._connect_failed(exc)
 
     def _connect_failed(self, exc: BaseException) -> None:
         reason = _describe(exc)

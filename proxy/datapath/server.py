@@ -313,7 +313,13 @@ class ServerConnection(asyncio.Protocol):
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 self.tx_status = status
-                ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
+                # (the release rule; protocol.accounting.LinkAccounting.releasable)
+                ready = (
+                    status == _IDLE
+                    and client.expect_rfq <= 0
+                    and not client.in_batch
+                    and not client.mid_message  # half a header already went to the server
+                )
                 if not now:
                     now = time.monotonic()
                 client.stats_query_done(now)
@@ -406,6 +412,12 @@ class ServerConnection(asyncio.Protocol):
         self, count: int, payload: bytes = b"", timeout: float | None = None
     ) -> None:
         """Send payload, then discard replies until `count` ReadyForQuery arrived."""
+        await self.await_ready_for_query(self.expect_ready_for_query(count, payload), timeout)
+
+    def expect_ready_for_query(self, count: int, payload: bytes = b"") -> asyncio.Future[None]:
+        """From now on, discard replies and count `count` ReadyForQuery (after
+        sending payload); the future is done when they have all arrived. Being
+        synchronous, it counts a reply read in the same loop iteration too."""
         if self.transport is None or self.transport.is_closing():
             raise ServerLost("server connection is closed")
         self._slow = True
@@ -416,6 +428,12 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(payload)
         if count <= 0:
             self._wake_rfq_waiter(None)
+        return waiter
+
+    async def await_ready_for_query(
+        self, waiter: asyncio.Future[None], timeout: float | None = None
+    ) -> None:
+        """Wait for what expect_ready_for_query counts; ServerLost after `timeout`."""
         try:
             await asyncio.wait_for(waiter, timeout or None)
         except TimeoutError:

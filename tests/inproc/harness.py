@@ -27,6 +27,7 @@ from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import parse_config
 from pgmux.proxy.datapath.client import ClientConnection
 from pgmux.proxy.datapath.server import ServerConnection
+from pgmux.proxy.login import new_client
 from pgmux.proxy.registry import Registry
 
 if TYPE_CHECKING:
@@ -115,30 +116,25 @@ def ready_client(
 ) -> ClientConnection:
     """A client that has logged in (trust) and got its welcome: ready for queries."""
     pool_of(registry, dbname, user)
-    client = ClientConnection(registry)
+    client = new_client(registry, _no_console)
     client.connection_made(transport)  # type: ignore[arg-type]
     client.data_received(messages.startup_message({"user": user, "database": dbname}))
     assert client.pool is not None and client.server is None, "login did not finish"
     return client
 
 
+def _no_console(client: ClientConnection, leftover: bytes) -> None:
+    raise AssertionError("the harness opens no console")
+
+
 def open_server(pool: Pool, transport: FakeTransport) -> ServerConnection:
     """What Pool._open_server does, over `transport`: the login runs as the backend answers,
     and the logged-in server goes through Pool.release like a real one."""
     server = ServerConnection(pool, pool.credentials)
-    pool.servers.add(server)
-    pool.connecting += 1
-    pool.registry.server_slot_taken(pool)
+    pool.add_server(server)
     server.connection_made(transport)  # type: ignore[arg-type]
-    spawn(_logged_in(pool, server))
+    spawn(pool.finish_login(server))
     return server
-
-
-async def _logged_in(pool: Pool, server: ServerConnection) -> None:
-    await server.wait_login(pool.timeouts.server_connect)
-    pool.connecting -= 1
-    pool.stats.servers_opened += 1
-    pool.release(server)
 
 
 def grow_with(pool: Pool, factory: Callable[[Pool], ServerConnection]) -> None:
@@ -148,7 +144,7 @@ def grow_with(pool: Pool, factory: Callable[[Pool], ServerConnection]) -> None:
 
 def route_cancels(registry: Registry, sink: Callable[[ServerConnection], None]) -> None:
     """Send the registry's CancelRequests for a server to `sink(server)`, not to a socket."""
-    registry.cancel_server = sink  # type: ignore[method-assign]
+    registry.cancels.cancel_server = sink  # type: ignore[method-assign]
 
 
 def owed(client: ClientConnection) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 from harness import DEFAULT_CONFIG, Harness, idle_servers, waiting_clients
 
 from pgmux.protocol import messages
@@ -169,15 +168,6 @@ async def test_a_waiting_client_that_piles_up_is_paused_until_it_has_a_server():
     assert piler.take().count(Z_IDLE) == 4
 
 
-EARLY_REPLY_BUG = (
-    "the cleanup of an abandoned server waits for a ReadyForQuery the slow path may "
-    "already have read (a server read handled in the same loop iteration as the "
-    "client's connection_lost runs before the cleanup task's first step); the server "
-    "is then closed at cancel_wait instead of reused"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=EARLY_REPLY_BUG)
 async def test_abandon_counts_a_reply_read_before_the_cleanup_starts():
     config = copy.deepcopy(ONE_SERVER)
     config["timeouts"] = {"cancel_wait": "1s"}  # the wait that would hang ends soon

@@ -162,18 +162,9 @@ async def test_pool_grows_when_no_server_is_idle(harness):
     assert len(idle_servers(harness.pool())) == 1
 
 
-HALF_HEADER_BUG = (
-    "plain forwarding writes a client's partial header to the server and still "
-    "releases it at ReadyForQuery 'I': the next client's bytes follow those 3 bytes"
-)
-
-
 @pytest.mark.parametrize(
     "scanner",
-    [
-        "filter",
-        pytest.param("plain", marks=pytest.mark.xfail(strict=True, reason=HALF_HEADER_BUG)),
-    ],
+    ["filter", "plain"],
 )
 async def test_half_a_header_from_the_client_never_reaches_another_client_s_stream(scanner):
     config = copy.deepcopy(SCANNERS[scanner])
