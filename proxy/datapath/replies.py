@@ -106,14 +106,13 @@ PLAIN = {op: Entry(op) for op in (PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, Q
 class ResponseFilter:
     """Replies of one linked server, matched against what its client is owed."""
 
-    __slots__ = ("entries", "hold", "skip_bytes", "skip_forward", "skipping")
+    __slots__ = ("entries", "hold", "skip_bytes", "skipping")
 
     def __init__(self) -> None:
         self.entries: deque[Entry] = deque()
         self.skipping = False  # an error arrived; PostgreSQL ignores requests until Sync
         self.hold = b""
         self.skip_bytes = 0
-        self.skip_forward = True
 
     @property
     def mid_message(self) -> bool:
@@ -144,8 +143,7 @@ class ResponseFilter:
         pos = 0
         if self.skip_bytes:
             pos = min(self.skip_bytes, n)
-            if self.skip_forward:
-                out.append(data[:pos])
+            out.append(data[:pos])
             self.skip_bytes -= pos
         run = pos  # start of the bytes to forward as they are
         ready = False
@@ -223,7 +221,6 @@ class ResponseFilter:
         if pos > n:
             # A DataRow or CopyData continues in the next chunk.
             self.skip_bytes = pos - n
-            self.skip_forward = True
             pos = n
         elif pos < n:
             self.hold = data[pos:]
@@ -233,7 +230,7 @@ class ResponseFilter:
         else:
             payload = data[run:pos]  # the chunk itself when nothing was rewritten
         if payload:
-            client.transport.write(payload)  # type: ignore[union-attr]  # linked: connected
+            client.transport.write(payload)
         if ready and not self.hold and not self.skip_bytes:
             client.transaction_done(server, now)
 

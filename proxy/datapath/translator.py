@@ -171,10 +171,6 @@ class Translator:
             _QUERY: self._query,
         }
 
-    @property
-    def mid_message(self) -> bool:
-        return bool(self._partial or self._copy_left)
-
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
         n = len(data)
@@ -383,11 +379,11 @@ class Translator:
         # The server keeps the statement for others; only the client's name goes.
         statement = self.statements.pop(name, None)
 
-        def restore() -> None:
+        def put_back() -> None:
             if statement is not None:
                 self.statements.setdefault(name, statement)
 
-        self._emit(server, _CLOSE_COMPLETE, restore)
+        self._emit(server, _CLOSE_COMPLETE, put_back)
         return b""
 
     def _query(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
@@ -437,9 +433,11 @@ class Translator:
             prepared.move_to_end(statement.name)
             return b""
         prepared[statement.name] = statement
-        server.responses.push(
-            Entry(PARSE, skip=True, rollback=lambda: prepared.pop(statement.name, None))
-        )
+
+        def forget() -> None:
+            prepared.pop(statement.name, None)
+
+        server.responses.push(Entry(PARSE, skip=True, rollback=forget))
         self.stats.total_server_parse_count += 1
         return statement.parse
 
