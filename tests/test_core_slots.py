@@ -15,6 +15,7 @@ import pytest
 from pgmux.proxy.base.ledger import Ledger
 from pgmux.proxy.config import Config, PoolSettings, UserConfig
 from pgmux.proxy.core.limits import LENT, ClientSlots, ServerSlots
+from pgmux.proxy.core.peers import Message, RoomWanted, SlotFreed
 
 
 class FakeServer:
@@ -62,14 +63,14 @@ class FakePool:
 
 class FakePeers:
     def __init__(self) -> None:
-        self.sent: list[tuple[int, tuple]] = []
-        self.broadcasts: list[tuple] = []
+        self.sent: list[tuple[int, Message]] = []
+        self.broadcasts: list[Message] = []
 
-    def send(self, index: int, message: tuple, fd: int | None = None) -> bool:
+    def send(self, index: int, message: Message, fd: int | None = None) -> bool:
         self.sent.append((index, message))
         return True
 
-    def broadcast(self, message: tuple) -> None:
+    def broadcast(self, message: Message) -> None:
         self.broadcasts.append(message)
 
 
@@ -220,7 +221,7 @@ def test_a_global_limit_counts_other_workers_servers() -> None:
     pool = FakePool(slots, "appdb", "app", size=4)
     count_elsewhere(ledger, pool.shared_rows)
     assert not slots.may_open(pool)  # type: ignore[arg-type]
-    assert peers.broadcasts == [("room", "appdb", "app", "global")]
+    assert peers.broadcasts == [RoomWanted("appdb", "app", "global")]
     assert list(slots.starving) == [pool]
     assert not slots.may_open(pool)  # type: ignore[arg-type]
     assert len(peers.broadcasts) == 1  # once per episode
@@ -231,7 +232,7 @@ def test_a_full_pool_asks_the_others_for_one_of_its_servers() -> None:
     pool = FakePool(slots, "appdb", "app", size=1)
     count_elsewhere(ledger, pool.shared_rows)
     assert not slots.may_open(pool)  # type: ignore[arg-type]
-    assert peers.broadcasts == [("room", "appdb", "app", "pool")]
+    assert peers.broadcasts == [RoomWanted("appdb", "app", "pool")]
 
 
 def test_a_local_idle_server_makes_room_under_a_shared_limit() -> None:
@@ -259,7 +260,7 @@ def test_a_freed_shared_slot_wakes_workers_whose_pools_starve() -> None:
     pool.open(idle_since=1.0)
     assert not peers.sent
     pool.close_server(pool.idle[0], "test")
-    assert peers.sent == [(1, ("freed",))]
+    assert peers.sent == [(1, SlotFreed())]
 
 
 # --- clients -------------------------------------------------------------------
