@@ -4,7 +4,7 @@ on every worker.
 With `listen.workers > 1` a console connection lands on one worker, but the
 pools, clients and servers are spread over all of them. The worker that runs
 the console asks the others over each one's internal peer socket
-(workers.py):
+(proxy/daemon/peers.py):
 
 * SHOW: each worker's rows, merged view by view: lists of connections are
   concatenated, counters of the same pool / database / user are added up, the

@@ -1,7 +1,7 @@
 """The states of a client and of a server connection (PgBouncer's CL_* / SV_*).
 
 A server's state says which of its pool's lists holds it; only the pool's
-transition methods (``Pool._set_server_state`` and the hand-off) change it, so
+transition methods (``Pool._set_server_state`` and ``Pool._link``) change it, so
 the lists, the counters and SHOW SERVERS cannot drift apart. A client's state
 changes only through ``ClientConnection._set_state``.
 """

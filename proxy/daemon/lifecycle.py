@@ -6,7 +6,7 @@ SIGINT: stop accepting, refuse queued requests, wait (up to the same grace)
 for every server to be released. SIGQUIT: now. SIGUSR1 / SIGUSR2: PAUSE /
 RESUME. SIGHUP: reload the configuration and the users file; a bad file is
 logged and the running configuration stays. Each step is told to systemd
-(proxy/sdnotify.py) when it runs pgmux as a Type=notify service.
+(proxy/base/sdnotify.py) when it runs pgmux as a Type=notify service.
 """
 
 from __future__ import annotations

@@ -177,6 +177,9 @@ class ResponseFilter:
                         entries.popleft()
                         if entries and entries[0].op == EMIT:
                             run = self._emit_after(out, data, run, end)
+                # The release rule (protocol.accounting.LinkAccounting.releasable).
+                # Unlike the plain scan, no mid-message check: the translator holds
+                # a client's partial message back, so none of it is on this server.
                 ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
             elif action == _END:
                 if entries and entries[0].op == _ENDS[kind]:

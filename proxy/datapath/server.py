@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import ssl
 
     from pgmux.proxy.config.tls import ServerTls
-    from pgmux.proxy.datapath.auth import LearnedSecret
+    from pgmux.proxy.core.authstate import LearnedSecret
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.datapath.translator import Statement, Translator

@@ -13,7 +13,7 @@ to the linked server: it renames statements, injects the Parse a server is
 missing, answers a Parse of an already prepared statement and a Close of a
 client name itself, and turns misuse into PostgreSQL's own errors. Every
 request it sends leaves an Entry on the server's ResponseFilter
-(responses.py), which keeps the replies in step.
+(replies.py), which keeps the replies in step.
 
 Unnamed statements need care too: a driver may Parse in one implicit
 transaction and Bind in the next (pg8000), which may run on another server,
