@@ -274,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
         if state is _ACTIVE:
             if data:
                 server = self.server
-                assert server is not None
+                assert server is not None  # ACTIVE: linked
                 translator = self.translator
                 if translator is not None:
                     data = translator.translate(data, server)
@@ -431,21 +431,19 @@ class ClientConnection(asyncio.Protocol):
             # Nothing the server will answer: an empty request, or a lone Flush
             # (psycopg sends one after a pipeline). No ReadyForQuery would ever
             # give this server back.
-            return not self._done_with(server, 0.0)
+            return not self.transaction_done(server, 0.0, give_back=False)
         return True
 
-    def transaction_done(self, server: ServerConnection, now: float = 0.0) -> None:
+    def transaction_done(
+        self, server: ServerConnection, now: float = 0.0, give_back: bool = True
+    ) -> bool:
         """The server said ReadyForQuery(I) and owes this client nothing more.
 
         `now` is when that ReadyForQuery was read (0: read the clock here).
+        True when the client lets go of the server: then the pool gets it
+        back here, unless `give_back` is False (the pool is handing it out
+        and takes it back itself).
         """
-        if self._done_with(server, now):
-            self.pool.release(server, now)  # resets session state first if the server has any
-            if self._pending and self.state is _IDLE_STATE:
-                self._request_server()
-
-    def _done_with(self, server: ServerConnection, now: float) -> bool:
-        """Account the transaction; True when the server goes back to the pool."""
         started = self.xact_started
         if started:  # a transaction ran (not just an empty request)
             linked = server.linked_at
@@ -457,6 +455,10 @@ class ClientConnection(asyncio.Protocol):
         self.server = None
         self.expect_rfq = 0
         self._set_state(_IDLE_STATE)
+        if give_back:
+            self.pool.release(server, now)  # resets session state first if it has any
+            if self._pending and self.state is _IDLE_STATE:
+                self._request_server()
         return True
 
     def command_done(self, tag: bytes, text: bytes, server: ServerConnection) -> None:
