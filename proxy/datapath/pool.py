@@ -242,10 +242,13 @@ class Pool:
             server.unlink(now)
             self.close_server(server, "paused")  # PAUSE disconnects servers once released
             return
-        if self.shared_rows is not None and handover.hand_over_to_taker(self, server):
-            return
         waiting = self.waiting
-        while waiting:
+        while True:
+            # Another worker's clients may deserve it more, each time it comes free.
+            if self.shared_rows is not None and handover.hand_over_to_taker(self, server):
+                return
+            if not waiting:
+                break
             # The usual case under load: straight to the next client, never idle.
             client = waiting.popleft()
             if self.shared_rows is not None:
