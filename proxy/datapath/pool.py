@@ -474,18 +474,23 @@ class Pool:
         self.stats.add_error("server_connect")
         if isinstance(exc, TimeoutError) or reason == "server_connect timeout":
             self.stats.add_timeout("server_connect")
-        log.warning("server_connect_failed", db=self.dbname, user=self.user, error=reason)
         now, limit = time.monotonic(), self.timeouts.server_login_retry
+        fields = {"db": self.dbname, "user": self.user, "error": reason}
         if isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW:
             # PostgreSQL itself refused (bad password, no such database...):
             # waiting longer will not help, so the waiting clients hear why now.
+            log.warning("server_connect_failed", **fields, retry_in=limit)
             self.retry_at = now + limit
             self.backoff.refused(self.retry_at)
             self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
         elif self.backoff.failed(now, limit, streak):  # down, or starting up: soon again
             self.retry_at = self.backoff.next_at
+            retry_in = (self.backoff.waiting_at if self.waiting else self.retry_at) - now
+            log.warning("server_connect_failed", **fields, retry_in=round(retry_in, 3))
             if self.waiting:
-                self._schedule_retry(self.backoff.waiting_at - now)
+                self._schedule_retry(retry_in)
+        else:  # failed together with a login of this round: logged once
+            log.debug("server_connect_failed", **fields)
 
     # --- janitor ----------------------------------------------------------
 
