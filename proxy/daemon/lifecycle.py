@@ -228,6 +228,9 @@ class Daemon:
                 _unexpected(exc), "running configuration kept", traceback.format_exc()
             )
             return
+        if self.config.databases and not config.databases:
+            # Valid (a console-only pgmux), but more often a file cut short.
+            log.warning("reload_without_databases", config=path, before=len(self.config.databases))
         try:
             self.apply(config, users)
             self.registry.tls, self.registry.hba = security

@@ -96,3 +96,13 @@ def test_a_good_reload_still_succeeds(tmp_path: Path) -> None:
         daemon.reload()
     assert notifier.sent == [("RELOADING", ""), ("READY", daemon.status())]
     assert not [entry for entry in logs if entry["event"] == "reload_failed"]
+
+
+def test_a_reload_that_drops_every_database_is_warned_about(tmp_path: Path) -> None:
+    daemon, notifier = make_daemon(tmp_path)
+    (tmp_path / "pgmux.yaml").write_text("pool:\n  size: 3\n")  # valid, but no databases
+    with structlog.testing.capture_logs() as logs:
+        daemon.reload()
+    assert not daemon.config.databases and notifier.sent[-1][0] == "READY"
+    warned = [entry for entry in logs if entry["event"] == "reload_without_databases"]
+    assert warned and warned[0]["before"] == 1, logs
