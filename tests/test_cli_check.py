@@ -146,6 +146,7 @@ EMPTY_OR_UNREADABLE = [
     ("empty.ini", b"", "[pgbouncer] section is missing"),
     ("comments.ini", b"; only a comment\n", "[pgbouncer] section is missing"),
     ("nul.ini", b"[pgbouncer]\nlisten_port = 6432\x00\n", "line 2"),
+    ("latin1.ini", b"[pgbouncer]\n;caf\xe9\n", "line 2: not UTF-8 text"),
 ]
 
 

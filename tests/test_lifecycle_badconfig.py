@@ -36,6 +36,7 @@ BAD_FILES = [
     (b"pool:\n  size: 4\n  mode: \x1b\n", "character U+001B is not allowed"),
     (b"pool:\n  mode: \xff\xfe\n", "not UTF-8 text"),
     (b"pool:\n  size: 4\n\tmode: x\n", "YAML syntax error"),
+    (b"[databases]\n", "the [pgbouncer] section is missing"),  # read as a pgbouncer.ini
 ]
 
 
