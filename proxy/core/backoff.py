@@ -8,9 +8,10 @@ So the delay starts at FIRST_DELAY and doubles with each failed round, up to
 server_login_retry; while clients wait it is capped at WAITING_CAP, so the
 first commit after a restart comes within about that much of PostgreSQL
 accepting connections. Logins that fail together (the round's siblings) count
-once. A server that PostgreSQL itself refuses (bad password, no such
-database) is another matter: the pool fails its waiters and waits the full
-server_login_retry (`refused`), so a wrong password is not hammered.
+once. A login PostgreSQL itself refuses (bad password, no such database) is
+another matter: the pool fails its waiters and waits the full
+server_login_retry (`refused`), so a wrong password is not hammered; so does
+a server whose login replies break the protocol (no waiting cures that).
 """
 
 from __future__ import annotations

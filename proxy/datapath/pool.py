@@ -403,10 +403,9 @@ class Pool:
 
     def _schedule_retry(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        handle = self._retry_handle
-        if handle is not None and handle.when() <= loop.time() + delay:
-            return  # an earlier retry is already planned
-        if handle is not None:
+        if (handle := self._retry_handle) is not None:
+            if handle.when() <= loop.time() + delay:
+                return  # an earlier retry is already planned
             handle.cancel()
         self._retry_handle = loop.call_later(delay, self._retry)
 
@@ -476,13 +475,15 @@ class Pool:
             self.stats.add_timeout("server_connect")
         now, limit = time.monotonic(), self.timeouts.server_login_retry
         fields = {"db": self.dbname, "user": self.user, "error": reason}
-        if isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW:
-            # PostgreSQL itself refused (bad password, no such database...):
-            # waiting longer will not help, so the waiting clients hear why now.
+        refused = isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW
+        if refused or isinstance(exc, ProtocolError):  # no quick retry (see core/backoff.py)
             log.warning("server_connect_failed", **fields, retry_in=limit)
             self.retry_at = now + limit
             self.backoff.refused(self.retry_at)
-            self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
+            if isinstance(exc, ServerError):  # PostgreSQL said no: waiters hear why now
+                self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
+            elif self.waiting:
+                self._schedule_retry(limit)
         elif self.backoff.failed(now, limit, streak):  # down, or starting up: soon again
             self.retry_at = self.backoff.next_at
             retry_in = (self.backoff.waiting_at if self.waiting else self.retry_at) - now

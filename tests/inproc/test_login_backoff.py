@@ -5,7 +5,8 @@ listens on) retries for its waiting clients after FIRST_DELAY, doubling to
 WAITING_CAP; with nobody waiting the delay doubles on to server_login_retry.
 Logins failing together count once. A login PostgreSQL refuses (ServerError,
 e.g. 28P01) fails the waiters at once and waits the whole server_login_retry;
-57P03 (starting up, shutting down) is retried like an unreachable server.
+57P03 (starting up, shutting down) is retried like an unreachable server; a
+server whose login replies break the protocol waits server_login_retry.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import deque
 import pytest
 from harness import DEFAULT_CONFIG, make_registry, pool_of
 
+from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.core.backoff import FIRST_DELAY, WAITING_CAP, LoginBackoff
 from pgmux.proxy.datapath.pool import Pool
 from pgmux.proxy.datapath.server import ServerError
@@ -113,4 +115,19 @@ async def test_a_refused_login_fails_the_waiters_and_waits_server_login_retry(
     await asyncio.sleep(0.5)
     assert pool.stats.connect_errors == 1, "a refusing PostgreSQL was asked again"
     assert not second.failed
+    pool.waiting.clear()
+
+
+async def test_a_server_breaking_the_protocol_at_login_is_not_retried_quickly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = make_pool()
+    waiter = Waiter()
+    pool.waiting = deque([waiter])  # type: ignore[list-item]
+    garbage = ProtocolError("invalid message length 4294967295 from the server")
+    monkeypatch.setattr(pool, "_open_server", lambda: pool._connect_failed(garbage))
+    pool.grow()
+    await asyncio.sleep(0.5)
+    assert pool.stats.connect_errors == 1, "a server speaking garbage was asked again at once"
+    assert not waiter.failed  # it still waits (query_wait), as before
     pool.waiting.clear()
