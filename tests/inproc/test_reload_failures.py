@@ -7,6 +7,8 @@ the new files, and an exception while applying them, are each logged as
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,16 @@ from pgmux.proxy.config import ConfigError
 from pgmux.proxy.config.build import parse_config
 from pgmux.proxy.daemon import lifecycle
 from pgmux.proxy.daemon.lifecycle import Daemon
+
+
+@pytest.fixture(autouse=True)
+def every_log_level() -> Iterator[None]:
+    """capture_logs sees only what the level lets through; another test may
+    have configured logging above info."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    yield
+    structlog.configure(**saved)
 
 
 class FakeNotifier:
@@ -95,6 +107,7 @@ def test_a_good_reload_still_succeeds(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         daemon.reload()
     assert notifier.sent == [("RELOADING", ""), ("READY", daemon.status())]
+    assert [entry["event"] for entry in logs].count("reload") == 1
     assert not [entry for entry in logs if entry["event"] == "reload_failed"]
 
 
