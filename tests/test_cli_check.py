@@ -124,3 +124,49 @@ def test_shipped_config_passes() -> None:
     assert path.exists(), "conf/pgmux.yaml is missing"
     result = check(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A file that defines nothing would, on a reload, drop every database: it is
+# an error, never "configuration ok". (name, file bytes, what the message says)
+NOTHING = "defines nothing"
+EMPTY_OR_UNREADABLE = [
+    ("empty.yaml", b"", NOTHING),
+    ("comments.yaml", b"# nothing here\n\n# still nothing\n", NOTHING),
+    ("dashes.yaml", b"---\n", NOTHING),
+    ("null.yaml", b"null\n", NOTHING),
+    ("tilde.yaml", b"--- ~\n", NOTHING),
+    ("braces.yaml", b"{}\n", NOTHING),
+    ("scalar.yaml", b"just a string\n", "top level: expected a mapping"),
+    ("list.yaml", b"- databases\n", "top level: expected a mapping"),
+    ("nul.yaml", b"pool:\n  size: 4\x00\n", "line 2: character U+0000 is not allowed"),
+    ("bell.yaml", b"pool:\n  size: 4\n  mode: \x07\n", "line 3: character U+0007"),
+    ("latin1.yaml", b"pool:\n  mode: caf\xe9\n", "line 2: not UTF-8 text"),
+    ("scanner.yaml", b"pool:\n  size: 4\n\tmode: x\n", "line 3: YAML syntax error"),
+    ("parser.yaml", b"pool: {size: 4\n", "YAML syntax error"),
+    ("empty.ini", b"", "[pgbouncer] section is missing"),
+    ("comments.ini", b"; only a comment\n", "[pgbouncer] section is missing"),
+    ("nul.ini", b"[pgbouncer]\nlisten_port = 6432\x00\n", "line 2"),
+    ("latin1.ini", b"[pgbouncer]\n;caf\xe9\n", "line 2: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "reported"), EMPTY_OR_UNREADABLE)
+def test_empty_or_unreadable_file_is_an_error(
+    tmp_path: Path, name: str, content: bytes, reported: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = check(path)
+    assert result.returncode != 0, result.stdout
+    assert "configuration ok" not in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    assert name in result.stderr
+    assert reported in result.stderr, result.stderr
+
+
+def test_an_empty_section_is_still_a_configuration(tmp_path: Path) -> None:
+    """`pool:` alone defines something (the pool's defaults), as `[pgbouncer]` does."""
+    path = tmp_path / "pool.yaml"
+    path.write_text("pool:\n")
+    result = check(path)
+    assert result.returncode == 0, result.stderr

@@ -3,7 +3,9 @@
 PyYAML builds the document; a walk over its nodes first records the line of
 every key path, so an error found later while building the Config still
 points at its line, and rejects what PyYAML would let pass silently
-(duplicate keys, recursive aliases). No error quotes a line of the file: it
+(duplicate keys, recursive aliases). A file that defines nothing (empty, only
+comments, `---`, a bare `null` or `{}`) is an error, not "all defaults": on a
+reload it would drop every database. No error quotes a line of the file: it
 may hold a secret.
 """
 
@@ -37,14 +39,17 @@ def load_yaml_config(path: str, text: str, env: Mapping[str, str] | None = None)
 
 def _load_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
     """The document, and the line of every key path (for error messages)."""
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader checks every character here
         node = loader.get_single_node()
-        if node is None:
-            return {}, {}
+        if node is None or _is_null(node):
+            raise _defines_nothing(path)
         lines: dict[str, int] = {}
         _index_lines(node, "", lines, path, ())
-        return loader.construct_document(node), lines
+        data = loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, path) from None
     except yaml.MarkedYAMLError as exc:
         # Never str(exc): PyYAML quotes the offending line, which may hold a secret.
         mark = exc.problem_mark or exc.context_mark
@@ -55,7 +60,31 @@ def _load_yaml(text: str, path: str) -> tuple[Any, dict[str, int]]:
     except yaml.YAMLError as exc:
         raise ConfigError(path, "", f"YAML error: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+    if data == {}:
+        raise _defines_nothing(path)
+    return data, lines
+
+
+def _is_null(node: yaml.Node) -> bool:
+    """A document that is only `null` / `~` (or an empty `--- `)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _defines_nothing(path: str) -> ConfigError:
+    message = "the file defines nothing (empty, only comments or null); expected a mapping"
+    return ConfigError(path, "", f"{message} such as `databases:`")
+
+
+def _reader_error(exc: yaml.reader.ReaderError, text: str, path: str) -> ConfigError:
+    """A character YAML does not allow (a NUL, another control character)."""
+    position = min(max(exc.position, 0), len(text))
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    message = f"character U+{character:04X} is not allowed in YAML (column {column})"
+    return ConfigError(path, "", message, line=line)
 
 
 def _index_lines(

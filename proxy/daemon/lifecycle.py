@@ -15,13 +15,15 @@ import asyncio
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable
 
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, ConfigError, load_config
-from pgmux.proxy.config.tls import load_security
+from pgmux.proxy.config.hba import Hba
+from pgmux.proxy.config.tls import TlsContexts, load_security
 from pgmux.proxy.config.userlist import load_users
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
@@ -68,6 +70,10 @@ def remove_pidfile(path: str) -> None:
                 os.unlink(path)
     except OSError:
         pass
+
+
+def _unexpected(exc: BaseException) -> str:
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _alive(pid: int) -> bool:
@@ -208,22 +214,49 @@ class Daemon:
     # --- reload -----------------------------------------------------------
 
     def reload(self) -> None:
+        """Re-read the configuration; whatever goes wrong keeps the running one,
+        and systemd always hears READY=1 again (else it stays "reloading")."""
         path = self.config.path
         self.notifier.reloading()  # systemd: reloading until the next READY=1
         try:
-            config = load_config(path) if path else self.config
-            if self.worker is not None:
-                config = self.worker.shape(config)  # this worker's share of the login guard
-            users = load_users(config)
-            security = load_security(config)  # new certificates, hba rules
+            config, users, security = self._read_new_config(path)
         except (ConfigError, OSError) as exc:
-            log.error("reload_failed", error=str(exc), keeping="running configuration")
-            self.notifier.ready(f"reload failed, running configuration kept: {self.status()}")
+            self._reload_failed(str(exc), "running configuration kept")
             return
-        self.apply(config, users)
-        self.registry.tls, self.registry.hba = security
+        except Exception as exc:  # a bug must not leave systemd "reloading" either
+            self._reload_failed(
+                _unexpected(exc), "running configuration kept", traceback.format_exc()
+            )
+            return
+        if self.config.databases and not config.databases:
+            # Valid (a console-only pgmux), but more often a file cut short.
+            log.warning("reload_without_databases", config=path, before=len(self.config.databases))
+        try:
+            self.apply(config, users)
+            self.registry.tls, self.registry.hba = security
+        except Exception as exc:
+            self._reload_failed(
+                _unexpected(exc), "new configuration partly applied", traceback.format_exc()
+            )
+            return
         log.info("reload", config=path)
         self.notifier.ready(self.status())
+
+    def _read_new_config(
+        self, path: str | None
+    ) -> tuple[Config, dict[str, str], tuple[TlsContexts, Hba | None]]:
+        """The new configuration, users and TLS/hba; only reads, changes nothing."""
+        config = load_config(path) if path else self.config
+        if self.worker is not None:
+            config = self.worker.shape(config)  # this worker's share of the login guard
+        return config, load_users(config), load_security(config)
+
+    def _reload_failed(self, reason: str, keeping: str, trace: str | None = None) -> None:
+        if trace is None:
+            log.error("reload_failed", error=reason, keeping=keeping)
+        else:
+            log.error("reload_failed", error=reason, keeping=keeping, traceback=trace)
+        self.notifier.ready(f"reload failed, {keeping}: {self.status()}")
 
     def apply(self, config: Config, users: dict[str, str]) -> None:
         """Swap in a new configuration without dropping connected clients.

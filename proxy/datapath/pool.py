@@ -23,6 +23,7 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
+from pgmux.proxy.core.backoff import LoginBackoff
 from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
 from pgmux.proxy.core.states import SERVER_ACTIVE as _ACTIVE
 from pgmux.proxy.core.states import SERVER_CANCEL_WAIT as _CANCEL_WAIT
@@ -83,7 +84,8 @@ class Pool:
         self.clients: set[ClientConnection] = set()
         self.server_params: dict[str, str] | None = None
         self.last_connect_error: str | None = None
-        self.retry_at = 0.0
+        self.retry_at = 0.0  # no server login before this (waiting clients: see backoff)
+        self.backoff = LoginBackoff()
         self._retry_handle: asyncio.TimerHandle | None = None
         self.stats = PoolStats()
         self.closed = False
@@ -392,17 +394,23 @@ class Pool:
         if self.closed or self.registry.shutting_down or self.flags.is_paused(self.dbname):
             return False
         now = time.monotonic()
-        if now < self.retry_at:
-            self._schedule_retry(self.retry_at - now)
+        # QUIET (min_size) keeps the whole back-off; waiting clients retry sooner.
+        retry_at = self.retry_at if quiet else min(self.retry_at, self.backoff.waiting_at)
+        if now < retry_at:
+            if not quiet:  # a retry serves only waiting clients (grow)
+                self._schedule_retry(retry_at - now)
             return False
         if self.shared_rows is None and len(self.servers) >= self.size_limit():
             return False  # with several workers the ledger checks the size
         return self.slots.may_open(self, register_starving=not quiet)
 
     def _schedule_retry(self, delay: float) -> None:
-        if self._retry_handle is None:
-            loop = asyncio.get_running_loop()
-            self._retry_handle = loop.call_later(delay, self._retry)
+        loop = asyncio.get_running_loop()
+        if (handle := self._retry_handle) is not None:
+            if handle.when() <= loop.time() + delay:
+                return  # an earlier retry is already planned
+            handle.cancel()
+        self._retry_handle = loop.call_later(delay, self._retry)
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -462,20 +470,31 @@ class Pool:
 
     def _connect_failed(self, exc: BaseException) -> None:
         reason = _describe(exc)
+        streak = self.last_connect_error is not None  # reset by a login that succeeds
         self.last_connect_error = reason
         self.stats.connect_errors += 1
         self.stats.add_error("server_connect")
         if isinstance(exc, TimeoutError) or reason == "server_connect timeout":
             self.stats.add_timeout("server_connect")
-        retry = self.timeouts.server_login_retry
-        self.retry_at = time.monotonic() + retry
-        log.warning("server_connect_failed", db=self.dbname, user=self.user, error=reason)
-        if isinstance(exc, ServerError):
-            # PostgreSQL itself refused (bad password, no such database...):
-            # waiting longer will not help, so the waiting clients hear why now.
-            self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
-        elif self.waiting:
-            self._schedule_retry(retry)
+        now, limit = time.monotonic(), self.timeouts.server_login_retry
+        fields = {"db": self.dbname, "user": self.user, "error": reason}
+        refused = isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW
+        if refused or isinstance(exc, ProtocolError):  # no quick retry (see core/backoff.py)
+            log.warning("server_connect_failed", **fields, retry_in=limit)
+            self.retry_at = now + limit
+            self.backoff.refused(self.retry_at)
+            if isinstance(exc, ServerError):  # PostgreSQL said no: waiters hear why now
+                self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
+            elif self.waiting:
+                self._schedule_retry(limit)
+        elif self.backoff.failed(now, limit, streak):  # down, or starting up: soon again
+            self.retry_at = self.backoff.next_at
+            retry_in = (self.backoff.waiting_at if self.waiting else self.retry_at) - now
+            log.warning("server_connect_failed", **fields, retry_in=round(retry_in, 3))
+            if self.waiting:
+                self._schedule_retry(retry_in)
+        else:  # failed together with a login of this round: logged once
+            log.debug("server_connect_failed", **fields)
 
     # --- janitor ----------------------------------------------------------
 
