@@ -31,7 +31,7 @@ from pgmux.proxy.core.states import SERVER_CLEANING as _CLEANING
 from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
 from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
 from pgmux.proxy.core.states import ServerState
-from pgmux.proxy.datapath import cleanup, handover
+from pgmux.proxy.datapath import cleanup, handover, server_login
 from pgmux.proxy.datapath.server import (
     ServerConnection,
     ServerCredentials,
@@ -422,16 +422,8 @@ class Pool:
         spawn(self._login_server(server))
 
     async def _login_server(self, server: ServerConnection) -> None:
-        creds = self.credentials
-        loop = asyncio.get_running_loop()
-        timeout = self.timeouts.server_connect or None
         try:
-            if creds.host.startswith("/"):
-                path = f"{creds.host}/.s.PGSQL.{creds.port}"
-                connect = loop.create_unix_connection(lambda: server, path)
-            else:
-                connect = loop.create_connection(lambda: server, creds.host, creds.port)
-            await asyncio.wait_for(connect, timeout)
+            await server_login.connect(server, self.credentials, self.timeouts.server_connect)
         except (OSError, TimeoutError) as exc:
             self._login_failed(server, exc)
             return
@@ -469,7 +461,7 @@ class Pool:
         self._connect_failed(exc)
 
     def _connect_failed(self, exc: BaseException) -> None:
-        reason = _describe(exc)
+        reason = server_login.describe(exc)
         streak = self.last_connect_error is not None  # reset by a login that succeeds
         self.last_connect_error = reason
         self.stats.connect_errors += 1
@@ -589,13 +581,3 @@ class Pool:
         self.timeouts = timeouts
         if sized and self.waiting:
             self.grow()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ServerError):
-        return f"{exc.sqlstate} {exc}"
-    if isinstance(exc, TimeoutError):
-        return "server_connect timeout"
-    if isinstance(exc, ProtocolError):
-        return exc.message
-    return str(exc) or type(exc).__name__

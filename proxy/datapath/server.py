@@ -17,13 +17,11 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-from pgmux.protocol.auth import ScramClient, is_md5_hash, md5_response
-from pgmux.protocol.errors import AuthError, ProtocolError
+from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.msgtypes import AUTHENTICATION_REQUEST as _AUTHENTICATION
 from pgmux.protocol.msgtypes import BACKEND_KEY_DATA as _BACKEND_KEY_DATA
@@ -40,12 +38,17 @@ from pgmux.proxy.core.peers import ServerSnapshot
 from pgmux.proxy.core.states import ServerState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.replies import ResponseFilter
+from pgmux.proxy.datapath.server_login import (
+    ServerAuth,
+    ServerCredentials,
+    ServerError,
+    ServerLost,
+)
 
 if TYPE_CHECKING:
     import ssl
 
     from pgmux.proxy.config.tls import ServerTls
-    from pgmux.proxy.core.authstate import LearnedSecret
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.datapath.translator import Statement, Translator
@@ -56,35 +59,6 @@ _LENGTH = Struct("!I").unpack_from
 
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerCredentials:
-    """Who pgmux logs in to PostgreSQL as. The password never reaches a log."""
-
-    host: str
-    port: int
-    dbname: str
-    user: str
-    password: str | None
-    application_name: str
-
-    def __repr__(self) -> str:
-        return f"ServerCredentials({self.user}@{self.host}:{self.port}/{self.dbname})"
-
-
-class ServerError(Exception):
-    """PostgreSQL answered with an ErrorResponse (fields by their one-letter code)."""
-
-    def __init__(self, fields: dict[str, str]) -> None:
-        self.fields = fields
-        self.sqlstate = fields.get("C", sqlstate.INTERNAL_ERROR)
-        self.severity = fields.get("S", "ERROR")
-        super().__init__(fields.get("M", "server error"))
-
-
-class ServerLost(Exception):
-    """The server connection closed or broke."""
 
 
 class ServerConnection(asyncio.Protocol):
@@ -125,7 +99,7 @@ class ServerConnection(asyncio.Protocol):
         self._reader = MessageReader()
         self._login: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._logged_in = False  # PostgreSQL said ReadyForQuery to the startup
-        self._scram: ScramClient | None = None
+        self._auth = ServerAuth(credentials, pool.registry.auth)
         self._tls_wanted: ServerTls | None = None  # SSLRequest sent, answer pending
         self._rfq_wanted = 0
         self._rfq_waiter: asyncio.Future[None] | None = None
@@ -504,7 +478,9 @@ class ServerConnection(asyncio.Protocol):
 
     def _login_message(self, kind: int, body: bytes) -> None:
         if kind == _AUTHENTICATION:
-            self._authentication(body)
+            reply = self._auth.answer(body)
+            if reply:
+                self.transport.write(reply)
         elif kind == _PARAMETER_STATUS:
             self.parameter_status(body, None)
         elif kind == _BACKEND_KEY_DATA:
@@ -517,76 +493,6 @@ class ServerConnection(asyncio.Protocol):
         elif kind == _ERROR_RESPONSE:
             raise ServerError(messages.parse_error_fields(body))
         # NoticeResponse and NegotiateProtocolVersion need no answer.
-
-    def _authentication(self, body: bytes) -> None:
-        code, rest = messages.parse_authentication(body)
-        if code == messages.AUTH_OK:
-            return
-        assert self.transport is not None
-        creds = self.credentials
-        password, learned = self._login_secret()
-        if code == messages.AUTH_CLEARTEXT_PASSWORD:
-            if password is None or is_md5_hash(password):
-                raise self._no_password("password")
-            self.transport.write(messages.password_message(password))
-        elif code == messages.AUTH_MD5_PASSWORD:
-            if password is None:
-                raise self._no_password("md5")
-            response = md5_response(creds.user, password, rest[:4])
-            self.transport.write(messages.password_message(response))
-        elif code == messages.AUTH_SASL:
-            if "SCRAM-SHA-256" not in messages.parse_sasl_mechanisms(rest):
-                raise ProtocolError("server offers no supported SASL mechanism")
-            self._scram = self._scram_client(password, learned)
-            first = self._scram.client_first()
-            self.transport.write(messages.sasl_initial_response("SCRAM-SHA-256", first))
-        elif code in (messages.AUTH_SASL_CONTINUE, messages.AUTH_SASL_FINAL) and self._scram:
-            try:
-                if code == messages.AUTH_SASL_CONTINUE:
-                    self.transport.write(
-                        messages.sasl_response(self._scram.handle_server_first(rest))
-                    )
-                else:
-                    self._scram.verify_server_final(rest)
-            except AuthError as exc:
-                raise ServerError(
-                    {"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": exc.message}
-                ) from None
-        else:
-            raise ProtocolError(f"unsupported server authentication request {code}")
-
-    def _login_secret(self) -> tuple[str | None, LearnedSecret | None]:
-        """The configured password, else what a client's login taught us."""
-        creds = self.credentials
-        if creds.password is not None:
-            return creds.password, None
-        learned = self.pool.registry.auth.learned.get(creds.user)
-        if learned is not None and learned.password is not None:
-            return learned.password, learned
-        return None, learned
-
-    def _scram_client(self, password: str | None, learned: LearnedSecret | None) -> ScramClient:
-        if password is not None and not is_md5_hash(password):
-            return ScramClient(password)
-        if learned is not None and learned.client_key is not None and learned.scram is not None:
-            # SCRAM passthrough: the key a client proved, for the secret it proved it against.
-            secret = learned.scram
-            return ScramClient(
-                client_key=learned.client_key,
-                server_key=secret.server_key,
-                salt=secret.salt,
-                iterations=secret.iterations,
-            )
-        raise self._no_password("scram-sha-256")
-
-    def _no_password(self, method: str) -> ServerError:
-        user = self.credentials.user
-        message = f'no password known for server login as user "{user}" ({method})'
-        if method == "scram-sha-256" and self.pool.registry.auth.users.get(user, "").startswith(
-            "SCRAM-SHA-256$"
-        ):
-            message += "; a client must log in with SCRAM first (passthrough)"
-        return ServerError({"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": message})
 
     def _log_fields(self) -> dict[str, object]:
         return {"db": self.pool.dbname, "user": self.pool.user, "server_id": self.id}
