@@ -86,13 +86,19 @@ def load_tls(config: TlsConfig, path: str | None = None) -> TlsContexts:
         raise
 
 
+def _context(protocol: ssl._SSLMethod, side: TlsSideConfig, key: str) -> ssl.SSLContext:
+    """A context for one side with its TLS versions and ciphers set."""
+    context = ssl.SSLContext(protocol)
+    _versions(context, side.protocols, f"{key}.protocols")
+    _ciphers(context, side.ciphers, f"{key}.ciphers")
+    return context
+
+
 def _client_tls(side: TlsSideConfig) -> ClientTls:
     if side.mode == "disable":
         return ClientTls()
     key = "tls.client"
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _versions(context, side.protocols, f"{key}.protocols")
-    _ciphers(context, side.ciphers, f"{key}.ciphers")
+    context = _context(ssl.PROTOCOL_TLS_SERVER, side, key)
     _cert_chain(context, side, key)
     if side.ca is not None:
         _verify_locations(context, side.ca, f"{key}.ca")
@@ -106,9 +112,7 @@ def _server_tls(side: TlsSideConfig) -> ServerTls:
     if side.mode == "disable":
         return ServerTls()
     key = "tls.server"
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _versions(context, side.protocols, f"{key}.protocols")
-    _ciphers(context, side.ciphers, f"{key}.ciphers")
+    context = _context(ssl.PROTOCOL_TLS_CLIENT, side, key)
     verify = side.mode.startswith("verify-")
     context.check_hostname = side.mode == "verify-full"
     context.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
