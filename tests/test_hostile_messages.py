@@ -91,7 +91,8 @@ async def login(endpoint: Any, dbname: str) -> RawClient:
 
 async def answer_to(raw: RawClient, payload: bytes) -> Answer:
     started = time.monotonic()
-    await raw.send(payload + SYNC)
+    # A simple Query has its own ReadyForQuery; anything else is answered at Sync.
+    await raw.send(payload if payload[:1] == b"Q" else payload + SYNC)
     replies = await raw.read_until_ready(timeout=15)
     seconds = time.monotonic() - started
     errors = []
@@ -320,3 +321,34 @@ async def test_reported_attack_rerun(pgmux: PgmuxFactory, pg: TempPostgres) -> N
     )
     assert_clean_log(mux.logs())
     assert os.path.exists(f"/proc/{mux.pid}"), "pgmux died"
+
+
+# --- the console and the login ---------------------------------------------------------
+
+CONSOLE = {"admin": {"users": ["admin"]}}
+CONSOLE_MALFORMED = {
+    "parse-name-unterminated": message(b"P", b"stmt_1"),
+    "parse-query-unterminated": message(b"P", b"stmt_1\0SHOW VERSION"),
+    "parse-types-truncated": message(b"P", b"stmt_1\0SHOW VERSION\0\0\x01"),
+    "parse-name-invalid-utf8": message(b"P", b"st\xff\0SHOW VERSION\0\0\0"),
+    "close-unterminated": message(b"C", b"Sstmt_abc"),
+    "execute-unterminated": message(b"E", b"portal"),
+    "query-unterminated": message(b"Q", b"SHOW VERSION"),
+}
+
+
+async def test_console_answers_malformed_bodies_with_an_error_and_stays_usable(
+    pgmux: PgmuxFactory,
+) -> None:
+    mux = pgmux(CONSOLE)
+    raw = await RawClient.open(mux)
+    try:
+        await raw.login("admin", "admin-secret", "pgmux")
+        for case, payload in CONSOLE_MALFORMED.items():
+            got = await answer_to(raw, payload)
+            assert got.errors and got.errors[0][1] in ("08P01", "22021"), (case, got)
+            assert got.errors[0][0] == "ERROR", (case, got)
+            assert (await raw.query("SHOW VERSION")).rows, case
+    finally:
+        await raw.close()
+    assert_clean_log(mux.logs())
