@@ -33,6 +33,7 @@ from helpers import (
     error_fields,
     fresh_database,
     message,
+    startup_packet,
     wait_until,
 )
 
@@ -351,4 +352,84 @@ async def test_console_answers_malformed_bodies_with_an_error_and_stays_usable(
             assert (await raw.query("SHOW VERSION")).rows, case
     finally:
         await raw.close()
+    assert_clean_log(mux.logs())
+
+
+def _sasl_initial(mechanism: bytes, length: int, data: bytes) -> bytes:
+    return message(b"p", mechanism + length.to_bytes(4, "big", signed=True) + data)
+
+
+MALFORMED_PASSWORDS = {
+    "password": {
+        "unterminated": message(b"p", b"app-secret"),
+        "two-strings": message(b"p", b"app\0secret\0"),
+        "invalid-utf8": message(b"p", b"\xff\xfe\0"),
+        "empty": message(b"p"),
+    },
+    "md5": {
+        "unterminated": message(b"p", b"md5abc"),
+        "invalid-utf8": message(b"p", b"md5\xff\0"),
+    },
+    "scram-sha-256": {
+        "mechanism-unterminated": message(b"p", b"SCRAM-SHA-256"),
+        "length-past-the-end": _sasl_initial(b"SCRAM-SHA-256\0", 1000, b"n,,n=,r=abc"),
+        "negative-length": _sasl_initial(b"SCRAM-SHA-256\0", -5, b""),
+        "invalid-utf8": _sasl_initial(b"SCRAM-SHA-256\0", 11, b"n,,n=,r=\xff\xfe\xfd"),
+        "not-scram": _sasl_initial(b"SCRAM-SHA-256\0", 7, b"garbage"),
+        "unknown-mechanism": _sasl_initial(b"PLAIN\0", 3, b"abc"),
+    },
+}
+
+
+@pytest.mark.parametrize("method", sorted(MALFORMED_PASSWORDS))
+async def test_malformed_password_messages_get_an_error(pgmux: PgmuxFactory, method: str) -> None:
+    """Each malformed PasswordMessage / SASL response: an ErrorResponse with an
+    SQLSTATE, then the close; no traceback; good logins unaffected."""
+    mux = pgmux({"auth": {"type": method}})
+    for case, payload in MALFORMED_PASSWORDS[method].items():
+        raw = await RawClient.open(mux)
+        try:
+            await raw.send(startup_packet({"user": APP_USER, "database": "appdb"}))
+            request = await raw.read_message()
+            assert request is not None and request[0] == b"R", (case, request)
+            await raw.send(payload)
+            replies = await raw.read_until_closed(timeout=10)
+        finally:
+            await raw.close()
+        errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+        assert errors and errors[0].get("C", "")[:2] in ("08", "28"), (case, replies)
+        assert errors[0]["S"] == "FATAL", (case, errors)
+    good = await login(mux, "appdb")
+    assert (await good.query("select 1")).rows == [["1"]]
+    await good.close()
+    assert_clean_log(mux.logs())
+
+
+def _startup(body: bytes) -> bytes:
+    return (len(body) + 8).to_bytes(4, "big") + (196608).to_bytes(4, "big") + body
+
+
+MALFORMED_STARTUPS = {
+    "value-missing": _startup(b"user\0app\0database\0"),
+    "no-final-nul": _startup(b"user\0app\0database\0appdb\0x"),
+    "invalid-utf8-value": _startup(b"user\0\xff\xfe\0database\0appdb\0\0"),
+    "invalid-utf8-name": _startup(b"us\xffer\0app\0\0"),
+    "bad-options": _startup(b"user\0app\0database\0appdb\0options\0-c\0\0"),
+    "empty-user": _startup(b"user\0\0database\0appdb\0\0"),
+}
+
+
+async def test_malformed_startup_packets_get_an_error(pgmux: PgmuxFactory) -> None:
+    mux = pgmux({"timeouts": {"client_login": "3s"}})
+    for case, packet in MALFORMED_STARTUPS.items():
+        raw = await RawClient.open(mux)
+        try:
+            await raw.send(packet)
+            replies = await raw.read_until_closed(timeout=10)
+        finally:
+            await raw.close()
+        kinds = {kind for kind, _ in replies}
+        assert kinds <= {b"E", b"N", b"R"}, (case, replies)
+        errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+        assert errors and errors[0].get("C"), (case, replies)
     assert_clean_log(mux.logs())
