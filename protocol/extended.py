@@ -17,18 +17,21 @@ left to PostgreSQL to judge.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from struct import Struct
 
 from .errors import ProtocolError
 
 _HEADER = Struct("!cI").pack
-_UINT16 = Struct("!H").unpack_from
 
 CHARACTER_NOT_IN_REPERTOIRE = "22021"
 INVALID_STRING = "invalid string in message"
 INSUFFICIENT_DATA = "insufficient data left in message"
 NO_DATA_LEFT = "no data left in message"
 INVALID_FORMAT = "invalid message format"
+# The splitters check names in the client's encoding as its server reports it
+# (`reported`, ParameterStatus values): only UTF8 is known here, and assumed.
+UTF8_CLIENT: Mapping[str, str] = {"client_encoding": "UTF8"}
 
 
 def _cstring(body: bytes, start: int) -> int:
@@ -39,15 +42,10 @@ def _cstring(body: bytes, start: int) -> int:
     return end
 
 
-def _name(body: bytes, start: int, utf8: bool) -> int:
-    """Index of the NUL that ends the name starting at `start`, checked as
-    PostgreSQL checks a string in the client encoding (only UTF8 is known here)."""
-    end = _cstring(body, start)
-    if utf8 and end > start:
-        name = body[start:end]
-        if not name.isascii():
-            check_utf8(name)
-    return end
+def _check_names(names: bytes) -> None:
+    """The NUL-separated names PostgreSQL would check in the client encoding, in order."""
+    for name in names.split(b"\0"):
+        check_utf8(name)
 
 
 def check_utf8(raw: bytes) -> None:
@@ -74,20 +72,27 @@ def _utf8_width(lead: int) -> int:
     return 1
 
 
-def split_parse(body: bytes, utf8: bool = True) -> tuple[bytes, bytes]:
+def split_parse(body: bytes, reported: Mapping[str, str] = UTF8_CLIENT) -> tuple[bytes, bytes]:
     """Parse body -> (statement name, everything after it: query, parameter types).
 
     The whole body is checked: pgmux may answer a Parse from its cache, and
-    caches it by these bytes."""
-    end = _name(body, 0, utf8)
-    query_end = _cstring(body, end + 1)
+    caches it by these bytes. Inlined: this runs for every named Parse."""
+    end = body.find(b"\0")
+    if end < 0:
+        raise ProtocolError(INVALID_STRING)
+    name = body[:end]
+    if not name.isascii() and reported.get("client_encoding") == "UTF8":
+        check_utf8(name)
+    query_end = body.find(b"\0", end + 1)
+    if query_end < 0:
+        raise ProtocolError(INVALID_STRING)
     size = len(body)
     if query_end + 3 > size:
         raise ProtocolError(INSUFFICIENT_DATA)
-    types_end = query_end + 3 + 4 * _UINT16(body, query_end + 1)[0]
+    types_end = query_end + 3 + 4 * (body[query_end + 1] << 8 | body[query_end + 2])
     if types_end != size:
         raise ProtocolError(INSUFFICIENT_DATA if types_end > size else INVALID_FORMAT)
-    return body[:end], body[end + 1 :]
+    return name, body[end + 1 :]
 
 
 def parse_query_text(rest: bytes) -> bytes:
@@ -95,13 +100,22 @@ def parse_query_text(rest: bytes) -> bytes:
     return rest[: _cstring(rest, 0)]
 
 
-def bind_names(body: bytes, utf8: bool = True) -> tuple[int, int]:
+def bind_names(body: bytes, reported: Mapping[str, str] = UTF8_CLIENT) -> tuple[int, int]:
     """Bind body -> where its portal name and its statement name end (their NULs).
 
     The rest (formats, parameters) goes to PostgreSQL as it is, which judges it
     (after the statement name, as pgmux does: an unknown name is 26000 first)."""
-    portal_end = _name(body, 0, utf8)
-    return portal_end, _name(body, portal_end + 1, utf8)
+    portal_end = body.find(b"\0")
+    if portal_end < 0:
+        raise ProtocolError(INVALID_STRING)
+    name_end = body.find(b"\0", portal_end + 1)
+    if name_end < 0:
+        raise ProtocolError(INVALID_STRING)
+    if name_end > 1:
+        names = body[:name_end]
+        if not names.isascii() and reported.get("client_encoding") == "UTF8":
+            _check_names(names)
+    return portal_end, name_end
 
 
 def rename_bind(body: bytes, portal_end: int, name_end: int, name: bytes) -> bytes:
@@ -110,15 +124,20 @@ def rename_bind(body: bytes, portal_end: int, name_end: int, name: bytes) -> byt
     return b"".join((_HEADER(b"B", length), body[: portal_end + 1], name, body[name_end:]))
 
 
-def split_target(body: bytes, utf8: bool = True) -> tuple[int, bytes]:
+def split_target(body: bytes, reported: Mapping[str, str] = UTF8_CLIENT) -> tuple[int, bytes]:
     """Describe / Close body -> (b'S' or b'P' as int, name); the subtype is the
     caller's to judge, after the name (PostgreSQL's order)."""
     if not body:
         raise ProtocolError(NO_DATA_LEFT)
-    end = _name(body, 1, utf8)
+    end = body.find(b"\0", 1)
+    if end < 0:
+        raise ProtocolError(INVALID_STRING)
+    name = body[1:end]
+    if not name.isascii() and reported.get("client_encoding") == "UTF8":
+        check_utf8(name)
     if end + 1 != len(body):
         raise ProtocolError(INVALID_FORMAT)
-    return body[0], body[1:end]
+    return body[0], name
 
 
 def _message(kind: bytes, *parts: bytes) -> bytes:

@@ -245,15 +245,19 @@ class Translator:
         responses = server.responses
         if responses.skipping:
             return message  # PostgreSQL skips it unread: the old unnamed statement stays
-        name, rest = split_parse(body, _utf8(server))
+        if body[:1] == b"\0":
+            # The unnamed statement goes as it is: PostgreSQL judges its tail itself.
+            name, rest = b"", body[1:]
+        else:  # renamed, maybe answered from the cache: every byte is checked here
+            name, rest = split_parse(body, server.params)
         if self.refuse_session_state:
             refusal = session_state.refusal(parse_query_text(rest), server.params)
             if refusal:
                 return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
         if not name:
+            text = parse_query_text(rest)  # before anything changes: it may raise
             restore = self._unnamed_restorer(server)
             self.unnamed_parse = message
-            text = parse_query_text(rest)
             self.unnamed_text = text if session_state.needs_text(text) else b""
             self.unnamed_gen += 1
             server.unnamed_owner = self
@@ -313,7 +317,7 @@ class Translator:
         if responses.skipping:
             return message
         # Offsets, not slices: the parameters are copied once, into the renamed Bind.
-        portal_end, name_end = bind_names(body, _utf8(server))
+        portal_end, name_end = bind_names(body, server.params)
         if name_end == portal_end + 1:  # the unnamed statement
             prefix = self._ensure_unnamed(server)
             if prefix is None:
@@ -344,7 +348,7 @@ class Translator:
         if body[:1] == b"P" and body[-1:] == b"\0":  # a portal: nothing to rename
             responses.push(PLAIN[DESCRIBE])
             return message
-        target, name = split_target(body, _utf8(server))
+        target, name = split_target(body, server.params)
         if target != _STATEMENT:
             responses.push(PLAIN[DESCRIBE])
             return message
@@ -379,7 +383,7 @@ class Translator:
         responses = server.responses
         if responses.skipping:
             return message  # PostgreSQL skips it unread
-        target, name = split_target(body, _utf8(server))
+        target, name = split_target(body, server.params)
         if target == _STATEMENT and not name:
             # Whoever's it was, the server's unnamed statement is gone, and so is
             # this client's (unless PostgreSQL skips the Close).
@@ -566,11 +570,6 @@ def _restorer(
         prepared[name] = statement
 
     return restore
-
-
-def _utf8(server: ServerConnection) -> bool:
-    """PostgreSQL checks names as UTF-8 when the client speaks it (pg_verify_mbstr)."""
-    return server.params.get("client_encoding") == "UTF8"
 
 
 def _show(name: bytes) -> str:
