@@ -187,6 +187,59 @@ async def test_malformed_body_gets_postgres_error_and_frees_the_server(
     assert_clean_log(mux.logs())
 
 
+@pytest.mark.parametrize("case", ["describe-unterminated", "bind-statement-unterminated"])
+async def test_malformed_body_queued_for_a_server(
+    pgmux: PgmuxFactory, pg: TempPostgres, case: str
+) -> None:
+    """Sent while the only server is busy: translated when the pool hands the
+    server over (ClientConnection._flush_pending), with the same answer."""
+    dbname = fresh_database(pg)
+    payload = MALFORMED[case]
+    expected = await postgres_answer(pg, dbname, payload, begin=False)
+    mux = pgmux(CONFIG)
+    holder = await connect_asyncpg(mux, dbname)
+    attacker = await login(mux, dbname)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.fetchval("select 1")
+        await attacker.send(payload + SYNC)
+        await asyncio.sleep(0.2)  # queued behind the holder's transaction
+        await transaction.commit()
+        replies = await attacker.read_until_ready(timeout=15)
+        errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+        got = [(f.get("S", ""), f.get("C", ""), f.get("M", "")) for f in errors]
+        assert got == expected.errors, (case, replies)
+        assert (await attacker.query("select 1")).rows == [["1"]]
+        await assert_served_at_once(mux, dbname)
+    finally:
+        await attacker.close()
+        await close_quietly(holder)
+    assert_clean_log(mux.logs())
+
+
+async def test_plain_forwarding_leaves_malformed_bodies_to_postgres(
+    pgmux: PgmuxFactory, pg: TempPostgres
+) -> None:
+    """Without the translator (no prepared statements, session state ignored)
+    every body reaches PostgreSQL as sent, and PostgreSQL's answer the client."""
+    dbname = fresh_database(pg)
+    config = {
+        "pool": {"size": 1, "max_prepared_statements": 0, "session_state": "ignore"},
+        "timeouts": CONFIG["timeouts"],
+    }
+    mux = pgmux(config)
+    raw = await login(mux, dbname)
+    try:
+        for case, payload in {**MALFORMED, **BAD_UTF8}.items():
+            expected = await postgres_answer(pg, dbname, payload, begin=False)
+            assert_same_answer(await answer_to(raw, payload), expected, case)
+    finally:
+        await raw.close()
+    await assert_served_at_once(mux, dbname)
+    assert_clean_log(mux.logs())
+
+
 async def test_malformed_body_inside_a_pipeline_keeps_the_rest_in_step(
     pgmux: PgmuxFactory, pg: TempPostgres
 ) -> None:

@@ -556,7 +556,10 @@ def untranslatable(client: ClientConnection, server: ServerConnection, exc: Exce
     where = f"{frame.filename}:{frame.lineno}"
     log.error("translate_failed", error=repr(exc), where=where, **client.log_fields())
     client.server = None
-    client.pool.close_server(server, "the client's messages could not be rewritten")
+    pool = client.pool
+    pool.close_server(server, "the client's messages could not be rewritten")
+    if pool.waiting:
+        pool.grow()  # a replacement for whoever waited for this server
     if isinstance(exc, ProtocolError):
         client.fail(exc.sqlstate, exc.message)
     else:

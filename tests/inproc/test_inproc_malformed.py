@@ -13,7 +13,7 @@ at once instead of waited for.
 from __future__ import annotations
 
 import pytest
-from harness import Harness, idle_servers, owed
+from harness import DEFAULT_CONFIG, Harness, idle_servers, owed
 
 from pgmux.protocol import messages
 from pgmux.proxy.datapath.translator import Translator
@@ -120,3 +120,25 @@ async def test_translator_failure_closes_the_server_at_once(monkeypatch, begin: 
     assert not pool.servers, "the server is closed, not waited for"
     if server is not None:
         assert harness.backend(server).terminated or server.transport.is_closing()
+
+
+async def test_translator_failure_opens_a_server_for_those_waiting(monkeypatch) -> None:
+    harness = Harness({**DEFAULT_CONFIG, "pool": {"size": 1}})
+    await harness.open_servers(1)
+    holder, waiter = harness.client(), harness.client()
+    holder.send(messages.query("begin"))
+    await harness.settle()
+    waiter.send(messages.query("select 1"))
+    assert waiter.server is None, "queued behind the holder"
+    original = Translator.translate
+
+    def broken(self: Translator, data: bytes, server: object) -> bytes:
+        if self is holder.conn.translator:
+            raise RuntimeError("a bug")
+        return original(self, data, server)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Translator, "translate", broken)
+    holder.send(messages.describe("S", "x") + messages.sync())
+    await harness.settle()
+    assert sqlstates(holder.take())[-1:] == ["XX000"]
+    assert waiter.take().endswith(messages.ready_for_query("I")), "served by a new server"
