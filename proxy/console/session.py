@@ -130,7 +130,12 @@ class AdminSession:
         if self._skip_to_sync or tag == "H":
             return  # after an error PostgreSQL ignores all until Sync; Flush: nothing held
         if tag == "Q":
-            await self._simple_query(messages.parse_query(body))
+            try:
+                text = messages.parse_query(body)
+            except ProtocolError as exc:  # an ERROR of this query, as in PostgreSQL
+                self.send(_error(exc), messages.ready_for_query("I"))
+                return
+            await self._simple_query(text)
             return
         try:
             await self._extended(tag, body)
@@ -166,7 +171,10 @@ class AdminSession:
 
     async def _extended(self, tag: str, body: bytes) -> None:
         if tag == "P":
-            name, query, oids = messages.parse_parse(body)
+            try:
+                name, query, oids = messages.parse_parse(body)
+            except ProtocolError as exc:
+                raise ConsoleError(exc.sqlstate, exc.message) from None
             if name and name in self._statements:
                 raise ConsoleError(
                     sqlstate.DUPLICATE_PREPARED_STATEMENT,
@@ -246,6 +254,10 @@ class AdminSession:
 
 # A Describe, Execute or Close the console cannot read is that batch's error,
 # as in PostgreSQL: the console answers the next Sync and stays usable.
+
+
+def _error(exc: ProtocolError) -> bytes:
+    return messages.error_response(exc.sqlstate, exc.message)
 
 
 def _target(body: bytes, what: str) -> tuple[str, str]:

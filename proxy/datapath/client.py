@@ -39,7 +39,7 @@ from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
 from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import session_state, varcache
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
-from pgmux.proxy.datapath.translator import Translator
+from pgmux.proxy.datapath.translator import Translator, untranslatable
 
 if TYPE_CHECKING:
     from pgmux.proxy.config import DatabaseConfig
@@ -277,7 +277,11 @@ class ClientConnection(asyncio.Protocol):
                 assert server is not None  # ACTIVE: linked
                 translator = self.translator
                 if translator is not None:
-                    data = translator.translate(data, server)
+                    try:
+                        data = translator.translate(data, server)
+                    except Exception as exc:  # a bug must cost this client only
+                        untranslatable(self, server, exc)
+                        return
                 server.transport.write(data)
         elif data:
             self._pending.append(data)
@@ -422,7 +426,11 @@ class ClientConnection(asyncio.Protocol):
             self._pending_size = 0
             translator = self.translator
             if translator is not None:
-                data = translator.translate(data, server)
+                try:
+                    data = translator.translate(data, server)
+                except Exception as exc:  # a bug must cost this client only
+                    untranslatable(self, server, exc)
+                    return True  # the server is closed: the pool has nothing to take back
             server.transport.write(data)
             if self._reading_paused:
                 self._reading_paused = False

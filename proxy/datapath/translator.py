@@ -23,12 +23,14 @@ so a client's last unnamed Parse is replayed where it is missing.
 from __future__ import annotations
 
 import hashlib
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, msgtypes, sqlstate
+from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.extended import (
     bind_names,
     build_close_statement,
@@ -39,6 +41,7 @@ from pgmux.protocol.extended import (
     split_parse,
     split_target,
 )
+from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.datapath import session_state
 from pgmux.proxy.datapath.replies import (
@@ -57,7 +60,10 @@ from pgmux.proxy.datapath.replies import (
 )
 
 if TYPE_CHECKING:
+    from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.server import ServerConnection
+
+log = get_logger("pgmux.client")
 
 _LENGTH = Struct("!I").unpack_from
 _PARSE, _BIND, _DESCRIBE, _CLOSE = msgtypes.PARSE, msgtypes.BIND, msgtypes.DESCRIBE, msgtypes.CLOSE
@@ -205,13 +211,18 @@ class Translator:
             handler = handlers.get(kind)
             if handler is not None:
                 message = data[pos:end]
-                sent = handler(data[pos + 5 : end], message, server)
+                try:
+                    sent = handler(data[pos + 5 : end], message, server)
+                except ProtocolError as exc:
+                    # A body PostgreSQL would refuse (handlers check before they
+                    # change anything): its ERROR, in its place, as it would send.
+                    sent = self._fail(server, exc.sqlstate, exc.message)
                 if sent is not message:
                     out.append(data[run:pos])
                     out.append(sent)
                     run = end
             elif kind == _EXECUTE:
-                responses.push(self._execute_entry(data, pos + 5))
+                responses.push(self._execute_entry(data, pos + 5, end))
             elif kind == _SYNC:
                 if len(server.prepared) > self.limit:  # over the cap: close some first
                     closes = self._evict(server)
@@ -232,24 +243,28 @@ class Translator:
 
     def _parse(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
-        name, rest = split_parse(body)
-        if self.refuse_session_state and not responses.skipping:
+        if responses.skipping:
+            return message  # PostgreSQL skips it unread: the old unnamed statement stays
+        if body[:1] == b"\0":
+            # The unnamed statement goes as it is: PostgreSQL judges its tail itself.
+            name, rest = b"", body[1:]
+        else:  # renamed, maybe answered from the cache: every byte is checked here
+            name, rest = split_parse(body, server.params)
+        if self.refuse_session_state:
             refusal = session_state.refusal(parse_query_text(rest), server.params)
             if refusal:
                 return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
         if not name:
-            if responses.skipping:
-                return message  # PostgreSQL skips it: the old unnamed statement stays
+            text = parse_query_text(rest)  # before anything changes: it may raise
             restore = self._unnamed_restorer(server)
             self.unnamed_parse = message
-            text = parse_query_text(rest)
             self.unnamed_text = text if session_state.needs_text(text) else b""
             self.unnamed_gen += 1
             server.unnamed_owner = self
             server.unnamed_gen = self.unnamed_gen
             responses.push(Entry(PARSE, rollback=restore, failed=self._unnamed_dropper(server)))
             return message
-        if not self.limit or responses.skipping:
+        if not self.limit:
             responses.push(PLAIN[PARSE])
             return message
         self.stats.total_client_parse_count += 1
@@ -302,7 +317,7 @@ class Translator:
         if responses.skipping:
             return message
         # Offsets, not slices: the parameters are copied once, into the renamed Bind.
-        portal_end, name_end = bind_names(body)
+        portal_end, name_end = bind_names(body, server.params)
         if name_end == portal_end + 1:  # the unnamed statement
             prefix = self._ensure_unnamed(server)
             if prefix is None:
@@ -328,11 +343,13 @@ class Translator:
 
     def _describe(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
+        if responses.skipping:
+            return message  # PostgreSQL skips it unread
         if body[:1] == b"P" and body[-1:] == b"\0":  # a portal: nothing to rename
             responses.push(PLAIN[DESCRIBE])
             return message
-        target, name = split_target(body)
-        if target != _STATEMENT or responses.skipping:
+        target, name = split_target(body, server.params)
+        if target != _STATEMENT:
             responses.push(PLAIN[DESCRIBE])
             return message
         if not name:
@@ -364,8 +381,10 @@ class Translator:
 
     def _close(self, body: bytes, message: bytes, server: ServerConnection) -> bytes:
         responses = server.responses
-        target, name = split_target(body)
-        if target == _STATEMENT and not name and not responses.skipping:
+        if responses.skipping:
+            return message  # PostgreSQL skips it unread
+        target, name = split_target(body, server.params)
+        if target == _STATEMENT and not name:
             # Whoever's it was, the server's unnamed statement is gone, and so is
             # this client's (unless PostgreSQL skips the Close).
             restore = self._unnamed_restorer(server)
@@ -373,7 +392,7 @@ class Translator:
             server.unnamed_owner = None
             responses.push(Entry(CLOSE, rollback=restore))
             return message
-        if target != _STATEMENT or not name or not self.limit or responses.skipping:
+        if target != _STATEMENT or not name or not self.limit:
             responses.push(PLAIN[CLOSE])
             return message
         # The server keeps the statement for others; only the client's name goes.
@@ -416,13 +435,16 @@ class Translator:
         else:
             self.unnamed_portal_text = text
 
-    def _execute_entry(self, data: bytes, start: int) -> Entry:
+    def _execute_entry(self, data: bytes, start: int, end: int) -> Entry:
         if not self.track_text:
             return PLAIN[EXECUTE]
-        if data[start] == 0:
+        name_end = data.find(b"\0", start, end)
+        if name_end < 0:
+            return PLAIN[EXECUTE]  # no portal name: PostgreSQL refuses it (08P01)
+        if name_end == start:
             text = self.unnamed_portal_text
         else:
-            text = self.portal_text.get(data[start : data.find(b"\0", start)], b"")
+            text = self.portal_text.get(data[start:name_end], b"")
         return Entry(EXECUTE, text=text) if text else PLAIN[EXECUTE]
 
     # --- making sure the server has what the client refers to ------------
@@ -523,6 +545,25 @@ class Translator:
 
 
 _FAILING_QUERY = messages.query("pgmux refused this statement")
+
+
+def untranslatable(client: ClientConnection, server: ServerConnection, exc: Exception) -> None:
+    """Translator.translate raised (it turns malformed bodies into PostgreSQL's
+    errors itself, so this is a bug): nothing of the chunk was written, but what
+    the translator expects of the server may be off, so the server is closed at
+    once rather than waited for, and only this client ends."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    where = f"{frame.filename}:{frame.lineno}"
+    log.error("translate_failed", error=repr(exc), where=where, **client.log_fields())
+    client.server = None
+    pool = client.pool
+    pool.close_server(server, "the client's messages could not be rewritten")
+    if pool.waiting:
+        pool.grow()  # a replacement for whoever waited for this server
+    if isinstance(exc, ProtocolError):
+        client.fail(exc.sqlstate, exc.message)
+    else:
+        client.fail(sqlstate.INTERNAL_ERROR, "internal error while rewriting the request")
 
 
 def _restorer(

@@ -5,8 +5,9 @@ messages) and queues the replies PostgreSQL would send, for the harness to
 deliver when it chooses, whole or split. What it knows of SQL is a handful
 of statements, enough for the pooling rules: BEGIN / COMMIT / ROLLBACK move
 the transaction status, a statement containing ``1/0`` fails (and fails the
-transaction block it is in), ``COPY ... FROM STDIN`` enters COPY, and any
-other statement returns one row. The extended protocol answers each message
+transaction block it is in), so does the Parse pgmux sends to make a request
+fail, ``COPY ... FROM STDIN`` enters COPY, and any other statement returns
+one row. The extended protocol answers each message
 in order, keeps named statements, skips to Sync after an error, and holds
 its replies until a Sync or Flush, as PostgreSQL does.
 """
@@ -41,6 +42,7 @@ IN_FAILED_BLOCK = messages.error_response(
     "current transaction is aborted, commands ignored until end of transaction block",
     severity="ERROR",
 )
+SYNTAX_ERROR = messages.error_response("42601", "syntax error", severity="ERROR")
 COPY_IN = b"G" + _PACK(4 + 3) + b"\0\0\0"
 _READY = {status: messages.ready_for_query(chr(status)) for status in b"ITE"}
 
@@ -190,6 +192,9 @@ class FakeBackend:
         held = self._held
         if letter == "P":
             name, _, rest = body.partition(b"\0")
+            if rest.startswith(b"pgmux refused"):  # pgmux's failing Parse: not SQL
+                self._fail(SYNTAX_ERROR)
+                return
             self.statements[name] = rest.partition(b"\0")[0]
             held.append(messages.parse_complete())
         elif letter == "B":

@@ -310,7 +310,7 @@ names = st.binary(max_size=12).filter(lambda b: b"\0" not in b)
 def test_rename_bind_keeps_portal_and_parameters(portal, name, new, params):
     """pgmux renames a Bind's statement by offsets; the rest must come through unchanged."""
     body = portal + b"\0" + name + b"\0" + params
-    portal_end, name_end = bind_names(body)
+    portal_end, name_end = bind_names(body, {})  # any bytes (no encoding): offsets only
     assert body[:portal_end] == portal and body[portal_end + 1 : name_end] == name
     assert body_of(rename_bind(body, portal_end, name_end, new), "B") == (
         portal + b"\0" + new + b"\0" + params
