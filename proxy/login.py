@@ -36,11 +36,13 @@ from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.auth import ClientAuth
 from pgmux.proxy.datapath.client import ClientConnection
+from pgmux.proxy.datapath.translator import Translator
 
 if TYPE_CHECKING:
     import ssl
 
     from pgmux.proxy.config import DatabaseConfig
+    from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.client")
@@ -344,4 +346,18 @@ class ClientLogin:
         assert client.database is not None
         pool = self.registry.pool_for(client.dbname, client.database, client.user)
         client.feed_to(None)  # from here on the client's bytes are its own
-        client.join(pool, leftover)
+        client.join(pool, leftover, self._translator(pool))
+
+    def _translator(self, pool: Pool) -> Translator | None:
+        """Transaction mode rewrites extended-protocol traffic and tracks session state."""
+        settings = pool.settings
+        if pool.mode == "session":
+            return None
+        if settings.max_prepared_statements == 0 and settings.session_state == "ignore":
+            return None  # plain forwarding, as PgBouncer without prepared statements
+        return Translator(
+            self.registry.statement_cache,
+            settings.max_prepared_statements,
+            settings.session_state,
+            pool.stats,
+        )

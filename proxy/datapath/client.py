@@ -512,14 +512,14 @@ class ClientConnection(asyncio.Protocol):
 
     # --- joining the pool and the welcome -----------------------------------
 
-    def join(self, pool: Pool, leftover: bytes) -> None:
+    def join(self, pool: Pool, leftover: bytes, translator: Translator | None) -> None:
         """Authenticated: become one of the pool's clients, welcomed now or once
         the pool knows a server's parameters."""
         self.pool = pool
         pool.clients.add(self)
         self.release_on_idle = pool.mode != "session"
         self.statement_mode = pool.mode == "statement"
-        self.translator = self._make_translator(pool)
+        self.translator = translator
         if leftover:
             self._pending.append(leftover)
         if pool.server_params is None:
@@ -538,20 +538,6 @@ class ClientConnection(asyncio.Protocol):
         if self._pending_size > _PENDING_LIMIT:
             self.transport.pause_reading()
             self._reading_paused = True
-
-    def _make_translator(self, pool: Pool) -> Translator | None:
-        """Transaction mode rewrites extended-protocol traffic and tracks session state."""
-        settings = pool.settings
-        if pool.mode == "session":
-            return None
-        if settings.max_prepared_statements == 0 and settings.session_state == "ignore":
-            return None  # plain forwarding, as PgBouncer without prepared statements
-        return Translator(
-            self.registry.statement_cache,
-            settings.max_prepared_statements,
-            settings.session_state,
-            pool.stats,
-        )
 
     def welcome(self, server_params: dict[str, str]) -> None:
         """ParameterStatus for every server parameter, BackendKeyData, ReadyForQuery."""
