@@ -22,13 +22,19 @@ def read_header(
     if len(buf) - pos < HEADER_SIZE:
         return None
     kind, length = HEADER.unpack_from(buf, pos)
-    if length < 4:
-        raise ProtocolError(f"invalid message length {length}")
-    if length > max_size:
-        raise ProtocolError(
-            f"message of {length} bytes exceeds max_packet_size", sqlstate.PROGRAM_LIMIT_EXCEEDED
-        )
+    if length < 4 or length > max_size:
+        raise bad_length(length, max_size)
     return kind, pos + 1 + length
+
+
+def bad_length(length: int, limit: int) -> ProtocolError:
+    """The error for a length word under 4 (08P01) or over the limit (54000)."""
+    if length > limit:
+        return ProtocolError(
+            f"message of {length} bytes exceeds max_packet_size ({limit})",
+            sqlstate.PROGRAM_LIMIT_EXCEEDED,
+        )
+    return ProtocolError(f"invalid message length {length}", sqlstate.PROTOCOL_VIOLATION)
 
 
 class MessageReader:
