@@ -169,6 +169,25 @@ async def test_a_slow_whole_message_is_not_idle(pg: TempPostgres, pgmux: PgmuxFa
         await raw.close()
 
 
+async def test_oversized_password_message_is_refused_at_its_header(
+    pg: TempPostgres, pgmux: PgmuxFactory
+) -> None:
+    """Before authentication a message announcing 1 GiB is refused at once, not
+    buffered: PostgreSQL's own bound on an authentication message (65535 bytes)."""
+    mux = pgmux()
+    raw = await RawClient.open(mux)
+    try:
+        await raw.send(startup_packet({"user": APP_USER, "database": "postgres"}))
+        msg = await raw.read_message()
+        assert msg is not None and msg[0] == b"R", msg
+        await raw.send(b"p" + struct.pack("!I", 2**30) + b"SCRAM-SHA-256\0")
+        error, _ = await first_error(raw, timeout=5)
+        assert error["C"] == "54000", error
+        assert "authentication limit (65535)" in error["M"], error
+    finally:
+        await raw.close()
+
+
 # --- the welcome buffer ----------------------------------------------------
 
 
