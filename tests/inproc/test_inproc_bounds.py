@@ -60,3 +60,21 @@ async def test_a_function_call_streams_through_unheld():
         assert sum(seen) == forwarded, "a FunctionCall argument was held back"
     translator = client.conn.translator
     assert translator is not None and translator._partial == b""
+
+
+async def test_a_server_announcing_a_huge_held_reply_is_closed():
+    """An ErrorResponse header announcing 100 MB (held replies are read whole):
+    the server is closed at once, its client gets 08006, nothing is buffered."""
+    harness = Harness()
+    await harness.open_servers(1)
+    client = harness.client()
+    client.send(messages.query("select 1"))
+    server = client.server
+    assert server is not None
+    server.data_received(b"E" + struct.pack("!I", 100 * 2**20) + b"SERROR\0")
+    assert server.transport.is_closing(), "the server was kept"
+    assert server.responses.hold == b""
+    server.connection_lost(None)  # what the closed transport reports
+    await harness.settle()
+    reply = client.take()
+    assert b"08006" in reply, reply
