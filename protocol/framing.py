@@ -15,32 +15,44 @@ DEFAULT_MAX_SIZE = 1 << 30  # PostgreSQL's own limit (MaxAllocSize)
 
 
 def read_header(
-    buf: bytes | bytearray | memoryview, pos: int = 0, max_size: int = DEFAULT_MAX_SIZE
+    buf: bytes | bytearray | memoryview,
+    pos: int = 0,
+    max_size: int = DEFAULT_MAX_SIZE,
+    limit_name: str = "max_packet_size",
 ) -> tuple[int, int] | None:
     """(type, end offset of the whole message) for the message at `pos`, or None
     when fewer than 5 bytes are there. The body may still be incomplete."""
     if len(buf) - pos < HEADER_SIZE:
         return None
     kind, length = HEADER.unpack_from(buf, pos)
-    if length < 4:
-        raise ProtocolError(f"invalid message length {length}")
-    if length > max_size:
-        raise ProtocolError(
-            f"message of {length} bytes exceeds max_packet_size", sqlstate.PROGRAM_LIMIT_EXCEEDED
-        )
+    if length < 4 or length > max_size:
+        raise bad_length(length, max_size, limit_name)
     return kind, pos + 1 + length
+
+
+def bad_length(length: int, limit: int, limit_name: str = "max_packet_size") -> ProtocolError:
+    """The error for a length word under 4 (08P01) or over the limit (54000)."""
+    if length > limit:
+        return ProtocolError(
+            f"message of {length} bytes exceeds {limit_name} ({limit})",
+            sqlstate.PROGRAM_LIMIT_EXCEEDED,
+        )
+    return ProtocolError(f"invalid message length {length}", sqlstate.PROTOCOL_VIOLATION)
 
 
 class MessageReader:
     """Bytes in, (type, body) out. Raises ProtocolError on an impossible length,
     as soon as the header arrives (an oversized body is never buffered)."""
 
-    __slots__ = ("_buf", "_pos", "max_size")
+    __slots__ = ("_buf", "_pos", "limit_name", "max_size")
 
-    def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    def __init__(
+        self, max_size: int = DEFAULT_MAX_SIZE, limit_name: str = "max_packet_size"
+    ) -> None:
         self._buf = bytearray()
         self._pos = 0  # start of the first unread message in _buf
         self.max_size = max_size
+        self.limit_name = limit_name  # named in the error for a message over max_size
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -51,7 +63,7 @@ class MessageReader:
         self._buf += data
 
     def next_message(self) -> tuple[int, bytes] | None:
-        header = read_header(self._buf, self._pos, self.max_size)
+        header = read_header(self._buf, self._pos, self.max_size, self.limit_name)
         if header is None:
             return None
         kind, end = header

@@ -14,6 +14,9 @@ SSL_REQUEST_CODE = 80877103  # 1234.5679
 GSSENC_REQUEST_CODE = 80877104  # 1234.5680
 CANCEL_REQUEST_CODE = 80877102  # 1234.5678
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
+# PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: a password or SASL message is at most
+# this long, so an unauthenticated client cannot make pgmux buffer more.
+MAX_AUTH_MESSAGE = 65535
 MAX_CANCEL_KEY = 256  # protocol 3.2 allows keys up to 256 bytes
 _REQUEST_MAJOR = 1234
 

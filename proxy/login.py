@@ -20,6 +20,7 @@ from pgmux.protocol.errors import AuthError, ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.msgtypes import PASSWORD_MESSAGE as _PASSWORD
 from pgmux.protocol.startup import (
+    MAX_AUTH_MESSAGE,
     CancelRequest,
     GSSENCRequest,
     SSLRequest,
@@ -146,7 +147,12 @@ class ClientLogin:
         client.database = database
         method = self._auth_method()
         self._authenticating = True
-        self._reader = MessageReader(max_size=self.config.limits.max_packet_size)
+        packet = self.config.limits.max_packet_size  # or PostgreSQL's bound, the smaller
+        self._reader = (
+            MessageReader(packet)
+            if packet <= MAX_AUTH_MESSAGE
+            else MessageReader(MAX_AUTH_MESSAGE, "the authentication limit")
+        )
         secret = self.registry.auth.users.get(client.user)
         if secret is None and database is not None and self.registry.auth_query.enabled:
             client.transport.pause_reading()  # nothing to read until we ask

@@ -61,6 +61,7 @@ class Timeouts:
     server_connect: float = 5.0
     server_login_retry: float = 5.0
     client_login: float = 60.0
+    message: float = 60.0  # a client's message must arrive whole within this
     client_idle: float = 0.0
     idle_transaction: float = 0.0
     query: float = 0.0

@@ -81,14 +81,20 @@ class Janitor:
     # --- client timeouts ----------------------------------------------------
 
     def _expire_clients(self, pool: Pool, now: float) -> None:
-        """client_idle, idle_transaction and query, with this pool's values."""
+        """client_idle, idle_transaction, query and message, with this pool's values."""
         limits = pool.timeouts
         if not (limits.client_idle or limits.idle_transaction or limits.query):
+            if limits.message:  # the default: only clients mid-message can expire
+                for client in [c for c in pool.clients if c.partial_since]:
+                    if client.state in READY:
+                        self._check_message(pool, client, now)
             return
         for client in list(pool.clients):
             if client.state not in READY:
                 continue
-            if client.running:
+            if client.partial_since and self._check_message(pool, client, now):
+                continue
+            if client.running and not client.stalled:  # stalled: idle since its last byte
                 client.idle_mark = now  # idle time counts from the end of its request
                 if limits.query and client.expect_rfq > 0:
                     self._check_query(pool, client, now)
@@ -110,6 +116,18 @@ class Janitor:
                     sqlstate.IDLE_SESSION_TIMEOUT,
                     "terminating connection due to client_idle timeout",
                 )
+
+    def _check_message(self, pool: Pool, client: ClientConnection, now: float) -> bool:
+        """End a client whose message has been arriving for longer than timeouts.message."""
+        limit = pool.timeouts.message
+        if not limit or now - client.partial_since < limit:
+            return False
+        self._fire(pool, client, "message", now - client.partial_since)
+        client.fail(
+            sqlstate.PROTOCOL_VIOLATION,
+            "terminating connection: incomplete message for longer than timeouts.message",
+        )
+        return True
 
     def _check_query(self, pool: Pool, client: ClientConnection, now: float) -> None:
         server = client.server

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.accounting import NO_BATCH
 from pgmux.protocol.errors import ProtocolError
+from pgmux.protocol.framing import bad_length as _bad_length
 from pgmux.protocol.msgtypes import COPY_DATA as _COPY_DATA
 from pgmux.protocol.msgtypes import COPY_DONE as _COPY_DONE
 from pgmux.protocol.msgtypes import COPY_FAIL as _COPY_FAIL
@@ -57,8 +58,12 @@ _PENDING_LIMIT = 1 << 20
 
 _monotonic = time.monotonic  # a module global reads faster than the attribute
 
+# The messages that each end in a ReadyForQuery.
+_REQUESTS = NO_BATCH - {_COPY_DATA, _COPY_DONE, _COPY_FAIL}
+
 # The states in which the client has asked for a server and not yet got it.
 _QUEUED = (ClientState.WAITING, ClientState.WELCOME)
+_LINKED_OR_IDLE = (ClientState.ACTIVE, ClientState.IDLE)
 
 
 def _ignore(data: bytes) -> None:
@@ -75,6 +80,8 @@ class ClientConnection(asyncio.Protocol):
         "_skip",
         "_header",
         "_max_packet",
+        "partial_since",
+        "_partial_request",
         "last_active",
         "pool",
         "query_started",
@@ -161,6 +168,8 @@ class ClientConnection(asyncio.Protocol):
         self._skip = 0
         self._header = b""
         self._max_packet = self.config.limits.max_packet_size
+        self.partial_since = 0.0  # when the message it is in the middle of began (0: none)
+        self._partial_request = False
         self.tls: ClientTls | None = None  # the TLS settings in use, once negotiated
         self.counted = False  # in max_db/max_user_client_connections
 
@@ -302,6 +311,7 @@ class ClientConnection(asyncio.Protocol):
             pos = self._complete_header(data)
             if pos < 0:
                 return -1
+        kind = -1
         while pos + 5 <= n:
             kind = data[pos]
             length = _LENGTH(data, pos + 1)[0]
@@ -317,11 +327,16 @@ class ClientConnection(asyncio.Protocol):
             elif kind != _FLUSH:  # Flush asks for output; it opens no batch
                 self.in_batch = True
             pos += 1 + length
-        if pos < n:
+        if pos < n:  # a header cut short: a message begins here (counted once whole)
             self._header = data[pos:]
             self._skip = 0
+            self.partial_since, self._partial_request = _monotonic(), False
         else:
             self._skip = pos - n
+            if pos == n:
+                self.partial_since = 0.0
+            elif kind >= 0:  # the message cut short began in this chunk
+                self.partial_since, self._partial_request = _monotonic(), kind in _REQUESTS
         return -1
 
     def _complete_header(self, data: bytes) -> int:
@@ -345,6 +360,7 @@ class ClientConnection(asyncio.Protocol):
             self.in_batch = False
         elif kind != _FLUSH:
             self.in_batch = True
+        self._partial_request = kind in _REQUESTS  # partial_since: its header's first bytes
         return 1 + length - len(have)
 
     @property
@@ -362,6 +378,12 @@ class ClientConnection(asyncio.Protocol):
     @property
     def mid_message(self) -> bool:
         return bool(self._skip or self._header)
+
+    @property
+    def stalled(self) -> bool:
+        """Mid-message, its server owing nothing: idle (since its last byte) for the janitor."""
+        owed = self.expect_rfq - self._partial_request > 0 or self._pending
+        return self.partial_since > 0.0 and not owed and self.state in _LINKED_OR_IDLE
 
     def _terminate(self) -> None:
         if self.transport is not None:
@@ -568,12 +590,3 @@ class ClientConnection(asyncio.Protocol):
                 self._reading_paused = False
                 self.transport.resume_reading()
             self.data_received(pending)
-
-
-def _bad_length(length: int, limit: int) -> ProtocolError:
-    if length > limit:
-        return ProtocolError(
-            f"message of {length} bytes exceeds max_packet_size ({limit})",
-            sqlstate.PROGRAM_LIMIT_EXCEEDED,
-        )
-    return ProtocolError(f"invalid message length {length}", sqlstate.PROTOCOL_VIOLATION)

@@ -26,6 +26,15 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, msgtypes
 from pgmux.protocol.extended import command_tag
+from pgmux.proxy.base.log import get_logger
+
+log = get_logger("pgmux.server")
+
+# The longest reply held to be read whole (ErrorResponse, CommandComplete,
+# ParameterStatus, ...; rows and COPY data stream through). PostgreSQL's own
+# errors can quote a client's value, hence the margin; a server announcing
+# more is broken or hostile and is closed, not buffered up to 4 GiB.
+HOLD_LIMIT = 64 << 20
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -158,6 +167,15 @@ class ResponseFilter:
                 pos = end
                 continue
             if end > n:
+                if end - pos > HOLD_LIMIT:
+                    log.warning(
+                        "server_protocol_error",
+                        error=f"reply of {end - pos - 1} bytes exceeds {HOLD_LIMIT}",
+                        db=server.pool.dbname,
+                        server_id=server.id,
+                    )
+                    server.abort()  # connection_lost: its client gets 08006
+                    return
                 break  # wait for the whole message
             if action == _RFQ:
                 client.expect_rfq -= 1

@@ -69,6 +69,8 @@ _LENGTH = Struct("!I").unpack_from
 _PARSE, _BIND, _DESCRIBE, _CLOSE = msgtypes.PARSE, msgtypes.BIND, msgtypes.DESCRIBE, msgtypes.CLOSE
 _EXECUTE, _SYNC, _QUERY = msgtypes.EXECUTE, msgtypes.SYNC, msgtypes.QUERY
 _FUNCTION_CALL, _COPY_DATA = msgtypes.FUNCTION_CALL, msgtypes.COPY_DATA
+_COPY_FAIL = msgtypes.COPY_FAIL
+_STREAMED = frozenset((_COPY_DATA, _COPY_FAIL, _FUNCTION_CALL))  # rewritten never, held never
 _STATEMENT = msgtypes.TARGET_STATEMENT
 _FAILED = msgtypes.TX_FAILED
 # server.unnamed_gen of an unnamed statement that may exist but is no client's:
@@ -136,6 +138,8 @@ class Translator:
     # The data path's first (see ClientConnection.__slots__).
     __slots__ = (  # noqa: RUF023  (in order of use, not sorted)
         "_partial",
+        "_more",
+        "_short",
         "_copy_left",
         "refuse_session_state",
         "track_text",
@@ -167,8 +171,10 @@ class Translator:
         self.unnamed_text = b""
         self.unnamed_gen = 0
         self._renaming_entries: dict[tuple[int, bytes], Entry] = {}
-        self._partial = b""
-        self._copy_left = 0
+        self._partial = b""  # a message cut short, held until whole (max_packet_size at most)
+        self._more: list[bytes] = []  # its later chunks, joined once: no copy per chunk
+        self._short = 0  # bytes it still lacks (1 while its header is cut)
+        self._copy_left = 0  # bytes of a message passed through unread
         self._handlers = {
             _PARSE: self._parse,
             _BIND: self._bind,
@@ -189,8 +195,13 @@ class Translator:
         ):
             return self._query(data[5:], data, server)  # the usual chunk: one whole Query
         if self._partial:
-            data = self._partial + data
+            if len(data) < self._short:
+                self._more.append(data)
+                self._short -= len(data)
+                return b""
+            data = b"".join((self._partial, *self._more, data))
             self._partial = b""
+            self._more.clear()
         responses: ResponseFilter = server.responses
         handlers = self._handlers
         out: list[bytes] = []
@@ -200,13 +211,18 @@ class Translator:
             pos = min(self._copy_left, n)
             self._copy_left -= pos
         run = 0
+        short = 1
         while pos + 5 <= n:
             kind = data[pos]
             end = pos + 1 + _LENGTH(data, pos + 1)[0]
             if end > n:
-                if kind == _COPY_DATA:  # stream large COPY rows through
+                if kind in _STREAMED:
+                    # Nothing to rewrite: stream it through (large COPY rows, arguments).
+                    if kind == _FUNCTION_CALL:
+                        responses.push(PLAIN[QUERY])
                     self._copy_left = end - n
                     pos = n
+                short = end - n
                 break
             handler = handlers.get(kind)
             if handler is not None:
@@ -236,6 +252,7 @@ class Translator:
             pos = end
         if pos < n:
             self._partial = data[pos:]
+            self._short = short
         out.append(data[run:pos])
         return b"".join(out)
 
