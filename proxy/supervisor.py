@@ -29,7 +29,7 @@ import structlog
 import uvloop
 
 from pgmux.proxy.base import ids
-from pgmux.proxy.base.ledger import Ledger
+from pgmux.proxy.base.ledger import SUPERVISOR, Ledger
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.config import Config, ListenConfig
@@ -150,6 +150,7 @@ class Supervisor:
                 self.shared.append(unix)
         self.rundir = tempfile.mkdtemp(prefix="pgmux-")
         self.ledger = Ledger(self.count)  # mapped before fork: every worker shares it
+        self.ledger.index = SUPERVISOR  # each worker sets its own after the fork
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         try:
             for index in range(self.count):

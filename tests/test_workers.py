@@ -99,6 +99,27 @@ def test_ledger_counts_across_processes() -> None:
     assert ledger.total(row) == 2
 
 
+def _die_holding_the_lock(ledger: Ledger, index: int) -> None:
+    ledger.index = index
+    ledger._locked().__enter__()  # and never leaves: SIGKILL at the wrong moment
+    os._exit(0)
+
+
+def test_a_worker_killed_holding_the_ledger_lock_does_not_keep_it() -> None:
+    ledger = Ledger(2)
+    row = ledger.row(scope_key("pool", "appdb", "app"))
+    child = multiprocessing.get_context("fork").Process(
+        target=_die_holding_the_lock, args=(ledger, 1)
+    )
+    child.start()
+    child.join(10)
+    ledger.clear_worker(1)  # the supervisor, seeing worker 1 gone
+    started = time.monotonic()
+    assert ledger.take([(row, 2)]) is None
+    waited = time.monotonic() - started
+    assert waited < 1.0, f"the lock stayed with the dead worker ({waited:.1f} s)"
+
+
 def test_ledger_take_checks_every_limit_before_counting() -> None:
     ledger = Ledger(2)
     pool, db = ledger.row(scope_key("pool", "a", "u")), ledger.row(scope_key("db", "a"))

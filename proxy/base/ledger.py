@@ -26,7 +26,7 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 
 if TYPE_CHECKING:
-    from multiprocessing.synchronize import Lock
+    pass
 
 log = get_logger("pgmux.ledger")
 
@@ -34,6 +34,8 @@ SLOTS = 16384  # rows (scopes); 8 * (1 + 3 * workers) bytes each
 _EMPTY = 0
 _LOCK_TIMEOUT = 2.0  # a worker that died holding the lock must not stop the others
 NOT_WAITING = float("inf")
+_NOBODY = -1  # in the holder cell: the lock is free
+SUPERVISOR = -2  # the index of the process that forks the workers
 _MANY = 1 << 62
 
 
@@ -59,7 +61,8 @@ class Ledger:
         self.slots = slots
         self.index = 0  # this process's worker index, set after fork
         cells = slots * workers
-        self._map = mmap.mmap(-1, 8 * (slots + 3 * cells))  # MAP_SHARED | MAP_ANONYMOUS
+        # MAP_SHARED | MAP_ANONYMOUS; the last cell names the worker holding the lock
+        self._map = mmap.mmap(-1, 8 * (slots + 3 * cells + 1))
         view = memoryview(self._map)
         self._keys = view[: 8 * slots].cast("Q")
         start = 8 * slots
@@ -68,6 +71,9 @@ class Ledger:
         self._waiting = view[start : start + 8 * cells].cast("q")
         start += 8 * cells
         self._oldest = view[start : start + 8 * cells].cast("d")
+        start += 8 * cells
+        self._holder = view[start : start + 8].cast("q")
+        self._holder[0] = _NOBODY
         self._lock = multiprocessing.get_context("fork").Lock()
         self._rows: dict[int, int] = {}  # key -> row, this process's cache
 
@@ -190,7 +196,11 @@ class Ledger:
     # --- worker lifecycle ----------------------------------------------------
 
     def clear_worker(self, worker: int) -> None:
-        """A worker died or starts afresh: what it counted is gone with it."""
+        """A worker died or starts afresh: what it counted is gone with it,
+        and so is the lock if it died holding it (a SIGKILL at the wrong moment)."""
+        if self._holder[0] == worker:
+            self._holder[0] = _NOBODY
+            self._lock.release()
         with self._locked():
             for row in range(self.slots):
                 if self._keys[row] == _EMPTY:
@@ -201,24 +211,29 @@ class Ledger:
                 self._oldest[cell] = NOT_WAITING
 
     def _locked(self) -> _Held:
-        return _Held(self._lock)
+        return _Held(self)
 
 
 class _Held:
     """The ledger lock as a context manager, with a timeout: a worker killed
     while holding it (microseconds) must not freeze the others forever."""
 
-    __slots__ = ("_lock", "_taken")
+    __slots__ = ("_ledger", "_taken")
 
-    def __init__(self, lock: Lock) -> None:
-        self._lock = lock
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
         self._taken = False
 
     def __enter__(self) -> None:
-        self._taken = self._lock.acquire(timeout=_LOCK_TIMEOUT)
-        if not self._taken:
+        ledger = self._ledger
+        self._taken = ledger._lock.acquire(timeout=_LOCK_TIMEOUT)
+        if self._taken:
+            ledger._holder[0] = ledger.index  # so the supervisor can free it if we die
+        else:
             log.error("ledger_lock_timeout", timeout=_LOCK_TIMEOUT)
 
     def __exit__(self, *exc: object) -> None:
         if self._taken:
-            self._lock.release()
+            ledger = self._ledger
+            ledger._holder[0] = _NOBODY
+            ledger._lock.release()
