@@ -155,7 +155,7 @@ class Pool:
             waited = now - client.wait_started
             stats.add_wait(waited)
             client.wait_started = 0.0
-            threshold = self.registry.config.logging.wait_threshold
+            threshold = self.slots.config.logging.wait_threshold  # an attribute, not a property
             if threshold and waited >= threshold:
                 log.warning(
                     "wait_exceeded",
