@@ -87,6 +87,16 @@ async def transaction(conn: asyncpg.Connection, number: int, seq: int) -> None:
         await conn.execute("INSERT INTO ledger VALUES ($1, $2)", number, seq)
 
 
+# A poll that meets the shutting-down postmaster can also get its FATAL while
+# asyncpg is mid-operation, which asyncpg reports as InternalClientError.
+POLL_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 async def postmaster_started(pg: TempPostgres) -> float | None:
     """pg_postmaster_start_time() as epoch seconds, or None if PostgreSQL does not answer."""
     try:
@@ -98,11 +108,11 @@ async def postmaster_started(pg: TempPostgres) -> float | None:
             database="postgres",
             timeout=1,
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+    except (*POLL_ERRORS, TimeoutError):
         return None
     try:
         return float(await conn.fetchval("SELECT extract(epoch FROM pg_postmaster_start_time())"))
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+    except POLL_ERRORS:
         return None
     finally:
         await close_quietly(conn)
