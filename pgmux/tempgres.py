@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import glob
 import os
 import random
 import shutil
@@ -31,6 +30,8 @@ import subprocess
 import tempfile
 from types import TracebackType
 from urllib.parse import quote
+
+from pgmux import pgfind
 
 __all__ = ["TempPostgres", "TempPostgresError", "find_bindir", "free_port"]
 
@@ -49,32 +50,11 @@ class TempPostgresError(RuntimeError):
 
 
 def find_bindir() -> str:
-    """Directory holding initdb/pg_ctl/postgres/psql.
-
-    ``pg_config --bindir`` wins when it really has the server binaries (on
-    Debian ``/usr/bin/pg_config`` may come from libpq-dev alone); otherwise the
-    newest ``/usr/lib/postgresql/<version>/bin``.
-    """
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
-        bindir = result.stdout.strip()
-        if result.returncode == 0 and os.access(os.path.join(bindir, "initdb"), os.X_OK):
-            return bindir
-    candidates = [
-        d for d in glob.glob("/usr/lib/postgresql/*/bin") if os.access(f"{d}/initdb", os.X_OK)
-    ]
-    if not candidates:
-        raise TempPostgresError(
-            "PostgreSQL server binaries not found (no initdb via pg_config or under "
-            "/usr/lib/postgresql/*/bin); install e.g. the Debian package postgresql-15"
-        )
-    return max(candidates, key=_version_key)
-
-
-def _version_key(bindir: str) -> tuple[int, ...]:
-    version = bindir.rstrip("/").split("/")[-2]  # /usr/lib/postgresql/<version>/bin
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
+    """Directory holding initdb/pg_ctl/postgres/psql (see pgmux.pgfind for the order)."""
+    try:
+        return pgfind.find_bindir()
+    except pgfind.PostgresNotFound as exc:
+        raise TempPostgresError(str(exc)) from None
 
 
 def free_port(low: int = 20000, high: int = 32000) -> int:

@@ -24,3 +24,11 @@ class AuthError(ProtocolError):
 
     def __init__(self, message: str, sqlstate: str = "28P01") -> None:
         super().__init__(message, sqlstate)
+
+
+class LegacyProtocolError(ProtocolError):
+    """A client asked for protocol 1.x or 2.x: PostgreSQL answers in 2.0's format."""
+
+    def reply(self) -> bytes:
+        """The 2.0 ErrorResponse: 'E' and one string, as PostgreSQL 18 sends it."""
+        return b"EFATAL:  " + self.message.encode() + b"\n\0"

@@ -49,6 +49,7 @@ __all__ = [
     "error_response",
     "execute",
     "flush",
+    "negotiate_protocol_version",
     "no_data",
     "notice_response",
     "parameter_description",
@@ -141,6 +142,12 @@ def parameter_status(name: str, value: str) -> bytes:
 def backend_key_data(pid: int, key: bytes) -> bytes:
     # The pid is an opaque Int32 to clients; accept it signed or unsigned.
     return _msg(b"K", UINT32.pack(pid & 0xFFFFFFFF) + key)
+
+
+def negotiate_protocol_version(version: int, options: tuple[str, ...]) -> bytes:
+    """The newest version the server speaks, and the options it did not understand."""
+    names = b"".join(name.encode() + b"\0" for name in options)
+    return _msg(b"v", UINT32.pack(version) + UINT32.pack(len(options)) + names)
 
 
 def ready_for_query(status: str = "I") -> bytes:

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 from . import sqlstate
 from .codec import INT32, UINT32, Cursor
-from .errors import ProtocolError
+from .errors import LegacyProtocolError, ProtocolError
 
 PROTOCOL_V3 = 196608  # 3.0
+PROTOCOL_V3_2 = 196610  # 3.2: cancel keys of up to 256 bytes
+LATEST_MINOR = 2  # the newest 3.x pgmux speaks to clients, as PostgreSQL 18
+PROTOCOL_OPTION_PREFIX = "_pq_."  # protocol options, not session parameters
 SSL_REQUEST_CODE = 80877103  # 1234.5679
 GSSENC_REQUEST_CODE = 80877104  # 1234.5680
 CANCEL_REQUEST_CODE = 80877102  # 1234.5678
@@ -25,6 +28,7 @@ _REQUEST_MAJOR = 1234
 class StartupMessage:
     protocol: int
     params: dict[str, str]  # always has "user" and "database"
+    options: tuple[str, ...] = ()  # the _pq_.* protocol options asked for, in order
 
     @property
     def user(self) -> str:
@@ -37,6 +41,19 @@ class StartupMessage:
     @property
     def minor(self) -> int:
         return self.protocol & 0xFFFF
+
+    @property
+    def negotiated_minor(self) -> int:
+        """The 3.x both sides speak: what the client asked for, at most 3.2."""
+        return min(self.minor, LATEST_MINOR)
+
+    @property
+    def needs_negotiation(self) -> bool:
+        """A NegotiateProtocolVersion is owed: a newer minor or unknown options.
+
+        pgmux understands no protocol option, like PostgreSQL 18.
+        """
+        return self.minor > LATEST_MINOR or bool(self.options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +131,19 @@ class StartupReader:
         if major == _REQUEST_MAJOR:
             raise ProtocolError(f"unknown or repeated request code {major}.{minor}")
         if major != 3:
-            raise ProtocolError(
-                f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+            # PostgreSQL answers a 1.x or 2.x client in the old format it asked for.
+            error = LegacyProtocolError if major in (1, 2) else ProtocolError
+            raise error(
+                f"unsupported frontend protocol {major}.{minor}: "
+                f"server supports 3.0 to 3.{LATEST_MINOR}",
                 sqlstate.FEATURE_NOT_SUPPORTED,
             )
         self._done = True
-        return StartupMessage(code, _startup_params(body))
+        params = _startup_params(body)
+        options = tuple(name for name in params if name.startswith(PROTOCOL_OPTION_PREFIX))
+        for name in options:
+            del params[name]
+        return StartupMessage(code, _complete(params), options)
 
 
 def _negotiation(event: SSLRequest | GSSENCRequest, body: bytes) -> SSLRequest | GSSENCRequest:
@@ -149,6 +173,10 @@ def _startup_params(body: bytes) -> dict[str, str]:
             raise ProtocolError("invalid startup packet layout: parameter without a value")
         params[name] = cursor.text()
     cursor.end()
+    return params
+
+
+def _complete(params: dict[str, str]) -> dict[str, str]:
     if not params.get("user"):
         raise ProtocolError(
             "no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-from pgmux.protocol.errors import AuthError, ProtocolError
+from pgmux.protocol.errors import AuthError, LegacyProtocolError, ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.msgtypes import PASSWORD_MESSAGE as _PASSWORD
 from pgmux.protocol.startup import (
@@ -99,6 +99,9 @@ class ClientLogin:
             "login_failed", error=exc.message, sqlstate=exc.sqlstate, **self.client.log_fields()
         )
         GLOBAL.login_failed(exc.sqlstate)
+        if isinstance(exc, LegacyProtocolError) and self.client.transport is not None:
+            self.client.transport.write(exc.reply())
+            self.client.transport.close()  # fail() below then sends nothing more
         self.client.fail(exc.sqlstate, exc.message)
 
     # --- the startup packet -------------------------------------------------
@@ -128,6 +131,10 @@ class ClientLogin:
     def _startup_message(self, startup: StartupMessage) -> None:
         client = self.client
         params = startup.params
+        client.protocol_minor = startup.negotiated_minor
+        if startup.needs_negotiation:  # before anything else, as PostgreSQL does
+            version = (3 << 16) | startup.negotiated_minor
+            client.send(messages.negotiate_protocol_version(version, startup.options))
         client.user = params.get("user", "")
         client.dbname = params.get("database") or client.user
         client.application_name = params.get("application_name", "")

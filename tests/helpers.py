@@ -283,6 +283,8 @@ class RawClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.negotiation: bytes | None = None  # a NegotiateProtocolVersion body, if any
+        self.backend_key: tuple[int, bytes] | None = None  # BackendKeyData (pid, key)
 
     @classmethod
     async def open(cls, mux: Endpoint) -> RawClient:
@@ -316,12 +318,21 @@ class RawClient:
                 return messages
             messages.append(msg)
 
-    async def login(self, user: str, password: str, database: str) -> dict[str, str]:
+    async def login(
+        self,
+        user: str,
+        password: str,
+        database: str,
+        *,
+        protocol: int = PROTOCOL_V3,
+        extra: dict[str, str] | None = None,
+    ) -> dict[str, str]:
         """Startup + authentication (cleartext, md5 or SCRAM-SHA-256) up to ReadyForQuery.
 
         Returns the ParameterStatus values; raises ServerError on ErrorResponse.
         """
-        await self.send(startup_packet({"user": user, "database": database}))
+        startup = {"user": user, "database": database, **(extra or {})}
+        await self.send(startup_packet(startup, protocol))
         params: dict[str, str] = {}
         scram: ScramClient | None = None
         while True:
@@ -336,6 +347,10 @@ class RawClient:
                 params[name.decode()] = value.decode()
             elif kind == b"Z":
                 return params
+            elif kind == b"v":
+                self.negotiation = body
+            elif kind == b"K":
+                self.backend_key = (struct.unpack("!I", body[:4])[0], body[4:])
             elif kind == b"R":
                 scram = await self._auth_step(body, user, password, scram)
 

@@ -44,7 +44,8 @@ class CancelKeys:
             if pid and pid not in self.keys:
                 break
         self.keys[pid] = client
-        return pid, secrets.token_bytes(4)
+        # Protocol 3.2 allows up to 256 bytes; 32 is what PostgreSQL 18 hands out.
+        return pid, secrets.token_bytes(32 if client.protocol_minor >= 2 else 4)
 
     def owner(self, pid: int, key: bytes) -> ClientConnection | None:
         """The client this (pid, key) was issued to; None if unknown or forged."""

@@ -35,13 +35,13 @@ import dataclasses
 import os
 import pickle
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pgmux.protocol import messages
-from pgmux.protocol.startup import CANCEL_REQUEST_CODE
+from pgmux.protocol.errors import ProtocolError
+from pgmux.protocol.startup import CancelRequest, StartupReader
 from pgmux.proxy.base.ledger import Ledger
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
 
 log = get_logger("pgmux.peers")
 
-_CANCEL_PACKET = struct.Struct("!III4s")  # length, code, pid, key
 _SEND_TIMEOUT = 2.0  # a message to another worker's mailbox
 _PEER_TIMEOUT = 5.0  # connecting to another worker, or its SHOW / metrics answer
 NO_ANSWER = object()  # another worker gave no answer to a request
@@ -247,19 +246,24 @@ class _ForwardedCancel(asyncio.Protocol):
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.buffer = b""
+        self.reader = StartupReader()
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) < _CANCEL_PACKET.size:
-            return
-        length, code, pid, key = _CANCEL_PACKET.unpack_from(self.buffer)
-        if length == _CANCEL_PACKET.size and code == CANCEL_REQUEST_CODE:
-            self.registry.cancels.cancel(pid, key)
+        # Keys are 4 bytes (protocol 3.0) or up to 256 (3.2): read the packet whole.
+        self.reader.feed(data)
+        try:
+            event = self.reader.next_event()
+        except ProtocolError:
+            event = None
+        else:
+            if event is None and not self.reader.done:
+                return
+        if isinstance(event, CancelRequest):
+            self.registry.cancels.cancel(event.pid, event.key)
         assert self.transport is not None
         self.transport.close()
 

@@ -110,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         "application_name",
         "cancel_pid",
         "cancel_key",
+        "protocol_minor",
         "startup_gucs",
         "idle_mark",
         "query_cancelled",
@@ -138,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.cancel_pid = 0
         self.cancel_key = b""
+        self.protocol_minor = 0  # 3.x spoken with this client: 2 gets a long cancel key
         # what the client wants its session to look like
         self.params: dict[str, str] = {}  # reported parameters
         self.gucs: dict[str, str] = {}  # other startup GUCs

@@ -21,8 +21,10 @@ from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.startup import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
+    LATEST_MINOR,
     PROTOCOL_V3,
     SSL_REQUEST_CODE,
+    StartupMessage,
     StartupReader,
 )
 
@@ -46,14 +48,21 @@ pieces = st.one_of(
     small_ints.map(lambda n: INT32.pack(n)),
     small_ints.map(lambda n: INT16.pack(n) if -32768 <= n < 32768 else b"\xff\xff"),
     st.binary(max_size=8).map(lambda b: b.replace(b"\0", b"") + b"\0"),
-    st.sampled_from([b"user\0", b"database\0", b"\0", b"\xff\xfe\0", b"S", b"C", b"M"]),
+    st.sampled_from(
+        [b"user\0", b"database\0", b"\0", b"\xff\xfe\0", b"S", b"C", b"M", b"_pq_.x\0"]
+    ),
 )
 wireish = st.one_of(st.binary(max_size=80), st.lists(pieces, max_size=10).map(b"".join))
 codes = st.sampled_from(
     [
         PROTOCOL_V3,
         PROTOCOL_V3 | 1,
+        PROTOCOL_V3 | 2,
+        PROTOCOL_V3 | 9999,  # the "grease" version PostgreSQL 19's libpq sends
+        0,
+        1 << 16,
         2 << 16,
+        4 << 16,
         SSL_REQUEST_CODE,
         GSSENC_REQUEST_CODE,
         CANCEL_REQUEST_CODE,
@@ -110,6 +119,35 @@ def test_startup_reader(data, sizes):
     reader = StartupReader()
     with contextlib.suppress(ProtocolError):
         feed_in_chunks(reader, data, sizes, reader.next_event)
+
+
+option_names = st.text(
+    st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12
+).map(lambda name: "_pq_." + name)
+
+
+@FUZZ
+@given(
+    minor=st.integers(0, 0xFFFF),
+    options=st.lists(option_names, max_size=4, unique=True),
+    gucs=st.dictionaries(st.sampled_from(["application_name", "DateStyle", "x.y"]), st.text("ab")),
+)
+def test_startup_negotiation(minor, options, gucs):
+    params = {"user": "u", **gucs, **dict.fromkeys(options, "1"), "database": "d"}
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    reader = StartupReader()
+    reader.feed(INT32.pack(len(body) + 8) + INT32.pack((3 << 16) | minor) + body)
+    event = reader.next_event()
+    assert isinstance(event, StartupMessage)
+    assert event.options == tuple(options)
+    assert not any(name.startswith("_pq_.") for name in event.params)
+    assert event.negotiated_minor == min(minor, LATEST_MINOR)
+    assert event.needs_negotiation == (minor > LATEST_MINOR or bool(options))
+    reply = messages.negotiate_protocol_version((3 << 16) | event.negotiated_minor, event.options)
+    assert reply[:1] == b"v" and INT32.unpack_from(reply, 1)[0] == len(reply) - 1
+    version, count = INT32.unpack_from(reply, 5)[0], INT32.unpack_from(reply, 9)[0]
+    assert (version & 0xFFFF, count) == (event.negotiated_minor, len(options))
+    assert reply[13:].split(b"\0")[:-1] == [name.encode() for name in options]
 
 
 @FUZZ_10K
