@@ -96,6 +96,15 @@ class StartupReader:
     def done(self) -> bool:
         return self._done
 
+    @property
+    def untouched(self) -> bool:
+        """Nothing was fed yet: the next bytes are the connection's first."""
+        return not self._buf and not self._ssl_seen and not self._gss_seen
+
+    def direct_tls(self) -> None:
+        """TLS started without an SSLRequest: one may not follow inside it."""
+        self._ssl_seen = True
+
     def feed(self, data: bytes) -> None:
         self._buf += data
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.errors import AuthError, LegacyProtocolError, ProtocolError
@@ -32,7 +32,7 @@ from pgmux.proxy.base.stats import GLOBAL
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import ADMIN_DATABASES
 from pgmux.proxy.config.hba import Connection
-from pgmux.proxy.config.tls import ClientTls, peer_common_name
+from pgmux.proxy.config.tls import ALPN_PROTOCOL, ClientTls, peer_common_name
 from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.auth import ClientAuth
@@ -47,6 +47,40 @@ if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
 
 log = get_logger("pgmux.client")
+
+_TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a ClientHello
+_REPLAY_STEPS = 8  # loop steps start_tls may take to swap the transport's protocol
+
+
+async def _replay_hello(transport: asyncio.Transport, plain: object, hello: bytes) -> None:
+    """Give the TLS layer the ClientHello that the plain protocol already read.
+
+    start_tls swaps the transport's protocol, and one loop step later calls the
+    new protocol's connection_made; the bytes go in after that, before the
+    client can send more (it waits for the ServerHello). Both asyncio's and
+    uvloop's TLS protocols take bytes through get_buffer/buffer_updated.
+    """
+    for _ in range(_REPLAY_STEPS):
+        await asyncio.sleep(0)
+        if transport.get_protocol() is not plain:
+            break
+    await asyncio.sleep(0)  # the TLS protocol's connection_made
+    tls_protocol: Any = transport.get_protocol()
+    if tls_protocol is plain or not hasattr(tls_protocol, "buffer_updated"):
+        transport.abort()  # start_tls failed early; its error reaches _start_tls
+        return
+    view = memoryview(hello)
+    while view:
+        buffer = memoryview(tls_protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        tls_protocol.buffer_updated(size)
+        view = view[size:]
+
+
+def _alpn(transport: asyncio.BaseTransport) -> str | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
 
 
 # What the daemon gives the login to open a console session with.
@@ -107,6 +141,9 @@ class ClientLogin:
     # --- the startup packet -------------------------------------------------
 
     def _startup_received(self, data: bytes) -> None:
+        if data[:1] == _TLS_HANDSHAKE and self._startup.untouched:
+            self._direct_tls(data)
+            return
         self._startup.feed(data)
         while not self._authenticating and not self._gone:
             event = self._startup.next_event()
@@ -185,12 +222,38 @@ class ClientLogin:
         spawn(self._start_tls(transport, tls))
         return True
 
-    async def _start_tls(self, transport: asyncio.Transport, tls: ClientTls) -> None:
+    def _direct_tls(self, hello: bytes) -> None:
+        """A TLS ClientHello instead of a startup packet (sslnegotiation=direct)."""
+        tls = self.registry.auth.tls.client
+        transport = self.client.transport
+        if tls.context is None or self.client.peer == "unix":
+            # It speaks TLS, so a PostgreSQL error would be noise to it: close, as PostgreSQL.
+            self._refuse_tls(transport, "direct SSL connection attempted but SSL is not enabled")
+            return
+        self._startup.direct_tls()
+        transport.pause_reading()
+        self._tls_early = []
+        spawn(self._start_tls(transport, tls, hello))
+
+    def _refuse_tls(self, transport: asyncio.Transport, reason: str) -> None:
+        log.info("login_failed", error=reason, **self.client.log_fields())
+        GLOBAL.login_failed(sqlstate.PROTOCOL_VIOLATION)
+        transport.abort()
+        self.client.closed(reason)
+
+    async def _start_tls(
+        self, transport: asyncio.Transport, tls: ClientTls, hello: bytes = b""
+    ) -> None:
         client = self.client
         loop = asyncio.get_running_loop()
         assert tls.context is not None
+        handshake = asyncio.ensure_future(
+            loop.start_tls(transport, client, tls.context, server_side=True)
+        )
+        if hello:
+            await _replay_hello(transport, client, hello)
         try:
-            wrapped = await loop.start_tls(transport, client, tls.context, server_side=True)
+            wrapped = await handshake
         except (OSError, ConnectionError, ValueError) as exc:  # ssl.SSLError is an OSError
             if not self._gone:
                 log.info(
@@ -203,6 +266,10 @@ class ClientLogin:
         if self._gone or wrapped is None:
             if wrapped is not None:
                 wrapped.abort()
+            return
+        if hello and _alpn(wrapped) != ALPN_PROTOCOL:
+            reason = "received direct SSL connection request without ALPN protocol negotiation"
+            self._refuse_tls(wrapped, reason + " extension")
             return
         client.transport = wrapped
         client.tls = tls

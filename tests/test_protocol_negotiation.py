@@ -12,9 +12,11 @@ import os
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from helpers import APP_DB, PgmuxFactory, RawClient, query_message, startup_packet
 
@@ -276,3 +278,26 @@ async def test_long_key_cancel_reaches_the_right_worker(pgmux: PgmuxFactory) -> 
         assert forwarded >= 1, "no cancel reached the other worker in 24 tries"
     finally:
         await raw.close()
+
+
+@pytest.mark.skipif(psycopg.pq.version() < 180000, reason="protocol 3.2 needs libpq 18")
+def test_libpq_18_protocol_3_2_cancel(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+    mux = pgmux()
+    conninfo = f"host={mux.host} port={mux.port} dbname={APP_DB} user={APP_USER}"
+    with psycopg.connect(conninfo, password=APP_PASSWORD, max_protocol_version="3.2") as conn:
+        assert conn.pgconn.full_protocol_version == 30002  # 3.2, and no downgrade
+        assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
+        canceller = threading.Thread(target=cancel_when_sleeping, args=(pg, conn))
+        canceller.start()
+        began = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        canceller.join()
+        assert time.monotonic() - began < 16
+        conn.rollback()
+        assert conn.execute("SELECT 7").fetchone() == (7,)
+
+
+def cancel_when_sleeping(pg: TempPostgres, conn: psycopg.Connection[object]) -> None:
+    wait_for_sleeper(pg)
+    conn.cancel_safe(timeout=5)  # libpq 18's cancel: the 32-byte key of protocol 3.2

@@ -94,6 +94,9 @@ def _context(protocol: ssl._SSLMethod, side: TlsSideConfig, key: str) -> ssl.SSL
     return context
 
 
+ALPN_PROTOCOL = "postgresql"
+
+
 def _client_tls(side: TlsSideConfig) -> ClientTls:
     if side.mode == "disable":
         return ClientTls()
@@ -105,6 +108,9 @@ def _client_tls(side: TlsSideConfig) -> ClientTls:
     # allow/prefer/require accept any client; verify-* want a signed certificate.
     context.verify_mode = ssl.CERT_REQUIRED if side.mode.startswith("verify-") else ssl.CERT_NONE
     assert side.cert is not None
+    # PostgreSQL 17+ clients may start TLS at once (sslnegotiation=direct) and
+    # must then name this protocol; SSLRequest clients may name it too.
+    context.set_alpn_protocols([ALPN_PROTOCOL])
     return ClientTls(side.mode, context, tls_server_end_point(_read_der(side.cert, key)))
 
 
