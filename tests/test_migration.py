@@ -321,12 +321,20 @@ async def test_u_switches_user_after_binding(ini_mux: IniMux) -> None:
     workdir, port = ini_mux.prepare()
     os.chmod(workdir, 0o777)  # the socket is removed by the unprivileged user at exit
     mux = ini_mux.start("minimal.ini", workdir=workdir, port=port, args=("-u", "nobody"))
-    status = Path(f"/proc/{mux.pid}/status").read_text()
-    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-    nobody = pwd.getpwnam("nobody").pw_uid
-    assert uid_line.split()[1:] == [str(nobody)] * 4
+    nobody = [str(pwd.getpwnam("nobody").pw_uid)] * 4
+    # The kernel accepts into the backlog once the socket listens, a moment
+    # before the daemon's loop runs the switch: give it that moment.
+    deadline = time.monotonic() + 10
+    while (uids := process_uids(mux.pid)) != nobody and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert uids == nobody
     assert await fetchval(dsn(port), "SELECT 1") == 1
     assert mux.stop() == 0
+
+
+def process_uids(pid: int) -> list[str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
 
 
 # -- acceptance 2: `pgmux convert` gives the same configuration ------------------------------
