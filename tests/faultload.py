@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
-from helpers import close_quietly, connect_asyncpg
+from helpers import APP_DB, close_quietly, connect_asyncpg
 
 from pgmux.proxy.core.peers import worker_of
 
@@ -91,7 +91,9 @@ async def transfer(conn: asyncpg.Connection, number: int, seq: int, rng: random.
         )
 
 
-async def run_client(mux: object, log: ClientLog, load: Load, stop: asyncio.Event) -> None:
+async def run_client(
+    mux: object, log: ClientLog, load: Load, stop: asyncio.Event, dbname: str
+) -> None:
     """Transfers until STOP; on an error reconnect if needed and go on."""
     rng = random.Random(log.number)
     conn: asyncpg.Connection | None = None
@@ -101,7 +103,7 @@ async def run_client(mux: object, log: ClientLog, load: Load, stop: asyncio.Even
         try:
             if conn is None or conn.is_closed():
                 log.worker = -1
-                conn = await asyncio.wait_for(connect_asyncpg(mux), TRANSACTION_TIMEOUT)
+                conn = await asyncio.wait_for(connect_asyncpg(mux, dbname), TRANSACTION_TIMEOUT)
                 log.worker = worker_of(conn.get_server_pid())
             await asyncio.wait_for(transfer(conn, log.number, seq, rng), TRANSACTION_TIMEOUT)
         except TimeoutError:
@@ -122,10 +124,12 @@ async def run_client(mux: object, log: ClientLog, load: Load, stop: asyncio.Even
     await close_quietly(conn)
 
 
-def start_load(mux: object, clients: int) -> tuple[Load, asyncio.Event, list[asyncio.Task[None]]]:
+def start_load(
+    mux: object, clients: int, dbname: str = APP_DB
+) -> tuple[Load, asyncio.Event, list[asyncio.Task[None]]]:
     load = Load([ClientLog(n) for n in range(clients)])
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(run_client(mux, c, load, stop)) for c in load.clients]
+    tasks = [asyncio.create_task(run_client(mux, c, load, stop, dbname)) for c in load.clients]
     return load, stop, tasks
 
 
