@@ -261,8 +261,13 @@ async def test_welcome_buffer_is_bounded(pg: TempPostgres, pgmux: PgmuxFactory) 
 # --- COPY FROM STDIN that goes silent ----------------------------------------
 
 
-async def copy_in_transaction(mux, dbname: str) -> RawClient:
-    """Take the row lock, start COPY FROM STDIN and send one CopyData row."""
+# After one whole CopyData row, or inside one (its header announces 100 bytes).
+ONE_ROW = message(b"d", b"2\t5\n")
+ROW_CUT = b"d" + struct.pack("!I", 104) + b"2\t5"
+
+
+async def copy_in_transaction(mux, dbname: str, tail: bytes = ONE_ROW) -> RawClient:
+    """Take the row lock, start COPY FROM STDIN and send TAIL."""
     raw = await RawClient.open(mux)
     await raw.login(APP_USER, APP_PASSWORD, dbname)
     assert (await raw.query("BEGIN")).status == "T"
@@ -270,16 +275,19 @@ async def copy_in_transaction(mux, dbname: str) -> RawClient:
     await raw.send(query_message("COPY t FROM STDIN"))
     reply = await raw.read_message()
     assert reply is not None and reply[0] == b"G", reply  # CopyInResponse
-    await raw.send(message(b"d", b"2\t5\n"))
+    await raw.send(tail)
     return raw
 
 
-async def test_silent_copy_in_gets_idle_transaction(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+@pytest.mark.parametrize("tail", [ONE_ROW, ROW_CUT], ids=["after_row", "inside_row"])
+async def test_silent_copy_in_gets_idle_transaction(
+    pg: TempPostgres, pgmux: PgmuxFactory, tail: bytes
+) -> None:
     """PostgreSQL waits for the next CopyData as it waits for the next statement of a
     client idle in a transaction: idle_transaction ends it and frees server and lock."""
     dbname = await locked_table(pg)
     mux = pgmux({"pool": {"size": 1}, "timeouts": {"idle_transaction": "1s", "message": "30s"}})
-    raw = await copy_in_transaction(mux, dbname)
+    raw = await copy_in_transaction(mux, dbname, tail)
     waiter = asyncio.ensure_future(update_through(mux, dbname))
     try:
         error, after = await first_error(raw)
