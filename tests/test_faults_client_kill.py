@@ -119,19 +119,26 @@ def then_send(data: bytes) -> Callable[[object, str], Awaitable[Victim]]:
     return state
 
 
-async def mid_batch(mux: object, dbname: str) -> Victim:
-    """Parse/Bind/Execute of the locking UPDATE and a Flush; the Sync never comes."""
-    victim = await logged_in(mux, dbname)
-    await victim.raw.send(
-        message(b"P", b"\0" + LOCK.encode() + b"\0" + struct.pack("!H", 0))
+def execute(sql: str) -> bytes:
+    """Parse, Bind and Execute of SQL (unnamed statement and portal)."""
+    return (
+        message(b"P", b"\0" + sql.encode() + b"\0" + struct.pack("!H", 0))
         + message(b"B", b"\0\0" + struct.pack("!HHH", 0, 0, 0))
         + message(b"E", b"\0" + struct.pack("!I", 0))
-        + message(b"H")
     )
-    kinds = []
-    while (reply := await victim.raw.read_message()) is not None and reply[0] != b"C":
-        kinds.append(reply[0])
-    assert reply is not None, f"closed mid batch after {kinds}"
+
+
+async def mid_batch(mux: object, dbname: str) -> Victim:
+    """The locking UPDATE and pg_backend_pid() in a batch with a Flush; the Sync never comes."""
+    victim = await logged_in(mux, dbname)
+    await victim.raw.send(execute(LOCK) + execute("SELECT pg_backend_pid()") + message(b"H"))
+    completed = 0
+    while completed < 2:
+        reply = await victim.raw.read_message()
+        assert reply is not None, "closed mid batch"
+        if reply[0] == b"D":
+            victim.backend = int(reply[1][6:])  # one column: count, length, the text
+        completed += reply[0] == b"C"
     return victim
 
 
