@@ -1,16 +1,17 @@
 """Fault suite: a client killed in every protocol state.
 
 A hand-written client gets into a state (before its startup packet, half way
-through it, mid SCRAM exchange, idle, mid Query header or body, idle in a
-transaction holding a row lock, mid extended batch before Sync, inside COPY
-FROM STDIN, while COPY TO STDOUT streams, queued for the only server, during
-a long query) and its socket is then closed: with a FIN, or with an RST
-(SO_LINGER 0). The pool has one server, so the next client needs that very
-server back. After each kill: the pool's counters settle (SHOW POOLS: no
-client active or waiting, no server active or being cleaned; SHOW CLIENTS
-has nobody left) within a short bound, the next client takes the same row
-lock within it (the server went back clean or was closed), and pgmux logged
-no unhandled exception. The times are printed (run with -s).
+through it, inside a password message or between SCRAM messages, idle, mid
+Query header or body, idle in a transaction holding a row lock, mid extended
+batch before Sync, inside COPY FROM STDIN, while COPY TO STDOUT streams,
+queued for the only server, during a long query) and its socket is then
+closed: with a FIN, or with an RST (SO_LINGER 0). The pool has one server,
+so the next client needs that very server back. After each kill: the pool's
+counters settle (SHOW POOLS: no client active or waiting, no server active
+or being cleaned; SHOW CLIENTS has nobody left) within a short bound, the
+next client takes the same row lock within it (the server went back clean or
+was closed), and pgmux logged no unhandled exception. The times are printed
+(run with -s).
 """
 
 from __future__ import annotations
@@ -79,15 +80,29 @@ async def mid_startup(mux: object, dbname: str) -> Victim:
     return Victim(raw)
 
 
-async def mid_scram(mux: object, dbname: str) -> Victim:
-    """Startup and SASLInitialResponse sent, SASLContinue read; the SASLResponse never comes."""
+async def asked_for_sasl(mux: object, dbname: str) -> tuple[RawClient, bytes]:
+    """Startup sent, AuthenticationSASL read; returns the SASLInitialResponse to send."""
     raw = await RawClient.open(mux)
     await raw.send(startup_packet({"user": APP_USER, "database": dbname}))
     request = await raw.read_message()
     assert request is not None and struct.unpack("!I", request[1][:4])[0] == 10, request
     scram = ScramClient(["SCRAM-SHA-256"], APP_USER, APP_PASSWORD)
     first = scram.get_client_first().encode()
-    await raw.send(message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+    return raw, message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+
+
+async def mid_password_message(mux: object, dbname: str) -> Victim:
+    """Half of the SASLInitialResponse sent."""
+    raw, initial = await asked_for_sasl(mux, dbname)
+    await raw.send(initial[: len(initial) // 2])
+    await asyncio.sleep(0.1)
+    return Victim(raw)
+
+
+async def mid_scram(mux: object, dbname: str) -> Victim:
+    """SASLInitialResponse sent, SASLContinue read; the SASLResponse never comes."""
+    raw, initial = await asked_for_sasl(mux, dbname)
+    await raw.send(initial)
     reply = await raw.read_message()
     assert reply is not None and struct.unpack("!I", reply[1][:4])[0] == 11, reply
     return Victim(raw)
@@ -174,6 +189,7 @@ async def long_query(mux: object, dbname: str) -> Victim:
 STATES: dict[str, Callable[[object, str], Awaitable[Victim]]] = {
     "before_startup": opened,
     "mid_startup": mid_startup,
+    "mid_password_message": mid_password_message,
     "mid_scram": mid_scram,
     "idle": logged_in,
     "idle_in_transaction": holding_lock,
