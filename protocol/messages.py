@@ -262,6 +262,10 @@ def terminate() -> bytes:
     return _TERMINATE
 
 
+def copy_fail(reason: str) -> bytes:
+    return _msg(b"f", cstr(reason))
+
+
 def startup_message(params: dict[str, str], protocol: int = PROTOCOL_V3) -> bytes:
     body = UINT32.pack(protocol) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
     return INT32.pack(len(body) + 4) + body

@@ -52,6 +52,17 @@ def pg() -> Iterator[TempPostgres]:
 
 
 @pytest.fixture
+def own_pg() -> Iterator[TempPostgres]:
+    """A PostgreSQL of the test's own, which it may stop and restart; role `app` and
+    database `appdb`. synchronous_commit on: an acknowledged commit survives an
+    immediate stop."""
+    with TempPostgres(max_connections=30, settings={"synchronous_commit": "on"}) as cluster:
+        cluster.create_role("app", ROLES["app"])
+        cluster.create_database("appdb", owner="app")
+        yield cluster
+
+
+@pytest.fixture
 def free_port() -> Callable[..., int]:
     """The function pgmux.tempgres.free_port: call it for each port you need."""
     return _free_port

@@ -30,6 +30,7 @@ from helpers import (
     direct,
     error_fields,
     fresh_database,
+    message,
     query_message,
     startup_packet,
 )
@@ -255,3 +256,67 @@ async def test_welcome_buffer_is_bounded(pg: TempPostgres, pgmux: PgmuxFactory) 
             writer.close()
     assert sent < 300, "pgmux read 300 MB before any server answered"
     assert after < 80 * 1024, f"RSS {before} KiB -> {after} KiB after {sent} MB sent"
+
+
+# --- COPY FROM STDIN that goes silent ----------------------------------------
+
+
+# After one whole CopyData row, or inside one (its header announces 100 bytes).
+ONE_ROW = message(b"d", b"2\t5\n")
+ROW_CUT = b"d" + struct.pack("!I", 104) + b"2\t5"
+
+
+async def copy_in_transaction(mux, dbname: str, tail: bytes = ONE_ROW) -> RawClient:
+    """Take the row lock, start COPY FROM STDIN and send TAIL."""
+    raw = await RawClient.open(mux)
+    await raw.login(APP_USER, APP_PASSWORD, dbname)
+    assert (await raw.query("BEGIN")).status == "T"
+    assert (await raw.query("UPDATE t SET v = 99 WHERE id = 1")).status == "T"
+    await raw.send(query_message("COPY t FROM STDIN"))
+    reply = await raw.read_message()
+    assert reply is not None and reply[0] == b"G", reply  # CopyInResponse
+    await raw.send(tail)
+    return raw
+
+
+@pytest.mark.parametrize("tail", [ONE_ROW, ROW_CUT], ids=["after_row", "inside_row"])
+async def test_silent_copy_in_gets_idle_transaction(
+    pg: TempPostgres, pgmux: PgmuxFactory, tail: bytes
+) -> None:
+    """PostgreSQL waits for the next CopyData as it waits for the next statement of a
+    client idle in a transaction: idle_transaction ends it and frees server and lock."""
+    dbname = await locked_table(pg)
+    mux = pgmux({"pool": {"size": 1}, "timeouts": {"idle_transaction": "1s", "message": "30s"}})
+    raw = await copy_in_transaction(mux, dbname, tail)
+    waiter = asyncio.ensure_future(update_through(mux, dbname))
+    try:
+        error, after = await first_error(raw)
+        assert error["C"] == "25P03", error
+        assert after < 5, f"idle_transaction fired after {after:.2f}s"
+        await assert_waiter_served(mux, dbname, waiter)
+    finally:
+        waiter.cancel()
+        await raw.close()
+    assert "idle_transaction_timeout" in mux.logs()
+
+
+async def test_a_copy_that_keeps_sending_is_not_idle(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+    """A row every 0.3 s for longer than idle_transaction: the COPY and the commit go through."""
+    dbname = await locked_table(pg)
+    mux = pgmux({"pool": {"size": 1}, "timeouts": {"idle_transaction": "1s"}})
+    raw = await copy_in_transaction(mux, dbname)
+    try:
+        for row in range(3, 13):
+            await asyncio.sleep(0.3)
+            await raw.send(message(b"d", f"{row}\t5\n".encode()))
+        await raw.send(message(b"c"))  # CopyDone
+        replies = await raw.read_until_ready()
+        assert [kind for kind, _ in replies] == [b"C", b"Z"], replies
+        assert (await raw.query("COMMIT")).status == "I"
+    finally:
+        await raw.close()
+    conn = await connect_asyncpg(mux, dbname)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM t") == 12
+    finally:
+        await close_quietly(conn)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import sqlstate
 from pgmux.proxy.base.log import get_logger
-from pgmux.proxy.core.states import READY
+from pgmux.proxy.core.states import READY, ClientState
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -24,6 +24,18 @@ if TYPE_CHECKING:
 log = get_logger("pgmux.janitor")
 
 TICK_SECONDS = 0.25
+
+
+def _waits_for_copy_data(client: ClientConnection) -> bool:
+    """In COPY FROM STDIN with all it sent delivered: PostgreSQL waits for its next
+    CopyData, as it waits for the next statement of a client idle in a transaction."""
+    server = client.server
+    return (
+        client.copy_rfq == client.expect_rfq
+        and client.state is ClientState.ACTIVE
+        and server is not None
+        and not server.transport.get_write_buffer_size()
+    )
 
 
 class Janitor:
@@ -95,10 +107,12 @@ class Janitor:
             if client.partial_since and self._check_message(pool, client, now):
                 continue
             if client.running and not client.stalled:  # stalled: idle since its last byte
-                client.idle_mark = now  # idle time counts from the end of its request
                 if limits.query and client.expect_rfq > 0:
                     self._check_query(pool, client, now)
-                continue
+                # A COPY waiting for its data runs (query) and idles (since its last byte).
+                if client.state not in READY or not _waits_for_copy_data(client):
+                    client.idle_mark = now  # idle time counts from the end of its request
+                    continue
             idle = now - max(client.idle_mark, client.last_active)
             server = client.server
             if server is not None and not server.clean_for_release:

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.datapath.server import ServerConnection
 
+_COPY_FAIL = messages.copy_fail("client went away")
+
 
 async def reset_then_release(pool: Pool, server: ServerConnection) -> None:
     """Reset what a client left behind, then give the server back to the pool."""
@@ -56,10 +58,13 @@ def clean_abandoned(pool: Pool, server: ServerConnection, expect: int, in_batch:
     """
     if expect:
         pool.cancels.cancel_server(server)  # stop whatever it still runs for the client
+    # PostgreSQL waiting in COPY FROM STDIN reads no cancel: end the COPY (outside
+    # one, a CopyFail is ignored). Sync ends an extended batch.
+    payload = _COPY_FAIL if server.copy_in else b""
+    if in_batch:
+        payload += messages.sync()
     try:
-        owed = server.expect_ready_for_query(
-            expect + in_batch, messages.sync() if in_batch else b""
-        )
+        owed = server.expect_ready_for_query(expect + in_batch, payload)
     except ServerLost as exc:
         pool.close_server(server, f"cleanup after client failed: {exc}")
         return

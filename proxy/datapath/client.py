@@ -82,6 +82,7 @@ class ClientConnection(asyncio.Protocol):
         "_max_packet",
         "partial_since",
         "_partial_request",
+        "copy_rfq",
         "last_active",
         "pool",
         "query_started",
@@ -172,6 +173,7 @@ class ClientConnection(asyncio.Protocol):
         self._max_packet = self.config.limits.max_packet_size
         self.partial_since = 0.0  # when the message it is in the middle of began (0: none)
         self._partial_request = False
+        self.copy_rfq = -1  # expect_rfq when its last header was a CopyData (-1: not)
         self.tls: ClientTls | None = None  # the TLS settings in use, once negotiated
         self.counted = False  # in max_db/max_user_client_connections
 
@@ -329,6 +331,8 @@ class ClientConnection(asyncio.Protocol):
             elif kind != _FLUSH:  # Flush asks for output; it opens no batch
                 self.in_batch = True
             pos += 1 + length
+        if kind >= 0:  # COPY FROM STDIN: PostgreSQL waits for its next CopyData
+            self.copy_rfq = self.expect_rfq if kind == _COPY_DATA else -1
         if pos < n:  # a header cut short: a message begins here (counted once whole)
             self._header = data[pos:]
             self._skip = 0
@@ -363,6 +367,7 @@ class ClientConnection(asyncio.Protocol):
         elif kind != _FLUSH:
             self.in_batch = True
         self._partial_request = kind in _REQUESTS  # partial_since: its header's first bytes
+        self.copy_rfq = self.expect_rfq if kind == _COPY_DATA else -1
         return 1 + length - len(have)
 
     @property
