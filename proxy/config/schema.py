@@ -18,6 +18,7 @@ from pgmux.proxy.config.model import (
     LOG_LEVELS,
     POOL_MODES,
     SESSION_STATES,
+    SYSLOG_FACILITIES,
     TLS_MODES,
     AdminConfig,
     AuthConfig,
@@ -117,6 +118,11 @@ _LOGGING: dict[str, Converter] = {
     "format": one_of(*LOG_FORMATS),
     "level": one_of(*LOG_LEVELS),
     "wait_threshold": parse_duration,
+    "file": optional_text,
+    "syslog": boolean,
+    "syslog_ident": text,
+    "syslog_facility": one_of(*SYSLOG_FACILITIES),
+    **dict.fromkeys(("connections", "disconnections", "pooler_errors", "stats"), boolean),
 }
 _LIMITS: dict[str, Converter] = {
     "max_packet_size": packet_size,

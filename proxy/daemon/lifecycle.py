@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.log import get_logger, reopen_logs
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, ConfigError, load_config
@@ -217,6 +217,7 @@ class Daemon:
         """Re-read the configuration; whatever goes wrong keeps the running one,
         and systemd always hears READY=1 again (else it stays "reloading")."""
         path = self.config.path
+        reopen_logs()  # after logrotate renamed the log file, as PgBouncer does
         self.notifier.reloading()  # systemd: reloading until the next READY=1
         try:
             config, users, security = self._read_new_config(path)

@@ -32,6 +32,7 @@ from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
 from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
 from pgmux.proxy.core.states import ServerState
 from pgmux.proxy.datapath import cleanup, handover, server_login
+from pgmux.proxy.datapath.logfields import server_log_fields
 from pgmux.proxy.datapath.server import (
     ServerConnection,
     ServerCredentials,
@@ -292,6 +293,7 @@ class Pool:
                 server_id=server.id,
                 reason=reason,
                 servers=len(self.servers),
+                **server_log_fields(server),
             )
 
     def server_lost(self, server: ServerConnection) -> None:
@@ -452,6 +454,7 @@ class Pool:
             server_id=server.id,
             backend_pid=server.backend_pid,
             servers=len(self.servers),
+            **server_log_fields(server),
         )
         self.release(server)
 
