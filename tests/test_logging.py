@@ -273,10 +273,8 @@ async def test_stats_line_every_stats_period(ini_pgmux: IniStarter) -> None:
 
 @pytest.mark.parametrize("how", ["ini", "cli"])
 async def test_verbose_logs_debug_lines(ini_pgmux: IniStarter, how: str) -> None:
-    if how == "ini":
-        mux = ini_pgmux.start("verbose = 1\n")
-    else:
-        mux = ini_pgmux.start(args=("-v",))
+    settings, args = ("verbose = 1\n", ()) if how == "ini" else ("", ("-v",))
+    mux = ini_pgmux.start(settings, args=args)
     quiet = ini_pgmux.start()
     for each in (mux, quiet):
         await one_session(each)
