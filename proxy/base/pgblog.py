@@ -46,6 +46,17 @@ CLIENT_REASONS = {
     "terminating connection due to administrator command": "server shutting down",
 }
 
+SERVER_REASONS = {
+    "server_idle": "server idle timeout",
+    "server_lifetime": "server lifetime over",
+    "lifetime or reconnect": "obsolete connection",
+    "RECONNECT": "obsolete connection",
+    "reload": "database configuration changed",
+    "shutdown": "server shutting down",
+    "client left mid-transaction": "client disconnect while server was not ready",
+    "client left mid-message": "client disconnect while server was not ready",
+}
+
 Line = tuple[int, str]  # (level, message without time, pid and tag)
 _CLIENT_KEYS = ("ptr", "client", "db", "user", "application_name", "age", "duration")
 _SERVER_KEYS = ("ptr", "server", "local", "db", "user", "age", "server_id")
@@ -133,7 +144,8 @@ def _server_new(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
 def _server_closing(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     if not events.disconnections:
         return []
-    text = f"closing because: {f.get('reason', '')} (age={_age(f)}s)"
+    reason = str(f.get("reason", ""))
+    text = f"closing because: {SERVER_REASONS.get(reason, reason)} (age={_age(f)}s)"
     return [(logging.INFO, server_prefix(f) + text)]
 
 
