@@ -25,6 +25,7 @@ import asyncpg
 import pytest
 from helpers import APP_PASSWORD, close_quietly, conftest_attr, wait_until
 
+from pgmux.proxy.base.log import LogEvents, LogOutputs, configure_logging, get_logger
 from pgmux.tempgres import TempPostgres, free_port
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \S+ \[(\d+)\]"
@@ -310,3 +311,38 @@ async def test_syslog(ini_pgmux: IniStarter, tmp_path_factory: pytest.TempPathFa
     assert any(re.match(attempt, m) for m in received), received
     assert any(re.match(r"^<158>bouncer-test\[\d+\]: process up: pgmux", m) for m in received)
     assert not any("DEBUG" in m or APP_PASSWORD in m for m in received)
+
+
+# -- the renderer, without a daemon ---------------------------------------------------
+
+
+@pytest.fixture
+def log_to(tmp_path: Path) -> Iterator[Path]:
+    """This process's log into a file in the PgBouncer format, for one test."""
+    path = tmp_path / "unit.log"
+    configure_logging("pgbouncer", "debug", LogOutputs(stderr=False, file=str(path)), LogEvents())
+    yield path
+    configure_logging("console", "error", LogOutputs(), LogEvents())
+
+
+def test_secrets_are_masked(log_to: Path) -> None:
+    log = get_logger("pgmux.test")
+    log.info("console_set", key="auth.query_password", value="s3cr3t-value")
+    log.warning("odd_event", password="hunter2-x", user_secret="abc-secret-1", db="appdb")
+    text = log_to.read_text()
+    for secret in ("s3cr3t-value", "hunter2-x", "abc-secret-1"):
+        assert secret not in text
+    assert text.count("********") == 3 and "WARNING odd_event:" in text
+
+
+def test_ipv6_peer_and_multiline_messages(log_to: Path) -> None:
+    log = get_logger("pgmux.test")
+    fields = {"ptr": "0xabc", "client": "::1:5555", "db": "appdb", "user": "app"}
+    log.info("logout", reason="client closed the connection", duration=3.7, **fields)
+    log.error("reload_failed", error="line one\nline two\n")
+    lines = log_to.read_text().splitlines()
+    assert lines[0].endswith(
+        " LOG C-0xabc: appdb/app@[::1]:5555 closing because: client unexpected eof (age=3s)"
+    )
+    assert re.match(STAMP + r" ERROR reload_failed: error=line one$", lines[1])
+    assert lines[2] == "\tline two"  # continued, as PgBouncer continues a message

@@ -217,4 +217,6 @@ def _generic(event: str, fields: Mapping[str, Any]) -> str:
 
 def _value(value: Any) -> str:
     text = str(value)
+    if "\n" in text:
+        return text  # a traceback: continued on tab-indented lines, as PgBouncer does
     return repr(text) if (" " in text or not text) else text
