@@ -34,10 +34,12 @@ PTR = r"0x[0-9a-f]+"
 WRONG_PASSWORD = "not-the-password-9f3c"
 
 
-def ini_text(pg: TempPostgres, workdir: Path, port: int, extra: str = "") -> str:
+def ini_text(
+    pg: TempPostgres, workdir: Path, port: int, extra: str = "", databases: str = ""
+) -> str:
     return f"""[databases]
 appdb = host={pg.host} port={pg.port} dbname=appdb
-
+{databases}
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}
@@ -60,11 +62,17 @@ class IniStarter:
         self.conftest: Callable[[str], Any] = lambda name: conftest_attr(config, name)
         self.started: list[Any] = []
 
-    def start(self, extra: str = "", args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def start(
+        self,
+        extra: str = "",
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        databases: str = "",
+    ) -> Any:
         workdir = self.factory.mktemp("log")
         port = free_port()
         ini = workdir / "pgbouncer.ini"
-        ini.write_text(ini_text(self.pg, workdir, port, extra))
+        ini.write_text(ini_text(self.pg, workdir, port, extra, databases))
         users = {"app": APP_PASSWORD, "admin": "admin-secret"}
         self.conftest("write_users_file")(workdir / "userlist.txt", users)
         stderr_path = workdir / "stderr.log"
@@ -346,3 +354,33 @@ def test_ipv6_peer_and_multiline_messages(log_to: Path) -> None:
     )
     assert re.match(STAMP + r" ERROR reload_failed: error=line one$", lines[1])
     assert lines[2] == "\tline two"  # continued, as PgBouncer continues a message
+
+
+async def test_server_login_failures(ini_pgmux: IniStarter, pg: TempPostgres) -> None:
+    dead = free_port()  # nobody listens there
+    databases = (
+        f"nosuchdb = host={pg.host} port={pg.port} dbname=no_such_database_here\n"
+        f"deaddb = host=127.0.0.1 port={dead} dbname=appdb\n"
+    )
+    mux = ini_pgmux.start(databases=databases)
+    for dbname in ("nosuchdb", "deaddb"):
+        with pytest.raises((asyncpg.PostgresError, OSError)):
+            await asyncpg.connect(
+                f"postgresql://app:{APP_PASSWORD}@127.0.0.1:{mux.port}/{dbname}", timeout=20
+            )
+    text = await wait_for_log(logfile(mux), r"deaddb/app@127\.0\.0\.1:\d+ closing because: connect")
+    assert re.search(
+        STAMP + r' WARNING server login failed: FATAL database "no_such_database_here" '
+        r"does not exist$",
+        text,
+        re.M,
+    ), text
+    assert re.search(
+        rf" LOG S-{PTR}: nosuchdb/app@[^ ]+ closing because: login failed \(age=\d+s\)$", text, re.M
+    )
+    assert re.search(
+        rf" LOG S-{PTR}: deaddb/app@127\.0\.0\.1:{dead} "
+        r"closing because: connect failed \(age=\d+s\)$",
+        text,
+        re.M,
+    ), text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -149,6 +150,27 @@ def _server_closing(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return [(logging.INFO, server_prefix(f) + text)]
 
 
+_SQLSTATE = re.compile(r"^[0-9A-Z]{5} ")
+
+
+def _server_login_failed(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    """PostgreSQL refused the login, or could not be reached (server.c, objects.c)."""
+    error = str(f.get("error", ""))
+    if "severity" in f:  # PostgreSQL said why
+        message = _SQLSTATE.sub("", error)
+        out = [(logging.WARNING, f"server login failed: {f['severity']} {message}")]
+        reason = "login failed"
+    elif "timeout" in error:
+        out, reason = [], "connect timeout"
+    else:  # PgBouncer's words in the closing line, the socket's error before it
+        out = [(logging.WARNING, server_prefix(f) + f"connect failed: {error}")]
+        reason = "connect failed"
+    if events.disconnections and "ptr" in f:
+        text = f"closing because: {reason} (age={_age(f)}s)"
+        out.append((logging.INFO, server_prefix(f) + text))
+    return out
+
+
 def _stats(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     if not events.stats:
         return []
@@ -189,6 +211,7 @@ EVENTS: dict[str, Renderer] = {
     "wait_failed": _pooler_error,
     "pool_grow": _server_new,
     "pool_shrink": _server_closing,
+    "server_connect_failed": _server_login_failed,
     "stats": _stats,
     "process_up": _process_up,
     "unsupported_settings": _unsupported,

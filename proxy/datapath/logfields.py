@@ -3,6 +3,7 @@ names (pool, server address) and what its lines say (local address, age)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,9 @@ def server_log_fields(server: ServerConnection) -> dict[str, object]:
         "server": f"{host}:{creds.port}",
         "age": round(time.monotonic() - server.connected_at, 3),
     }
-    transport = server.transport
-    sock = transport.get_extra_info("sockname") if transport is not None else None
+    sock = None
+    with contextlib.suppress(Exception):  # a transport already closed knows nothing
+        sock = server.transport.get_extra_info("sockname")
     if isinstance(sock, tuple):
         fields["local"] = f"{sock[0]}:{sock[1]}"
     return fields
