@@ -290,6 +290,9 @@ async def test_verbose_logs_debug_lines(ini_pgmux: IniStarter, how: str) -> None
         each.stop()
     assert re.search(STAMP + r" DEBUG ", logfile(mux).read_text())
     assert not re.search(STAMP + r" DEBUG ", logfile(quiet).read_text())
+    # stop() sent SIGTERM: main.c's words for it
+    shutdown = " LOG got SIGTERM, shutting down, waiting for all clients disconnect\n"
+    assert shutdown in logfile(quiet).read_text()
 
 
 # -- syslog ------------------------------------------------------------------------

@@ -198,12 +198,39 @@ def _unsupported(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return [(logging.WARNING, f"{f.get('config')}: {f.get('detail')}")]
 
 
+Renderer = Callable[[Mapping[str, Any], LogEvents], list[Line]]
+
+_SIGNALS = {
+    (
+        "shutdown_started",
+        "SIGTERM",
+    ): "got SIGTERM, shutting down, waiting for all clients disconnect",
+    ("shutdown_started", "SIGINT"): (
+        "got SIGINT, shutting down, waiting for all servers connections to be released"
+    ),
+    ("shutdown_immediate", "SIGTERM"): "got SIGTERM while shutting down, fast exit",
+    ("shutdown_immediate", "SIGINT"): "got SIGINT while shutting down, fast exit",
+    ("pause", "SIGUSR1"): "got SIGUSR1, pausing all activity",
+    ("resume", "SIGUSR2"): "got SIGUSR2, continuing from PAUSE",
+}
+
+
+def _signal(event: str) -> Renderer:
+    """main.c's "got SIGxxx, ..." lines for the signals pgmux handles alike."""
+
+    def lines(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+        text = _SIGNALS.get((event, str(f.get("signal"))))
+        return [(logging.INFO, text if text is not None else _generic(event, f))]
+
+    return lines
+
+
 def _drop(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return []
 
 
-Renderer = Callable[[Mapping[str, Any], LogEvents], list[Line]]
 EVENTS: dict[str, Renderer] = {
+    **{event: _signal(event) for event, _ in _SIGNALS},
     "login_attempt": _login_attempt,
     "login_failed": _login_failed,
     "login": _drop,  # PgBouncer logs the attempt, not the success
