@@ -387,3 +387,31 @@ async def test_server_login_failures(ini_pgmux: IniStarter, pg: TempPostgres) ->
         text,
         re.M,
     ), text
+
+
+async def test_login_attempt_names_the_tls_protocol_and_cipher(pgmux, tmp_path: Path) -> None:
+    import ssl
+
+    from test_tls import OPENSSL, make_ca, make_cert
+
+    if not OPENSSL:
+        pytest.skip("openssl not found")
+    make_ca(tmp_path)
+    cert, key = make_cert(tmp_path, "server")
+    path = tmp_path / "tls.log"
+    mux = pgmux(
+        {
+            "tls": {"client": {"mode": "require", "cert": str(cert), "key": str(key)}},
+            "logging": {"format": "pgbouncer", "file": str(path)},
+        }
+    )
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    conn = await asyncpg.connect(mux.dsn(), ssl=context)
+    await conn.close()
+    text = await wait_for_log(path, "login attempt")
+    assert re.search(
+        rf" LOG C-{PTR}: appdb/app@127\.0\.0\.1:\d+ login attempt: db=appdb user=app "
+        r"tls=TLSv1\.[23]/[A-Z0-9_-]+ replication=no$",
+        text,
+        re.M,
+    ), text
