@@ -415,3 +415,21 @@ async def test_login_attempt_names_the_tls_protocol_and_cipher(pgmux, tmp_path: 
         text,
         re.M,
     ), text
+
+
+def test_unopenable_logfile_stops_startup(pg: TempPostgres, tmp_path: Path) -> None:
+    ini = tmp_path / "pgbouncer.ini"
+    text = ini_text(pg, tmp_path, free_port()).replace(
+        f"logfile = {tmp_path}/pgbouncer.log", f"logfile = {tmp_path}/missing/dir/pgbouncer.log"
+    )
+    ini.write_text(text)
+    (tmp_path / "userlist.txt").write_text(f'"app" "{APP_PASSWORD}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pgmux", str(ini)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot open logfile" in result.stderr and "missing/dir" in result.stderr
