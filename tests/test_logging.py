@@ -438,3 +438,20 @@ def test_unopenable_logfile_stops_startup(pg: TempPostgres, tmp_path: Path) -> N
     )
     assert result.returncode == 1
     assert "cannot open logfile" in result.stderr and "missing/dir" in result.stderr
+
+
+async def test_console_set_verbose(ini_pgmux: IniStarter) -> None:
+    """PgBouncer's test suite raises the level with `SET verbose = 2` on the console."""
+    mux = ini_pgmux.start()
+    admin = await asyncpg.connect(
+        f"postgresql://admin:admin-secret@127.0.0.1:{mux.port}/pgbouncer", statement_cache_size=0
+    )
+    try:
+        await admin.execute("SET verbose = 2")
+        rows = await admin.fetch("SHOW CONFIG")
+        assert {row["key"]: row["value"] for row in rows}["verbose"] == "1"
+    finally:
+        await close_quietly(admin)
+    await one_session(mux)
+    mux.stop()
+    assert re.search(STAMP + r" DEBUG ", logfile(mux).read_text())

@@ -166,13 +166,22 @@ USER_KEYS: dict[str, Converter] = {
     "pool_size": optional_positive,
 }
 
+
+def _runtime_level(value: Any, key: str) -> str:
+    """logging.level, or PgBouncer's `SET verbose = N` (0: info, 1 or more: debug)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return "debug" if value > 0 else "info"
+    level: str = _LOGGING["level"](value, key)
+    return level
+
+
 # Settings the console's SET may change while pgmux runs (SHOW CONFIG's
 # "changeable" column). A timeouts.* or pool.* value also applies to every
 # database that does not override it. The rest need a RELOAD or a restart.
 RUNTIME_SETTINGS: dict[str, Converter] = {
     "listen.max_client_conn": positive,
     "admin.stats_period": positive_duration,
-    "logging.level": _LOGGING["level"],
+    "logging.level": _runtime_level,
     "logging.wait_threshold": parse_duration,
     **{f"timeouts.{name}": parse_duration for name in TIMEOUTS},
     **{
