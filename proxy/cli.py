@@ -116,20 +116,6 @@ def main(argv: list[str] | None = None) -> int:
             remove_pidfile(pidfile)
 
 
-_LEVELS = ("error", "warning", "info", "debug")
-
-
-def log_level(
-    configured: str, verbosity: int = 0, quiet: bool = False, elsewhere: bool = False
-) -> str:
-    """logging.level, raised one step per -v, or warning with -q when stderr
-    is the only destination (ELSEWHERE: a log file or syslog gets every line)."""
-    if quiet and not elsewhere:
-        return "warning"
-    index = _LEVELS.index(configured) if configured in _LEVELS else 2
-    return _LEVELS[min(index + verbosity, len(_LEVELS) - 1)]
-
-
 def _refuse_pgbouncer_options(args: argparse.Namespace) -> int | None:
     """PgBouncer options pgmux does not have: a clear message and exit code 2."""
     if args.daemon:
@@ -164,6 +150,7 @@ def run(
 
     from pgmux.proxy.base.log import LogFileError, get_logger
     from pgmux.proxy.daemon.lifecycle import Daemon
+    from pgmux.proxy.daemon.logsetup import setup_logging
 
     try:
         setup_logging(config, verbosity, quiet)
@@ -195,29 +182,6 @@ def run(
 
         daemon.after_bind = lambda: drop_privileges(user, daemon.listener.unix_path)
     return uvloop.run(daemon.run())
-
-
-def setup_logging(config: Config, verbosity: int = 0, quiet: bool = False) -> None:
-    """The log's format, level, destinations and PgBouncer event switches."""
-    from pgmux.proxy.base.log import LogEvents, LogOutputs, configure_logging
-
-    settings = config.logging
-    elsewhere = bool(settings.file) or settings.syslog
-    outputs = LogOutputs(
-        stderr=not (quiet and elsewhere),
-        file=settings.file,
-        syslog=settings.syslog,
-        syslog_ident=settings.syslog_ident,
-        syslog_facility=settings.syslog_facility,
-    )
-    events = LogEvents(
-        connections=settings.connections,
-        disconnections=settings.disconnections,
-        pooler_errors=settings.pooler_errors,
-        stats=settings.stats,
-    )
-    level = log_level(settings.level, verbosity, quiet, elsewhere)
-    configure_logging(settings.format, level, outputs, events)
 
 
 def process_description() -> dict[str, str]:

@@ -455,3 +455,22 @@ async def test_console_set_verbose(ini_pgmux: IniStarter) -> None:
     await one_session(mux)
     mux.stop()
     assert re.search(STAMP + r" DEBUG ", logfile(mux).read_text())
+
+
+async def test_reload_applies_new_log_settings(ini_pgmux: IniStarter) -> None:
+    mux = ini_pgmux.start()
+    path = logfile(mux)
+    await one_session(mux)
+    await wait_for_log(path, "login attempt")
+    ini = Path(mux.config_path)
+    ini.write_text(ini.read_text() + "log_connections = 0\n")
+    mux.signal(signal.SIGHUP)
+    await wait_for_log(path, r" LOG reload: ")
+    await one_session(mux)
+    text = await wait_until(
+        lambda: asyncio.sleep(0, path.read_text()),
+        lambda text: text.count("closing because: client close request") == 2,
+        timeout=10,
+        what="the second session's close",
+    )
+    assert text.count("login attempt") == 1  # the second login came after the reload

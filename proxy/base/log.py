@@ -24,8 +24,10 @@ __all__ = [
     "LogFileError",
     "LogOutputs",
     "configure_logging",
+    "current_outputs",
     "get_logger",
     "reopen_logs",
+    "update_logging",
 ]
 
 _LEVELS = {
@@ -81,6 +83,20 @@ def configure_logging(
         logger_factory=_SinkLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def update_logging(outputs: LogOutputs, events: LogEvents) -> None:
+    """New destinations (only if they changed: the file stays open otherwise)
+    and event switches; format and level stay (LogFileError)."""
+    if outputs != _State.sink.outputs:
+        sink = LogSink(outputs)
+        old, _State.sink = _State.sink, sink
+        old.close()
+    _State.events = events
+
+
+def current_outputs() -> LogOutputs:
+    return _State.sink.outputs
 
 
 def reopen_logs() -> None:

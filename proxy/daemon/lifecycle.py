@@ -27,6 +27,7 @@ from pgmux.proxy.config.tls import TlsContexts, load_security
 from pgmux.proxy.config.userlist import load_users
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
+from pgmux.proxy.daemon.logsetup import refresh_logging
 from pgmux.proxy.daemon.peers import WorkerInfo
 from pgmux.proxy.metrics import Observer, Workers
 from pgmux.proxy.registry import Registry
@@ -235,6 +236,7 @@ class Daemon:
         try:
             self.apply(config, users)
             self.registry.tls, self.registry.hba = security
+            refresh_logging(config)  # logfile, syslog, log_* as the new file says
         except Exception as exc:
             self._reload_failed(
                 _unexpected(exc), "new configuration partly applied", traceback.format_exc()
