@@ -464,7 +464,7 @@ class Pool:
         server.abort()
         self._connect_failed(exc, where)
 
-    def _connect_failed(self, exc: BaseException, where: dict[str, object]) -> None:
+    def _connect_failed(self, exc: BaseException, where: dict[str, object] | None = None) -> None:
         reason = server_login.describe(exc)
         streak = self.last_connect_error is not None  # reset by a login that succeeds
         self.last_connect_error = reason
@@ -473,7 +473,7 @@ class Pool:
         if isinstance(exc, TimeoutError) or reason == "server_connect timeout":
             self.stats.add_timeout("server_connect")
         now, limit = time.monotonic(), self.timeouts.server_login_retry
-        fields = {"db": self.dbname, "user": self.user, "error": reason, **where}
+        fields = {"db": self.dbname, "user": self.user, "error": reason, **(where or {})}
         if isinstance(exc, ServerError):
             fields["severity"] = exc.severity
         refused = isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW
