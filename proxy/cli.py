@@ -1,8 +1,10 @@
 """Command line: `pgmux -c FILE`, `pgmux --check -c FILE`, `pgmux --version`.
 
 pgmux always runs in the foreground and logs to stderr (systemd's journal
-takes it from there); `-v` / `-vv` log more, `-q` less, `--pidfile` (or the
-config's `pidfile`) writes the process id for tools that want one.
+takes it from there), and to `logging.file` / syslog when configured; `-v` /
+`-vv` log more (PgBouncer's -v), `-q` less: with a log file or syslog, `-q`
+keeps stderr quiet as PgBouncer's does. `--pidfile` (or the config's
+`pidfile`) writes the process id for tools that want one.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose",
         action="count",
         default=0,
-        help="log more: -v one level more than logging.level, -vv debug",
+        help="log more: -v one level more than logging.level (or verbose), -vv debug",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="nothing on stderr when logging to a file or syslog; else warnings and errors only",
+    )
     parser.add_argument("--pidfile", help="write the process id here (overrides `pidfile`)")
     # PgBouncer's command line, where it makes sense (docs/migrating-from-pgbouncer.md)
     parser.add_argument(
@@ -109,17 +116,6 @@ def main(argv: list[str] | None = None) -> int:
             remove_pidfile(pidfile)
 
 
-_LEVELS = ("error", "warning", "info", "debug")
-
-
-def log_level(configured: str, verbosity: int = 0, quiet: bool = False) -> str:
-    """logging.level, raised one step per -v, or warning with -q."""
-    if quiet:
-        return "warning"
-    index = _LEVELS.index(configured) if configured in _LEVELS else 2
-    return _LEVELS[min(index + verbosity, len(_LEVELS) - 1)]
-
-
 def _refuse_pgbouncer_options(args: argparse.Namespace) -> int | None:
     """PgBouncer options pgmux does not have: a clear message and exit code 2."""
     if args.daemon:
@@ -152,17 +148,19 @@ def run(
     naming the ini settings pgmux ignores, logged once the logging is set up."""
     import uvloop
 
-    from pgmux.proxy.base.log import configure_logging
+    from pgmux.proxy.base.log import LogFileError, get_logger
     from pgmux.proxy.daemon.lifecycle import Daemon
+    from pgmux.proxy.daemon.logsetup import setup_logging
 
-    level = log_level(config.logging.level, verbosity, quiet)
-    configure_logging(config.logging.format, level)
+    try:
+        setup_logging(config, verbosity, quiet)
+    except LogFileError as exc:
+        print(f"pgmux: {exc}", file=sys.stderr)
+        return 1
+    log = get_logger("pgmux.config")
+    log.info("process_up", **process_description())
     if unsupported:
-        from pgmux.proxy.base.log import get_logger
-
-        get_logger("pgmux.config").warning(
-            "unsupported_settings", detail=unsupported, config=config.path
-        )
+        log.warning("unsupported_settings", detail=unsupported, config=config.path)
     if user is not None:
         from pgmux.proxy.base.privileges import PrivilegeError, check_user
 
@@ -184,3 +182,17 @@ def run(
 
         daemon.after_bind = lambda: drop_privileges(user, daemon.listener.unix_path)
     return uvloop.run(daemon.run())
+
+
+def process_description() -> dict[str, str]:
+    """PgBouncer's "process up" line names its libraries; pgmux names its own."""
+    import platform
+    import ssl
+
+    import uvloop
+
+    return {
+        "version": f"pgmux {__version__}",
+        "runtime": f"Python {platform.python_version()}, uvloop {uvloop.__version__}",
+        "tls": ssl.OPENSSL_VERSION,
+    }

@@ -12,6 +12,7 @@ without any of this state.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.auth import ClientAuth
 from pgmux.proxy.datapath.client import ClientConnection
+from pgmux.proxy.datapath.logfields import replication_kind, tls_description
 from pgmux.proxy.datapath.translator import Translator
 
 if TYPE_CHECKING:
@@ -130,7 +132,11 @@ class ClientLogin:
 
     def _failed(self, exc: ProtocolError) -> None:
         log.info(
-            "login_failed", error=exc.message, sqlstate=exc.sqlstate, **self.client.log_fields()
+            "login_failed",
+            error=exc.message,
+            sqlstate=exc.sqlstate,
+            age=round(time.monotonic() - self.client.connected_at, 3),
+            **self.client.log_fields(),
         )
         GLOBAL.login_failed(exc.sqlstate)
         if isinstance(exc, LegacyProtocolError) and self.client.transport is not None:
@@ -189,6 +195,12 @@ class ClientLogin:
         except varcache.StartupParameterError as exc:
             raise ProtocolError(str(exc), sqlstate.PROTOCOL_VIOLATION) from None
         client.database = database
+        log.info(
+            "login_attempt",
+            tls=tls_description(self._ssl_object()),
+            replication=replication_kind(params.get("replication")),
+            **client.log_fields(),
+        )
         method = self._auth_method()
         self._authenticating = True
         packet = self.config.limits.max_packet_size  # or PostgreSQL's bound, the smaller
@@ -257,7 +269,10 @@ class ClientLogin:
         except (OSError, ConnectionError, ValueError) as exc:  # ssl.SSLError is an OSError
             if not self._gone:
                 log.info(
-                    "login_failed", error=f"TLS handshake failed: {exc}", **client.log_fields()
+                    "login_failed",
+                    error=f"TLS handshake failed: {exc}",
+                    age=round(time.monotonic() - client.connected_at, 3),
+                    **client.log_fields(),
                 )
                 GLOBAL.login_failed(sqlstate.PROTOCOL_VIOLATION)
                 transport.abort()
@@ -414,6 +429,7 @@ class ClientLogin:
         if not console:
             self._take_client_slot()
         client.send(messages.authentication_ok())
+        GLOBAL.logins += 1  # the stats line's "client logins/s"
         self.registry.login_done(client)
         leftover = self._reader.take_remaining() if self._reader is not None else b""
         if console:

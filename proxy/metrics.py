@@ -62,6 +62,7 @@ class StatsPeriod:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._task: asyncio.Task[None] | None = None
+        self._logins = (time.monotonic(), GLOBAL.logins)  # for "client logins/s"
 
     def start(self) -> None:
         self._task = spawn(self._run())
@@ -79,25 +80,50 @@ class StatsPeriod:
         pools = list(self.registry.pools.values())
         for pool in pools:
             pool.stats.tick(now)
-        self._log(pools)
+        self._log(pools, now)
 
-    def _log(self, pools: list[Pool]) -> None:
-        xacts = queries = 0.0
-        received = sent = 0.0
+    def _log(self, pools: list[Pool], now: float) -> None:
+        """PgBouncer's stats line (stats.c): totals per second over the period,
+        average transaction, query and wait times in microseconds."""
+        then, logins = self._logins
+        self._logins = (now, GLOBAL.logins)
+        rates = dict.fromkeys(("xacts", "queries", "client_parses", "server_parses"), 0.0)
+        rates.update(binds=0.0, received=0.0, sent=0.0, assignments=0.0)
+        times = {"xact_us": 0.0, "query_us": 0.0, "wait_us": 0.0}
         for pool in pools:
             avg = pool.stats.averages()
-            xacts += avg["total_xact_count"]
-            queries += avg["total_query_count"]
-            received += avg["total_received"]
-            sent += avg["total_sent"]
-        if xacts or queries:
-            log.info(
-                "stats",
-                xacts_per_s=round(xacts, 2),
-                queries_per_s=round(queries, 2),
-                received_bytes_per_s=int(received),
-                sent_bytes_per_s=int(sent),
-            )
+            for key, name in _STATS_RATES:
+                rates[key] += avg[name]
+            # weighted by each pool's count, so the mean is over all transactions
+            times["xact_us"] += avg["total_xact_time"] * avg["total_xact_count"]
+            times["query_us"] += avg["total_query_time"] * avg["total_query_count"]
+            times["wait_us"] += avg["total_wait_time"] * avg["server_assignments"]
+        for key, count in (
+            ("xact_us", "xacts"),
+            ("query_us", "queries"),
+            ("wait_us", "assignments"),
+        ):
+            times[key] = times[key] / rates[count] * 1e6 if rates[count] else 0.0  # s -> us
+        rates.pop("assignments")
+        login_rate = (GLOBAL.logins - logins) / (now - then) if now > then else 0.0
+        log.info(
+            "stats",
+            **{key: round(value) for key, value in rates.items()},
+            logins=round(login_rate),
+            **{key: round(value) for key, value in times.items()},
+        )
+
+
+_STATS_RATES = (
+    ("xacts", "total_xact_count"),
+    ("queries", "total_query_count"),
+    ("client_parses", "total_client_parse_count"),
+    ("server_parses", "total_server_parse_count"),
+    ("binds", "total_bind_count"),
+    ("received", "total_received"),
+    ("sent", "total_sent"),
+    ("assignments", "server_assignments"),
+)
 
 
 # --- the Prometheus collector ------------------------------------------------------

@@ -30,7 +30,7 @@ import uvloop
 
 from pgmux.proxy.base import ids
 from pgmux.proxy.base.ledger import SUPERVISOR, Ledger
-from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.log import get_logger, reopen_logs
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.config import Config, ListenConfig
 from pgmux.proxy.core.peers import MAX_WORKERS
@@ -186,6 +186,8 @@ class Supervisor:
             self.watchdog_at = time.monotonic() + interval / 2
 
     def _signal(self, signo: int) -> None:
+        if signo == signal.SIGHUP:
+            reopen_logs()  # the workers reopen theirs when the signal reaches them
         if signo in _STOPPING and not self.stopping:
             self.stopping = True
             log.info("workers_stopping", signal=signal.Signals(signo).name)

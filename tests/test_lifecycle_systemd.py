@@ -26,7 +26,7 @@ import pytest
 from helpers import PgmuxFactory, close_quietly, conftest_attr, connect_asyncpg
 
 from pgmux import __version__
-from pgmux.proxy.cli import log_level
+from pgmux.proxy.daemon.logsetup import log_level
 from pgmux.tempgres import TempPostgres, free_port
 
 REPO = Path(__file__).resolve().parent.parent

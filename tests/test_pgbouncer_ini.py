@@ -327,11 +327,11 @@ bob = client_idle_timeout=5
 """,
     )
     names = [item.name for item in loaded.unsupported]
-    # Left at PgBouncer's default (syslog = 0, DISCARD ALL): no effect, not reported.
+    # Left at PgBouncer's default (syslog = 0, DISCARD ALL): no effect, not reported;
+    # log_connections is honoured (logging.connections), so not reported either.
     assert names == [
         "so_reuseport",
         "server_check_query",
-        "log_connections",
         "[databases] appdb: connect_query",
         "[databases] appdb: timezone",
         "[users] bob: client_idle_timeout",

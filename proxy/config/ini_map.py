@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pgmux.proxy.config.model import AUTH_TYPES, Config
+from pgmux.proxy.config.model import AUTH_TYPES, SYSLOG_FACILITIES, Config
 
 DEFAULT_AUTH_QUERY = (
     "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
@@ -89,6 +89,18 @@ def _auth_type(text: str) -> str:
     raise ValueError(
         f"auth_type {method!r} is not supported by pgmux (supported: plain, hba, {others})"
     )
+
+
+def _flag(text: str) -> bool:
+    """PgBouncer's integer switches: anything but 0 is on."""
+    return c_int(text) != 0
+
+
+def _facility(text: str) -> str:
+    name = text.strip().lower()
+    if name not in SYSLOG_FACILITIES:
+        raise ValueError(f"expected one of {', '.join(SYSLOG_FACILITIES)}")
+    return name
 
 
 def _verbose(text: str) -> str:
@@ -173,12 +185,11 @@ def _constant(value: str) -> Callable[[Config], str]:
     return lambda config: value
 
 
-_NO_LOGFILE = "pgmux logs to stderr; under systemd the journal keeps it"
 _ALWAYS = "pgmux always does this"
 
 SETTINGS: tuple[Setting, ...] = (
     # generic
-    Setting("logfile", "", note=_NO_LOGFILE),
+    Setting("logfile", "", "logging.file", _path_or_none),
     Setting("pidfile", "", "pidfile", _path_or_none),
     Setting("listen_addr", "", "listen.addresses", name_list),
     Setting("listen_port", "6432", "listen.port", c_int),
@@ -233,13 +244,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_dbname", ""),
     Setting("auth_ldap_options", ""),
     # logging
-    Setting("syslog", "0", note=_NO_LOGFILE),
-    Setting("syslog_ident", "pgbouncer", note=_NO_LOGFILE),
-    Setting("syslog_facility", "daemon", note=_NO_LOGFILE),
-    Setting("log_connections", "1", note="pgmux always logs logins"),
-    Setting("log_disconnections", "1", note="pgmux always logs disconnections"),
-    Setting("log_pooler_errors", "1", note="pgmux always logs the errors it sends"),
-    Setting("log_stats", "1"),
+    Setting("syslog", "0", "logging.syslog", _flag),
+    Setting("syslog_ident", "pgbouncer", "logging.syslog_ident", str.strip),
+    Setting("syslog_facility", "daemon", "logging.syslog_facility", _facility),
+    Setting("log_connections", "1", "logging.connections", _flag),
+    Setting("log_disconnections", "1", "logging.disconnections", _flag),
+    Setting("log_pooler_errors", "1", "logging.pooler_errors", _flag),
+    Setting("log_stats", "1", "logging.stats", _flag),
     Setting("verbose", "0", "logging.level", _verbose, _show_verbose),
     # console access
     Setting("admin_users", "", "admin.users", name_list),

@@ -113,6 +113,7 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
     if not has_main:
         raise ConfigError(path, "", "the [pgbouncer] section is missing")
     _translate_settings(settings, result)
+    result.put("logging.format", "pgbouncer")  # PgBouncer's lines for PgBouncer's users
     socket_dir = _socket_dir(settings)
     for name, entry in databases.items():
         _translate_database(name, entry, result, socket_dir)

@@ -16,8 +16,9 @@ POOL_MODES = ("transaction", "session", "statement")
 SESSION_STATES = ("pin", "reset", "error", "ignore")
 AUTH_TYPES = ("trust", "password", "md5", "scram-sha-256")
 TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-LOG_FORMATS = ("json", "console")
+LOG_FORMATS = ("json", "console", "pgbouncer")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SYSLOG_FACILITIES = ("auth", "authpriv", "daemon", "user", *(f"local{i}" for i in range(8)))
 ADMIN_DATABASES = ("pgmux", "pgbouncer")  # the console; a pool may not take these names
 FALLBACK_DATABASE = "*"
 MAX_MESSAGE_SIZE = 0x7FFFFFFF  # the length word of a protocol message is an int32
@@ -113,9 +114,20 @@ class TlsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    format: str = "json"
+    format: str = (
+        "json"  # json | console | pgbouncer (PgBouncer's lines; a pgbouncer.ini's default)
+    )
     level: str = "info"
     wait_threshold: float = 1.0  # log a client that waited this long for a server; 0 = off
+    file: str | None = None  # also append to this file (PgBouncer's logfile); reopened on SIGHUP
+    syslog: bool = False  # also send to syslog (/dev/log)
+    syslog_ident: str = "pgmux"
+    syslog_facility: str = "daemon"
+    # PgBouncer's log_connections / log_disconnections / log_pooler_errors / log_stats
+    connections: bool = True
+    disconnections: bool = True
+    pooler_errors: bool = True
+    stats: bool = True
 
 
 @dataclass(frozen=True, slots=True)

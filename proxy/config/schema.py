@@ -18,6 +18,7 @@ from pgmux.proxy.config.model import (
     LOG_LEVELS,
     POOL_MODES,
     SESSION_STATES,
+    SYSLOG_FACILITIES,
     TLS_MODES,
     AdminConfig,
     AuthConfig,
@@ -117,6 +118,11 @@ _LOGGING: dict[str, Converter] = {
     "format": one_of(*LOG_FORMATS),
     "level": one_of(*LOG_LEVELS),
     "wait_threshold": parse_duration,
+    "file": optional_text,
+    "syslog": boolean,
+    "syslog_ident": text,
+    "syslog_facility": one_of(*SYSLOG_FACILITIES),
+    **dict.fromkeys(("connections", "disconnections", "pooler_errors", "stats"), boolean),
 }
 _LIMITS: dict[str, Converter] = {
     "max_packet_size": packet_size,
@@ -160,13 +166,22 @@ USER_KEYS: dict[str, Converter] = {
     "pool_size": optional_positive,
 }
 
+
+def _runtime_level(value: Any, key: str) -> str:
+    """logging.level, or PgBouncer's `SET verbose = N` (0: info, 1 or more: debug)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return "debug" if value > 0 else "info"
+    level: str = _LOGGING["level"](value, key)
+    return level
+
+
 # Settings the console's SET may change while pgmux runs (SHOW CONFIG's
 # "changeable" column). A timeouts.* or pool.* value also applies to every
 # database that does not override it. The rest need a RELOAD or a restart.
 RUNTIME_SETTINGS: dict[str, Converter] = {
     "listen.max_client_conn": positive,
     "admin.stats_period": positive_duration,
-    "logging.level": _LOGGING["level"],
+    "logging.level": _runtime_level,
     "logging.wait_threshold": parse_duration,
     **{f"timeouts.{name}": parse_duration for name in TIMEOUTS},
     **{

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.log import get_logger, reopen_logs
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, ConfigError, load_config
@@ -27,6 +27,7 @@ from pgmux.proxy.config.tls import TlsContexts, load_security
 from pgmux.proxy.config.userlist import load_users
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
+from pgmux.proxy.daemon.logsetup import refresh_logging
 from pgmux.proxy.daemon.peers import WorkerInfo
 from pgmux.proxy.metrics import Observer, Workers
 from pgmux.proxy.registry import Registry
@@ -217,6 +218,7 @@ class Daemon:
         """Re-read the configuration; whatever goes wrong keeps the running one,
         and systemd always hears READY=1 again (else it stays "reloading")."""
         path = self.config.path
+        reopen_logs()  # after logrotate renamed the log file, as PgBouncer does
         self.notifier.reloading()  # systemd: reloading until the next READY=1
         try:
             config, users, security = self._read_new_config(path)
@@ -234,6 +236,7 @@ class Daemon:
         try:
             self.apply(config, users)
             self.registry.tls, self.registry.hba = security
+            refresh_logging(config)  # logfile, syslog, log_* as the new file says
         except Exception as exc:
             self._reload_failed(
                 _unexpected(exc), "new configuration partly applied", traceback.format_exc()

@@ -223,6 +223,7 @@ class ClientConnection(asyncio.Protocol):
 
     def log_fields(self) -> dict[str, str]:
         return {
+            "ptr": f"{id(self):#x}",  # SHOW CLIENTS' ptr, PgBouncer's C-0x... in the log
             "client": self.peer,
             "db": self.dbname,
             "user": self.user,

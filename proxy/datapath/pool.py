@@ -32,6 +32,7 @@ from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
 from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
 from pgmux.proxy.core.states import ServerState
 from pgmux.proxy.datapath import cleanup, handover, server_login
+from pgmux.proxy.datapath.logfields import server_log_fields
 from pgmux.proxy.datapath.server import (
     ServerConnection,
     ServerCredentials,
@@ -292,6 +293,7 @@ class Pool:
                 server_id=server.id,
                 reason=reason,
                 servers=len(self.servers),
+                **server_log_fields(server),
             )
 
     def server_lost(self, server: ServerConnection) -> None:
@@ -452,15 +454,17 @@ class Pool:
             server_id=server.id,
             backend_pid=server.backend_pid,
             servers=len(self.servers),
+            **server_log_fields(server),
         )
         self.release(server)
 
     def _login_failed(self, server: ServerConnection, exc: BaseException) -> None:
+        where = server_log_fields(server)  # before abort() closes the socket
         self.forget(server)
         server.abort()
-        self._connect_failed(exc)
+        self._connect_failed(exc, where)
 
-    def _connect_failed(self, exc: BaseException) -> None:
+    def _connect_failed(self, exc: BaseException, where: dict[str, object] | None = None) -> None:
         reason = server_login.describe(exc)
         streak = self.last_connect_error is not None  # reset by a login that succeeds
         self.last_connect_error = reason
@@ -469,7 +473,9 @@ class Pool:
         if isinstance(exc, TimeoutError) or reason == "server_connect timeout":
             self.stats.add_timeout("server_connect")
         now, limit = time.monotonic(), self.timeouts.server_login_retry
-        fields = {"db": self.dbname, "user": self.user, "error": reason}
+        fields = {"db": self.dbname, "user": self.user, "error": reason, **(where or {})}
+        if isinstance(exc, ServerError):
+            fields["severity"] = exc.severity
         refused = isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW
         if refused or isinstance(exc, ProtocolError):  # no quick retry (see core/backoff.py)
             log.warning("server_connect_failed", **fields, retry_in=limit)
