@@ -117,3 +117,44 @@ async def test_a_client_that_does_not_read_holds_its_backend(
     finally:
         raw.writer.close()
         await close_quietly(other)
+
+
+# -- client_encoding in PostgreSQL's spelling ------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("how", "spelling", "reported"),
+    [
+        ("parameter", "euc-jp", "EUC_JP"),
+        ("options", "euc-jp", "EUC_JP"),
+        ("environment", "euc-jp", "EUC_JP"),
+        ("parameter", "iso-8859-5", "ISO_8859_5"),
+        ("parameter", "latin-1", "LATIN1"),
+        ("parameter", "shift-jis", "SJIS"),
+    ],
+)
+async def test_client_encoding_is_reported_as_the_server_spells_it(
+    pgmux: PgmuxFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    how: str,
+    spelling: str,
+    reported: str,
+) -> None:
+    mux = start(pgmux, mode)
+    kwargs: dict[str, Any] = {}
+    if how == "parameter":
+        kwargs["client_encoding"] = spelling
+    elif how == "options":
+        kwargs["options"] = f"-c client_encoding={spelling}"
+    else:
+        monkeypatch.setenv("PGCLIENTENCODING", spelling)
+    conn = await connect_psycopg(mux, **kwargs)
+    try:
+        assert conn.info.parameter_status("client_encoding") == reported
+        cur = await conn.execute("SHOW client_encoding")
+        assert await cur.fetchone() == (reported,)
+        assert conn.info.parameter_status("client_encoding") == reported
+    finally:
+        await close_quietly(conn)
