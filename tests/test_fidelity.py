@@ -21,6 +21,7 @@ from helpers import (
     PgmuxFactory,
     RawClient,
     close_quietly,
+    connect_asyncpg,
     connect_psycopg,
     direct,
     query_message,
@@ -156,5 +157,77 @@ async def test_client_encoding_is_reported_as_the_server_spells_it(
         cur = await conn.execute("SHOW client_encoding")
         assert await cur.fetchone() == (reported,)
         assert conn.info.parameter_status("client_encoding") == reported
+    finally:
+        await close_quietly(conn)
+
+
+# -- statements that outlive a rolled-back type ------------------------------------
+
+CREATE_TYPE = "CREATE TYPE prepenum AS ENUM ('foo', 'bar', 'baz')"
+CREATE_TABLE = "CREATE TABLE preptable (id integer, enum_col prepenum[])"
+INSERT_PSYCOPG = "INSERT INTO preptable (enum_col) VALUES (%(enum_col)s::prepenum[])"
+INSERT_ASYNCPG = "INSERT INTO preptable (enum_col) VALUES ($1::prepenum[])"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_statements_of_an_abandoned_transaction_are_not_reused(
+    pgmux: PgmuxFactory, mode: str
+) -> None:
+    # Each client prepares (prepare_threshold=0) after creating a type, then
+    # leaves mid-transaction: pgmux rolls the server back, and the type is gone.
+    # The next client's same text must not run as the old statement, whose
+    # parameter is of the old type ("cache lookup failed for type").
+    mux = start(pgmux, mode, size=1)
+    for _ in range(3):
+        conn = await connect_psycopg(mux, autocommit=False, prepare_threshold=0)
+        try:
+            await conn.execute(CREATE_TYPE)
+            await conn.execute(CREATE_TABLE)
+            await conn.execute(INSERT_PSYCOPG, {"enum_col": ["foo"]})
+        finally:
+            await close_quietly(conn)
+
+
+class Undo(Exception):
+    """Raised to roll a savepoint back."""
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_statements_of_a_rolled_back_savepoint_are_not_shared(
+    pgmux: PgmuxFactory, mode: str
+) -> None:
+    # asyncpg keeps its statements across a rollback; a new client, whose cache
+    # is empty, prepares the same text afresh on a direct connection.
+    mux = start(pgmux, mode, size=1)
+    for _ in range(3):
+        conn = await connect_asyncpg(mux, statement_cache_size=100)
+        try:
+            async with conn.transaction():
+                with pytest.raises(Undo):
+                    async with conn.transaction():  # a savepoint
+                        await conn.execute(CREATE_TYPE)
+                        await conn.execute(CREATE_TABLE)
+                        await conn.execute(INSERT_ASYNCPG, ["foo"])
+                        raise Undo
+                assert await conn.fetchval("SELECT to_regtype('prepenum')") is None
+        finally:
+            await close_quietly(conn)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_savepoints_rolled_back_in_one_transaction(pgmux: PgmuxFactory, mode: str) -> None:
+    # psycopg's own case: it drops its statements (DEALLOCATE ALL) after each
+    # ROLLBACK TO SAVEPOINT, and prepares them again in the next round.
+    mux = start(pgmux, mode, size=1)
+    conn = await connect_psycopg(mux, prepare_threshold=0)
+    try:
+        async with conn.transaction():
+            for _ in range(3):
+                with pytest.raises(Undo):
+                    async with conn.transaction():
+                        await conn.execute(CREATE_TYPE)
+                        await conn.execute(CREATE_TABLE)
+                        await conn.execute(INSERT_PSYCOPG, {"enum_col": ["foo"]})
+                        raise Undo
     finally:
         await close_quietly(conn)
