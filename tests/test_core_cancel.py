@@ -46,14 +46,27 @@ def fake_client(keys: CancelKeys, server: object = None, expect_rfq: int = 1) ->
     return client
 
 
-def fake_server(port: int, backend_pid: int = 4242) -> SimpleNamespace:
-    return SimpleNamespace(
+class FakeServer(SimpleNamespace):
+    """A server whose reading the cancel pauses until PostgreSQL has taken it."""
+
+    reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def fake_server(port: int, backend_pid: int = 4242) -> FakeServer:
+    return FakeServer(
         id=7,
         backend_pid=backend_pid,
         backend_key=b"\x01\x02\x03\x04",
         cancels_in_flight=0,
         credentials=SimpleNamespace(host="127.0.0.1", port=port),
         pool=FakePool(),
+        client=None,
     )
 
 
@@ -134,9 +147,22 @@ async def test_a_cancel_reaches_postgresql_with_the_servers_key() -> None:
         client = fake_client(keys, server)
         keys.cancel(client.cancel_pid, client.cancel_key)
         assert server.cancels_in_flight == 1
+        assert not server.reading  # the backend waits until the cancel reached it
         await until(lambda: not server.cancels_in_flight)
     assert postmaster.received == [messages.cancel_request(4242, b"\x01\x02\x03\x04")]
     assert server.pool.finished == [server]
+    assert server.reading
+
+
+async def test_a_server_whose_client_is_behind_stays_paused_after_the_cancel() -> None:
+    async with Postmaster() as postmaster:
+        keys = CancelKeys()
+        server = fake_server(postmaster.port)
+        server.client = fake_client(keys, server)
+        server.client.writing_paused = True  # ClientConnection.pause_writing
+        keys.cancel(server.client.cancel_pid, server.client.cancel_key)
+        await until(lambda: not server.cancels_in_flight)
+    assert not server.reading  # resume_writing lets it read once the client caught up
 
 
 async def test_no_cancel_without_a_request_on_the_server_or_with_a_wrong_key() -> None:

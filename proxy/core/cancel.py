@@ -82,6 +82,12 @@ class CancelKeys:
         """
         if server.backend_pid:
             server.cancels_in_flight += 1
+            # Stop reading the backend until the cancel has reached it. One that
+            # streams rows (COPY TO STDOUT, a big result) keeps this process busy
+            # passing them on, and the cancel's own connection would get its turns
+            # so late that the backend finishes first: the cancel would seem lost.
+            # Paused, it blocks on its socket, and the cancel stops it at its next row.
+            server.pause_reading()
             spawn(_cancel_then_release(server))
 
 
@@ -92,6 +98,9 @@ async def _cancel_then_release(server: ServerConnection) -> None:
         await send_cancel(server.credentials, server.backend_pid, server.backend_key, timeout)
     finally:
         server.cancels_in_flight -= 1
+        client = server.client
+        if not server.cancels_in_flight and (client is None or not client.writing_paused):
+            server.resume_reading()  # unless its client is still behind (pause_writing)
         server.pool.cancel_finished(server)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.datapath import session_state
+from pgmux.proxy.datapath import rollbacks, session_state
 from pgmux.proxy.datapath.server import ServerError, ServerLost
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ async def reset_session_state(pool: Pool, server: ServerConnection, timeout: flo
         await server.query(sql, timeout)
     if session_state.PREPARE in kinds:
         server.prepared.clear()  # DEALLOCATE ALL took pgmux's statements too
+        rollbacks.deallocated(server)
     if session_state.SET in kinds:
         server.applied = {}  # RESET ALL undid the GUCs pgmux had applied
     pool.stats.session_resets += 1
@@ -79,6 +80,7 @@ async def _finish_abandoned(
         await server.await_ready_for_query(owed, timeout)
         if not server.clean_for_release:
             await server.query("ROLLBACK", timeout)
+            rollbacks.rolled_back(server)  # its statements may refer to what is gone
         await reset_session_state(pool, server, timeout)
         if pool.mode == "session":
             await server.query("DISCARD ALL", timeout)

@@ -93,6 +93,7 @@ class ClientConnection(asyncio.Protocol):
         "_pending",
         "_pending_size",
         "_reading_paused",
+        "writing_paused",
         "transport",
         "wait_started",
         "query_mark",
@@ -168,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._reading_paused = False  # by the _PENDING_LIMIT backpressure
+        self.writing_paused = False  # its transport's buffer is full: its server waits
         self._skip = 0
         self._header = b""
         self._max_packet = self.config.limits.max_packet_size
@@ -234,6 +236,17 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             transport.write(data)
+
+    def pause_writing(self) -> None:
+        """A client reading slower than its server sends holds the server, as a backend waits."""
+        self.writing_paused = True
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.server is not None and not self.server.cancels_in_flight:
+            self.server.resume_reading()  # a cancel on its way reads on (core/cancel.py)
 
     def fail(self, code: str, message: str, severity: str = "FATAL") -> None:
         """Send an ErrorResponse and close this client (nobody else notices)."""
@@ -449,6 +462,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _flush_pending(self, server: ServerConnection) -> bool:
         """Write what waited for the server; False when the server is not needed."""
+        if self.writing_paused:
+            server.pause_reading()  # still behind with the last server's replies
         pending = self._pending
         if pending:
             data = b"".join(pending) if len(pending) > 1 else pending[0]
@@ -576,15 +591,8 @@ class ClientConnection(asyncio.Protocol):
         self.params = varcache.interned(params)
         self.application_name = self.params.get("application_name", self.application_name)
         self.cancel_pid, self.cancel_key = self.registry.cancels.issue(self)
-        out = [
-            messages.parameter_status(k, v)
-            for k, v in server_params.items()
-            if k not in self.params
-        ]
-        out += [messages.parameter_status(k, v) for k, v in self.params.items()]
-        out.append(messages.backend_key_data(self.cancel_pid, self.cancel_key))
-        out.append(messages.ready_for_query("I"))
-        self.send(b"".join(out))
+        key = (self.cancel_pid, self.cancel_key)
+        self.send(varcache.welcome_messages(server_params, self.params, *key))
         self._feed = None
         log.info("login", **self.log_fields())
         if self.state is _WELCOME and self.server is not None:

@@ -49,6 +49,20 @@ if TYPE_CHECKING:
 log = get_logger("pgmux.pool")
 
 
+def _leave_backpressure(server: ServerConnection, client: ClientConnection | None) -> None:
+    """A server leaving a client that reads too slowly (ClientConnection.pause_writing)
+    reads again: the backpressure stays with that client. With a cancel on its
+    way, core/cancel.py lets it read once the cancel has arrived."""
+    previous = server.client
+    if (
+        previous is not None
+        and previous is not client
+        and previous.writing_paused
+        and not server.cancels_in_flight
+    ):
+        server.resume_reading()
+
+
 class Pool:
     def __init__(
         self,
@@ -121,6 +135,7 @@ class Pool:
         """Move a server to `state`: out of its old list, into the new one, and
         linked to `client` (None for every state but ACTIVE, which _link sets)."""
         old = server.state
+        _leave_backpressure(server, client)
         if old is not state:
             if old is _IDLE:
                 idle = self.idle
@@ -146,6 +161,7 @@ class Pool:
             now = time.monotonic()
         if server.state is _ACTIVE:
             server.hand_on(now)  # straight from its last client: still active
+            _leave_backpressure(server, client)
             server.client = client
         else:
             server.link(now)

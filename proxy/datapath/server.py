@@ -87,6 +87,8 @@ class ServerConnection(asyncio.Protocol):
         self.local_address = ""
         # transaction pooling: prepared statements, replies owed, session state
         self.prepared: OrderedDict[bytes, Statement] = OrderedDict()  # an LRU
+        self.parsed_in_xact: set[bytes] = set()  # Parsed since its transaction began
+        self.stale: set[bytes] = set()  # prepared, but a rollback undid what they refer to
         self.responses = ResponseFilter()
         self.unnamed_owner: Translator | None = None  # whose unnamed statement it holds
         self.unnamed_gen = 0
@@ -146,6 +148,7 @@ class ServerConnection(asyncio.Protocol):
         return (
             transport is not None
             and not transport.is_closing()
+            and not self.stale  # another worker would not know to close them first
             and transport.get_extra_info("ssl_object") is None
             and transport.get_extra_info("socket") is not None
         )

@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from pgmux.proxy.datapath import rollbacks
+
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.server import ServerConnection
@@ -181,8 +183,13 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
         return
     if tag == b"DEALLOCATE ALL":
         server.prepared.clear()
+        rollbacks.deallocated(server)
         if client.translator is not None:
             client.translator.statements.clear()
+    elif tag == b"ROLLBACK":  # also ROLLBACK TO SAVEPOINT, and COMMIT of a failed transaction
+        rollbacks.rolled_back(server)
+    elif tag == b"COMMIT":
+        rollbacks.committed(server)
     created, cleared = detect(tag, text, server.params)
     if created is not None:
         _created(client, server, created)
@@ -209,6 +216,7 @@ def forget_all(client: ClientConnection, server: ServerConnection) -> None:
     server.dirty.clear()
     server.applied = {}
     server.prepared.clear()
+    rollbacks.deallocated(server)
     server.unnamed_owner = None
     if client.translator is not None:
         client.translator.statements.clear()

@@ -43,7 +43,7 @@ from pgmux.protocol.extended import (
 )
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
-from pgmux.proxy.datapath import session_state
+from pgmux.proxy.datapath import rollbacks, session_state
 from pgmux.proxy.datapath.replies import (
     BIND,
     CLOSE,
@@ -313,9 +313,10 @@ class Translator:
             prepared.pop(statement.name, None)
 
         prepared[statement.name] = statement
+        close = rollbacks.parse_sent(server, statement.name)
         responses.push(Entry(PARSE, rollback=forget_both))
         self.stats.total_server_parse_count += 1
-        return statement.parse
+        return close + statement.parse
 
     def _duplicate(self, server: ServerConnection, name: bytes, rest: bytes) -> bytes:
         """A Parse of a name the client already uses.
@@ -476,9 +477,10 @@ class Translator:
         def forget() -> None:
             prepared.pop(statement.name, None)
 
+        close = rollbacks.parse_sent(server, statement.name)
         server.responses.push(Entry(PARSE, skip=True, rollback=forget))
         self.stats.total_server_parse_count += 1
-        return statement.parse
+        return close + statement.parse
 
     def _ensure_unnamed(self, server: ServerConnection) -> bytes | None:
         """The Parse to replay before a Bind/Describe of the unnamed statement.

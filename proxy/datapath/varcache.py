@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import sys
 
+from pgmux.protocol import messages
+
 # Reported by PostgreSQL but not settable by a client session.
 READ_ONLY_REPORTED = frozenset(
     {
@@ -46,7 +48,35 @@ NOT_GUCS = frozenset({"user", "database", "options", "replication"})
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
-_ENCODING_ALIASES = {"utf8": "UTF8", "unicode": "UTF8", "sqlascii": "SQL_ASCII"}
+
+def _encoding_aliases() -> dict[str, str]:
+    """PostgreSQL's encoding names (encnames.c): each alias, lower case and
+    alphanumeric only, to the name the server reports ('euc-jp' -> 'EUC_JP')."""
+    official = (
+        "SQL_ASCII EUC_JP EUC_CN EUC_KR EUC_TW EUC_JIS_2004 UTF8 MULE_INTERNAL LATIN1 LATIN2"
+        " LATIN3 LATIN4 LATIN5 LATIN6 LATIN7 LATIN8 LATIN9 LATIN10 WIN1256 WIN1258 WIN866"
+        " WIN874 KOI8R WIN1251 WIN1252 ISO_8859_5 ISO_8859_6 ISO_8859_7 ISO_8859_8 WIN1250"
+        " WIN1253 WIN1254 WIN1255 WIN1257 KOI8U SJIS BIG5 GBK UHC GB18030 JOHAB SHIFT_JIS_2004"
+    )
+    aliases = {name.replace("_", "").lower(): name for name in official.split()}
+    for number, latin in (("1", 1), ("2", 2), ("3", 3), ("4", 4), ("9", 5), ("10", 6)):
+        aliases[f"iso8859{number}"] = f"LATIN{latin}"
+    for number, latin in (("13", 7), ("14", 8), ("15", 9), ("16", 10)):
+        aliases[f"iso8859{number}"] = f"LATIN{latin}"
+    for codepage in ("1250", "1251", "1252", "1253", "1254", "1255", "1256", "1257", "1258"):
+        aliases[f"windows{codepage}"] = f"WIN{codepage}"
+    others = {
+        "abc": "WIN1258", "tcvn": "WIN1258", "tcvn5712": "WIN1258", "vscii": "WIN1258",
+        "alt": "WIN866", "windows866": "WIN866", "windows874": "WIN874", "win": "WIN1251",
+        "koi8": "KOI8R", "mskanji": "SJIS", "shiftjis": "SJIS", "win932": "SJIS",
+        "windows932": "SJIS", "win936": "GBK", "windows936": "GBK", "win949": "UHC",
+        "windows949": "UHC", "win950": "BIG5", "windows950": "BIG5", "unicode": "UTF8",
+    }  # fmt: skip
+    aliases.update(others)
+    return aliases
+
+
+_ENCODING_ALIASES = _encoding_aliases()
 
 
 class StartupParameterError(ValueError):
@@ -58,7 +88,8 @@ def canonical_name(name: str) -> str:
 
 
 def canonical_encoding(value: str) -> str:
-    """PostgreSQL's spelling of an encoding name ('utf-8' -> 'UTF8')."""
+    """PostgreSQL's spelling of an encoding name ('utf-8' -> 'UTF8'), as the
+    server reports it; an unknown name is left for the server to refuse."""
     key = re.sub(r"[^0-9a-z]", "", value.lower())
     return _ENCODING_ALIASES.get(key, value.upper())
 
@@ -145,6 +176,18 @@ def split_by_reported(
         else:
             unreported[name] = value
     return reported, unreported
+
+
+def welcome_messages(
+    server_params: dict[str, str], params: dict[str, str], pid: int, key: bytes
+) -> bytes:
+    """What a client gets after AuthenticationOk: ParameterStatus for every server
+    parameter (its own values in place of the ones they override), its
+    BackendKeyData, ReadyForQuery."""
+    out = [messages.parameter_status(k, v) for k, v in server_params.items() if k not in params]
+    out += [messages.parameter_status(k, v) for k, v in params.items()]
+    out += (messages.backend_key_data(pid, key), messages.ready_for_query("I"))
+    return b"".join(out)
 
 
 def tracked(reported: dict[str, str]) -> dict[str, str]:
