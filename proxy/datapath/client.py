@@ -38,7 +38,8 @@ from pgmux.proxy.core.states import CLIENT_LINKING as _LINKING
 from pgmux.proxy.core.states import CLIENT_WAITING as _WAITING
 from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
 from pgmux.proxy.core.states import ClientState
-from pgmux.proxy.datapath import session_state, varcache
+from pgmux.proxy.datapath import session_state, varcache, welcome
+from pgmux.proxy.datapath.logfields import client_log_fields
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
 from pgmux.proxy.datapath.translator import Translator, untranslatable
 
@@ -224,13 +225,7 @@ class ClientConnection(asyncio.Protocol):
             log.info("logout", reason=reason, duration=duration, **self.log_fields())
 
     def log_fields(self) -> dict[str, str]:
-        return {
-            "ptr": f"{id(self):#x}",  # SHOW CLIENTS' ptr, PgBouncer's C-0x... in the log
-            "client": self.peer,
-            "db": self.dbname,
-            "user": self.user,
-            "application_name": self.application_name,
-        }
+        return client_log_fields(self)
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -586,17 +581,10 @@ class ClientConnection(asyncio.Protocol):
 
     def welcome(self, server_params: dict[str, str]) -> None:
         """ParameterStatus for every server parameter, BackendKeyData, ReadyForQuery."""
-        params, self.gucs = varcache.split_by_reported(self.startup_gucs, server_params)
-        self.startup_gucs = {}
-        self.params = varcache.interned(params)
-        self.application_name = self.params.get("application_name", self.application_name)
-        self.cancel_pid, self.cancel_key = self.registry.cancels.issue(self)
-        key = (self.cancel_pid, self.cancel_key)
-        self.send(varcache.welcome_messages(server_params, self.params, *key))
-        self._feed = None
-        log.info("login", **self.log_fields())
-        if self.state is _WELCOME and self.server is not None:
-            return  # session mode: server_assigned goes on with the server it has
+        welcome.send_welcome(self, server_params)
+
+    def welcomed(self) -> None:
+        """Idle after the welcome: what it pipelined meanwhile runs now."""
         self._set_state(_IDLE_STATE)
         if self._pending:
             pending = b"".join(self._pending)

@@ -1,5 +1,6 @@
-"""The fields a server's log events carry: what PgBouncer's `S-0x...:` prefix
-names (pool, server address) and what its lines say (local address, age)."""
+"""The fields a client's and a server's log events carry: what PgBouncer's
+`C-0x...:` / `S-0x...:` prefixes name (pool, addresses) and what its lines say
+(local address, age)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import ssl
 
+    from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.server import ServerConnection
+
+
+def client_log_fields(client: ClientConnection) -> dict[str, str]:
+    return {
+        "ptr": f"{id(client):#x}",  # SHOW CLIENTS' ptr, PgBouncer's C-0x... in the log
+        "client": client.peer,
+        "db": client.dbname,
+        "user": client.user,
+        "application_name": client.application_name,
+    }
 
 
 def server_log_fields(server: ServerConnection) -> dict[str, object]:

@@ -31,7 +31,7 @@ from pgmux.proxy.core.states import SERVER_CLEANING as _CLEANING
 from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
 from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
 from pgmux.proxy.core.states import ServerState
-from pgmux.proxy.datapath import cleanup, handover, server_login
+from pgmux.proxy.datapath import cleanup, connect_failure, handover, server_login
 from pgmux.proxy.datapath.logfields import server_log_fields
 from pgmux.proxy.datapath.server import (
     ServerConnection,
@@ -416,13 +416,13 @@ class Pool:
         retry_at = self.retry_at if quiet else min(self.retry_at, self.backoff.waiting_at)
         if now < retry_at:
             if not quiet:  # a retry serves only waiting clients (grow)
-                self._schedule_retry(retry_at - now)
+                self.schedule_retry(retry_at - now)
             return False
         if self.shared_rows is None and len(self.servers) >= self.size_limit():
             return False  # with several workers the ledger checks the size
         return self.slots.may_open(self, register_starving=not quiet)
 
-    def _schedule_retry(self, delay: float) -> None:
+    def schedule_retry(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
         if (handle := self._retry_handle) is not None:
             if handle.when() <= loop.time() + delay:
@@ -481,34 +481,7 @@ class Pool:
         self._connect_failed(exc, where)
 
     def _connect_failed(self, exc: BaseException, where: dict[str, object] | None = None) -> None:
-        reason = server_login.describe(exc)
-        streak = self.last_connect_error is not None  # reset by a login that succeeds
-        self.last_connect_error = reason
-        self.stats.connect_errors += 1
-        self.stats.add_error("server_connect")
-        if isinstance(exc, TimeoutError) or reason == "server_connect timeout":
-            self.stats.add_timeout("server_connect")
-        now, limit = time.monotonic(), self.timeouts.server_login_retry
-        fields = {"db": self.dbname, "user": self.user, "error": reason, **(where or {})}
-        if isinstance(exc, ServerError):
-            fields["severity"] = exc.severity
-        refused = isinstance(exc, ServerError) and exc.sqlstate != sqlstate.CANNOT_CONNECT_NOW
-        if refused or isinstance(exc, ProtocolError):  # no quick retry (see core/backoff.py)
-            log.warning("server_connect_failed", **fields, retry_in=limit)
-            self.retry_at = now + limit
-            self.backoff.refused(self.retry_at)
-            if isinstance(exc, ServerError):  # PostgreSQL said no: waiters hear why now
-                self.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
-            elif self.waiting:
-                self._schedule_retry(limit)
-        elif self.backoff.failed(now, limit, streak):  # down, or starting up: soon again
-            self.retry_at = self.backoff.next_at
-            retry_in = (self.backoff.waiting_at if self.waiting else self.retry_at) - now
-            log.warning("server_connect_failed", **fields, retry_in=round(retry_in, 3))
-            if self.waiting:
-                self._schedule_retry(retry_in)
-        else:  # failed together with a login of this round: logged once
-            log.debug("server_connect_failed", **fields)
+        connect_failure.record(self, exc, where)
 
     # --- janitor ----------------------------------------------------------
 

@@ -1,0 +1,35 @@
+"""The welcome: what a client gets once it has joined its pool.
+
+ParameterStatus for every server parameter (the client's own startup values
+where it gave them), BackendKeyData with a cancel key of pgmux's own, and
+ReadyForQuery; then whatever it pipelined before (kept, within a bound, by
+ClientConnection) runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.core.states import CLIENT_WELCOME
+from pgmux.proxy.datapath import varcache
+
+if TYPE_CHECKING:
+    from pgmux.proxy.datapath.client import ClientConnection
+
+log = get_logger("pgmux.client")
+
+
+def send_welcome(client: ClientConnection, server_params: dict[str, str]) -> None:
+    params, client.gucs = varcache.split_by_reported(client.startup_gucs, server_params)
+    client.startup_gucs = {}
+    client.params = varcache.interned(params)
+    client.application_name = client.params.get("application_name", client.application_name)
+    client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)
+    key = (client.cancel_pid, client.cancel_key)
+    client.send(varcache.welcome_messages(server_params, client.params, *key))
+    client.feed_to(None)
+    log.info("login", **client.log_fields())
+    if client.state is CLIENT_WELCOME and client.server is not None:
+        return  # session mode: server_assigned goes on with the server it has
+    client.welcomed()
