@@ -1,7 +1,9 @@
 """The daemon's life: start, signals, reload, shutdown.
 
 SIGTERM: stop accepting, let running and queued transactions finish (up to
-timeouts.shutdown_grace), then exit 0; a second SIGTERM exits at once.
+timeouts.shutdown_grace), close each client with 57P01 at its transaction
+boundary, then exit 0; a second SIGTERM exits at once. That is a rolling
+restart behind a load balancer (docs/scaling.md): /ready turns false at once.
 SIGINT: stop accepting, refuse queued requests, wait (up to the same grace)
 for every server to be released. SIGQUIT: now. SIGUSR1 / SIGUSR2: PAUSE /
 RESUME. SIGHUP: reload the configuration and the users file; a bad file is
@@ -173,8 +175,13 @@ class Daemon:
         self._refuse_waiting = signame == "SIGINT"
         log.info("shutdown_started", signal=signame, grace=self.config.timeouts.shutdown_grace)
         self.notifier.stopping(f"shutting down ({signame}): {self.status()}")
+        # In one step of the loop: the listening sockets close (the balancer or
+        # SO_REUSEPORT sends new connections elsewhere), /ready turns false, and
+        # every client between transactions gets 57P01; the rest go at their
+        # transaction boundary (ClientConnection.transaction_done).
         self.listener.close()
         self.registry.shutting_down = True
+        self._close_idle_clients()
         spawn(self._drain())
 
     async def _drain(self) -> None:
