@@ -115,6 +115,7 @@ class Fleet:
     ports: list[int]
     http_ports: list[int]
     peered: bool = True  # give every instance `peers:` naming all of them
+    secret: str | None = None  # peers.secret
     instances: list[Any] = field(default_factory=list)
 
     @property
@@ -133,7 +134,10 @@ class Fleet:
             "admin": {"http": {"address": "127.0.0.1", "port": self.http_ports[index]}},
         }
         if self.peered:
-            config["peers"] = {"peer_id": index + 1, "members": self.peers()}
+            peers: dict[str, Any] = {"peer_id": index + 1, "members": self.peers()}
+            if self.secret:
+                peers["secret"] = self.secret
+            config["peers"] = peers
         return config
 
     def start(self, index: int) -> Any:
@@ -152,9 +156,15 @@ class Fleet:
             await asyncio.sleep(0.1)
 
 
-def make_fleet(factory: Any, count: int, config: dict[str, Any], peered: bool = True) -> Fleet:
+def make_fleet(
+    factory: Any,
+    count: int,
+    config: dict[str, Any],
+    peered: bool = True,
+    secret: str | None = None,
+) -> Fleet:
     ports = [free_port() for _ in range(count)]
-    fleet = Fleet(factory, config, ports, [free_port() for _ in range(count)], peered)
+    fleet = Fleet(factory, config, ports, [free_port() for _ in range(count)], peered, secret)
     for index in range(count):
         fleet.start(index)
     return fleet

@@ -99,6 +99,7 @@ class Daemon:
         self.registry.worker = worker
         self.registry.ledger = worker.ledger if worker is not None else None
         self.registry.control = self  # the console's RELOAD / SHUTDOWN
+        self.registry.cancels.fleet = config.peers  # peering: keys name this instance
         # stats period, /metrics /health /ready
         self.observer = Observer(
             self.registry,
@@ -279,6 +280,7 @@ class Daemon:
         registry.users = users
         self.config = config
         registry.config = config
+        registry.cancels.fleet = config.peers  # keys issued so far keep their peer id
         for key, pool in list(registry.pools.items()):
             dbname = key[0]
             database = config.database(dbname)
