@@ -27,6 +27,7 @@ from pgmux.proxy.config import Config, ConfigError, load_config
 from pgmux.proxy.config.hba import Hba
 from pgmux.proxy.config.tls import TlsContexts, load_security
 from pgmux.proxy.config.userlist import load_users
+from pgmux.proxy.daemon import budget
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
 from pgmux.proxy.daemon.peers import WorkerInfo
@@ -130,6 +131,8 @@ class Daemon:
         self.janitor.start()
         await self.observer.start()
         log.info("ready", config=self.config.path)
+        if self.worker is None or self.worker.index == 0:
+            spawn(self._report_budget())
         self.notifier.ready(self.status())
         self.notifier.start_watchdog()
         try:
@@ -138,6 +141,13 @@ class Daemon:
             self.janitor.stop()
             await self.observer.stop()  # last: /health answered through the drain
             self.notifier.close()
+
+    async def _report_budget(self) -> None:
+        """The fleet's server budget against PostgreSQL's max_connections, logged."""
+        lines, warnings = await budget.report(self.config, self.registry.users)
+        log.info("server_budget", detail="; ".join(lines))
+        for warning in warnings:
+            log.warning("server_budget_exceeded", detail=warning)
 
     def status(self) -> str:
         """One line for systemctl status (STATUS=...)."""
