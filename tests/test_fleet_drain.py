@@ -126,3 +126,50 @@ async def test_ready_turns_false_at_the_first_moment(pg: TempPostgres, pgmux: An
         assert await asyncio.to_thread(mux.wait, 10) == 0
     finally:
         conn.terminate()
+
+
+async def test_session_clients_go_when_outside_a_transaction(pg: TempPostgres, pgmux: Any) -> None:
+    """Session mode: a client keeps its server, so "between transactions" means
+    linked but idle. The idle one gets 57P01 at once; the one inside a
+    transaction commits, then gets 57P01; pgmux exits long before the grace."""
+    dbname = fresh_database(pg)
+    await make_table(pg, dbname)
+    mux = pgmux(
+        {
+            "listen": {"workers": 1},
+            "pool": {"mode": "session"},
+            "timeouts": {"shutdown_grace": f"{GRACE}s"},
+        }
+    )
+    idle = await connect_asyncpg(mux, dbname)
+    busy = await connect_asyncpg(mux, dbname)
+    try:
+        await busy.execute("BEGIN")
+        await busy.execute("INSERT INTO done VALUES (1, 1)")
+        start = time.monotonic()
+        mux.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert await _closed_by_pgmux(idle), "an idle session client was kept"
+        await busy.execute("COMMIT")
+        code = await asyncio.to_thread(mux.wait, GRACE + 10)
+        elapsed = time.monotonic() - start
+        print(f"session drain: exit after {elapsed:.2f}s")
+        assert code == 0 and elapsed < GRACE / 3
+    finally:
+        idle.terminate()
+        busy.terminate()
+    conn = await direct(pg, dbname)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM done") == 1
+    finally:
+        await close_quietly(conn)
+
+
+async def _closed_by_pgmux(conn: asyncpg.Connection) -> bool:
+    if conn.is_closed():
+        return True
+    try:
+        await conn.execute("SELECT 1")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
+        return True
+    return False

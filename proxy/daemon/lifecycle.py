@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+from pgmux.protocol.msgtypes import TX_IDLE
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
@@ -210,8 +211,16 @@ class Daemon:
         return any(pool.active or pool.waiting for pool in self._pools())
 
     def _close_idle_clients(self) -> None:
+        """57P01 for every client between transactions: without a server, or
+        keeping one (session mode, pinned session state) outside a transaction
+        with nothing asked of it; the pool takes that server back clean."""
         for client in list(self.registry.clients):
-            if client.server is None and (self._refuse_waiting or not client.running):
+            server = client.server
+            if server is None:
+                idle = self._refuse_waiting or not client.running
+            else:
+                idle = server.tx_status == TX_IDLE and not client.running and not client.mid_message
+            if idle:
                 client.fail("57P01", "terminating connection due to administrator command")
 
     def stop_now(self) -> None:
