@@ -116,6 +116,7 @@ class Fleet:
     http_ports: list[int]
     peered: bool = True  # give every instance `peers:` naming all of them
     secret: str | None = None  # peers.secret
+    workers: int = 1  # listen.workers of each instance
     instances: list[Any] = field(default_factory=list)
 
     @property
@@ -130,7 +131,11 @@ class Fleet:
     def instance_config(self, index: int) -> dict[str, Any]:
         config = {
             **self.config,
-            "listen": {**self.config.get("listen", {}), "port": self.ports[index], "workers": 1},
+            "listen": {
+                **self.config.get("listen", {}),
+                "port": self.ports[index],
+                "workers": self.workers,
+            },
             "admin": {"http": {"address": "127.0.0.1", "port": self.http_ports[index]}},
         }
         if self.peered:
@@ -162,9 +167,11 @@ def make_fleet(
     config: dict[str, Any],
     peered: bool = True,
     secret: str | None = None,
+    workers: int = 1,
 ) -> Fleet:
     ports = [free_port() for _ in range(count)]
-    fleet = Fleet(factory, config, ports, [free_port() for _ in range(count)], peered, secret)
+    http_ports = [free_port() for _ in range(count)]
+    fleet = Fleet(factory, config, ports, http_ports, peered, secret, workers)
     for index in range(count):
         fleet.start(index)
     return fleet

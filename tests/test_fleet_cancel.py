@@ -100,6 +100,31 @@ async def test_cancels_find_their_instance(pg: TempPostgres, pgmux: Any, tmp_pat
     assert forwarded >= 20, "the balancer never sent a cancel to the wrong instance?"
 
 
+async def test_cancels_across_instances_and_their_workers(
+    pg: TempPostgres, pgmux: Any, tmp_path
+) -> None:
+    """Two instances of two workers each: a cancel may cross an instance and
+    then a worker (the forwarded request lands on any worker of its owner)."""
+    need_haproxy()
+    fleet = make_fleet(pgmux, 2, {"pool": {"size": 4, "max_server_connections": 4}}, workers=2)
+    for index in range(2):
+        await fleet.wait_ready(index)
+    balancer = start_haproxy(tmp_path, fleet.backends)
+    conns = []
+    try:
+        conns = [await connect_psycopg(balancer) for _ in range(4)]
+        assert {c.info.backend_pid & 0xFF for c in conns} <= {0, 1}  # the worker byte
+        latencies: list[float] = []
+        for _round in range(5):
+            latencies += await asyncio.gather(*(cancel_round(c) for c in conns))
+    finally:
+        for conn in conns:
+            await conn.close()
+        balancer.stop()
+    print(f"fleet x workers cancels: 20, max {max(latencies) * 1000:.0f} ms")
+    assert max(latencies) < LIMIT
+
+
 def test_key_layout_is_visible_to_clients(pgmux: Any) -> None:
     """A peered instance's BackendKeyData names it in bytes 1-2 (PgBouncer's place)."""
     mux = pgmux({"peers": {"peer_id": 513, "members": [{"id": 513, "host": "127.0.0.1"}]}})

@@ -1,6 +1,6 @@
 """Rolling restart of three pgmux instances behind HAProxy (docs/scaling.md).
 
-60 clients run short write transactions through HAProxy and reconnect when
+100 clients run short write transactions through HAProxy and reconnect when
 pgmux lets them go. Each instance in turn gets SIGTERM, drains and exits, and
 starts again on the same port. Every commit a client saw acknowledged is in
 the table and nothing else is; no operation hangs; the only errors clients
@@ -27,7 +27,7 @@ from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(150)
 
-CLIENTS = 60
+CLIENTS = 100
 OP_TIMEOUT = 15.0  # an operation slower than this counts as a hang
 GRACE = 30.0
 # How asyncpg reports the FATAL 57P01 that arrived while it was idle: 08003
@@ -144,7 +144,6 @@ async def test_rolling_restart_loses_nothing(pg: TempPostgres, pgmux: Any, tmp_p
             "pool": {"size": 4, "max_server_connections": 4},
             "timeouts": {"shutdown_grace": f"{GRACE:.0f}s", "query_wait": "30s"},
         },
-        peered=False,
     )
     for index in range(3):
         await fleet.wait_ready(index)
