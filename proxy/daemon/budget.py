@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -92,15 +93,30 @@ def _logins(config: Config, users: Mapping[str, str]) -> list[tuple[str, int, st
 
 async def _ask(login: tuple[str, int, str, str, str]) -> ServerLimit:
     host, port, dbname, user, password = login
-    conn = await asyncpg.connect(
-        host=host, port=port, database=dbname, user=user, password=password, timeout=_TIMEOUT
-    )
+    try:
+        # The maintenance database first: the pools' own databases see no
+        # stranger in pg_stat_activity.
+        conn = await _connect(host, port, "postgres", user, password)
+    except asyncpg.PostgresError:
+        conn = await _connect(host, port, dbname, user, password)
     try:
         row = await asyncio.wait_for(conn.fetchrow(_LIMITS_SQL), _TIMEOUT)
     finally:
         await conn.close(timeout=_TIMEOUT)
     assert row is not None
     return ServerLimit(host, port, row[0], row[1] + row[2])
+
+
+async def _connect(host: str, port: int, dbname: str, user: str, password: str) -> Any:
+    return await asyncpg.connect(
+        host=host,
+        port=port,
+        database=dbname,
+        user=user,
+        password=password,
+        timeout=_TIMEOUT,
+        server_settings={"application_name": "pgmux budget check"},
+    )
 
 
 async def server_limits(
