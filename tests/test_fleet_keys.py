@@ -164,3 +164,28 @@ def test_pgbouncer_ini_peers(tmp_path: Path) -> None:
         PeerConfig(id=2, host="/run/pgb-2", port=6432),
     )
     assert not [item for item in unsupported if "peer" in item.name]
+
+
+async def test_a_peer_on_a_unix_socket(tmp_path: Path) -> None:
+    """A member whose host is a directory is reached at DIR/.s.PGSQL.PORT."""
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(64))
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, str(tmp_path / ".s.PGSQL.7001"))
+    try:
+        keys = CancelKeys()
+        keys.fleet = PeersConfig(
+            peer_id=1, members=(PeerConfig(id=2, host=str(tmp_path), port=7001),)
+        )
+        pid = fleetkeys.with_peer(0x01000042, 2)
+        keys.cancel(pid, b"\x10\x20\x30\x43")
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.02)
+        assert received == [messages.cancel_request(pid, b"\x10\x20\x30\x42")]
+    finally:
+        server.close()
