@@ -20,7 +20,6 @@ import time
 import traceback
 from collections.abc import Callable
 
-from pgmux.protocol.msgtypes import TX_IDLE
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
@@ -219,7 +218,7 @@ class Daemon:
             if server is None:
                 idle = self._refuse_waiting or not client.running
             else:
-                idle = server.tx_status == TX_IDLE and not client.running and not client.mid_message
+                idle = server.clean_for_release and not client.running and not client.mid_message
             if idle:
                 client.fail("57P01", "terminating connection due to administrator command")
 
