@@ -489,9 +489,7 @@ class ClientConnection(asyncio.Protocol):
         self._set_state(_IDLE_STATE)
         if give_back:
             self.pool.release(server, now)  # resets session state first if it has any
-            if self.registry.shutting_down:
-                # A draining pgmux lets each client go at its transaction boundary;
-                # the driver reconnects, through the balancer, to another instance.
+            if self.registry.shutting_down:  # draining: let go at the boundary (scaling.md)
                 self.fail("57P01", "terminating connection due to administrator command")
             elif self._pending and self.state is _IDLE_STATE:
                 self._request_server()
