@@ -53,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_budget(config: Config) -> None:
+    """--check: the fleet's server budget, against PostgreSQL when it answers."""
+    import asyncio
+
+    from pgmux.proxy.daemon.budget import report
+
+    lines, warnings = asyncio.run(report(config, load_users(config)))
+    for line in lines:
+        print(f"pgmux: {line}")
+    for warning in warnings:
+        print(f"pgmux: warning: {warning}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.check:
         print(f"pgmux: configuration ok: {path}")
+        _check_budget(config)
         return 0
     pidfile = args.pidfile or config.pidfile
     from pgmux.proxy.daemon.lifecycle import (

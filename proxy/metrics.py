@@ -408,6 +408,7 @@ class MetricsServer:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method = "GET"  # for the answer to a request that could not be read
         try:
             method, path = await asyncio.wait_for(_read_request(reader), REQUEST_TIMEOUT)
             status, content_type, body = await self.route(method, path)
@@ -424,8 +425,8 @@ class MetricsServer:
         try:
             writer.write(head.encode() + (b"" if method == "HEAD" else body))
             await writer.drain()
-        except ConnectionError:
-            pass
+        except (ConnectionError, RuntimeError):
+            pass  # the checker (a balancer's health check) hung up before the answer
         finally:
             writer.close()
 

@@ -40,8 +40,12 @@ class FakePool:
         self.finished.append(server)
 
 
-def fake_client(keys: CancelKeys, server: object = None, expect_rfq: int = 1) -> SimpleNamespace:
-    client = SimpleNamespace(server=server, expect_rfq=expect_rfq, log_fields=dict)
+def fake_client(
+    keys: CancelKeys, server: object = None, expect_rfq: int = 1, protocol_minor: int = 0
+) -> SimpleNamespace:
+    client = SimpleNamespace(
+        server=server, expect_rfq=expect_rfq, log_fields=dict, protocol_minor=protocol_minor
+    )
     client.cancel_pid, client.cancel_key = keys.issue(client)  # type: ignore[arg-type]
     return client
 

@@ -322,8 +322,6 @@ log_connections = 0
 appdb = host=h connect_query='SET x = 1' timezone=UTC
 [users]
 bob = client_idle_timeout=5
-[peers]
-1 = host=/tmp/p1
 """,
     )
     names = [item.name for item in loaded.unsupported]
@@ -335,10 +333,9 @@ bob = client_idle_timeout=5
         "[databases] appdb: connect_query",
         "[databases] appdb: timezone",
         "[users] bob: client_idle_timeout",
-        "[peers]",
     ]
     warning = unsupported_warning(loaded.unsupported)
-    assert warning is not None and "so_reuseport" in warning and "[peers]" in warning
+    assert warning is not None and "so_reuseport" in warning
 
 
 def test_check_warns_and_strict_rejects(tmp_path: Path) -> None:

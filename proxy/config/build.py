@@ -26,6 +26,7 @@ from pgmux.proxy.config.model import (
     TlsSideConfig,
     UserConfig,
 )
+from pgmux.proxy.config.peers import parse_peers
 from pgmux.proxy.config.schema import (
     DATABASE_KEYS,
     POOL_SECTION,
@@ -83,6 +84,7 @@ def _build(data: Any, path: str | None, env: Mapping[str, str], base_dir: str) -
             root.get("ignore_startup_parameters"), "ignore_startup_parameters"
         ),
         pidfile=optional_text(root.get("pidfile"), "pidfile"),
+        peers=parse_peers(root.get("peers")),
         **parts,
     )
     _check_limits(config)

@@ -221,11 +221,7 @@ SETTINGS: tuple[Setting, ...] = (
         note=_ALWAYS + ": every parameter the server reports is tracked",
     ),
     Setting("ignore_startup_parameters", "", "ignore_startup_parameters", name_list),
-    Setting(
-        "peer_id",
-        "0",
-        note="use listen.workers; cancels are forwarded between workers",
-    ),
+    Setting("peer_id", "0", "peers.peer_id", c_int),
     Setting("disable_pqexec", "0"),
     Setting("application_name_add_host", "0"),
     Setting("conffile", "", show=lambda config: config.path or ""),

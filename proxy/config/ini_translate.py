@@ -33,6 +33,7 @@ from pgmux.proxy.config.ini_map import (
 )
 from pgmux.proxy.config.ini_read import IniEntry, Where, parse_connstr, read_ini
 from pgmux.proxy.config.model import Config
+from pgmux.proxy.config.peers import peer_from_ini
 from pgmux.proxy.config.values import suggestion
 
 
@@ -89,6 +90,7 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
     settings: dict[str, IniEntry] = {}
     databases: dict[str, IniEntry] = {}
     users: dict[str, IniEntry] = {}
+    peers: dict[str, IniEntry] = {}
     has_main = False
     for entry in entries:  # a later line wins, as in PgBouncer
         if entry.section == "pgbouncer":
@@ -101,14 +103,11 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
             databases[entry.key] = entry
         elif entry.section == "users":
             users[entry.key] = entry
+        elif entry.section == "peers":
+            peers[entry.key] = entry
         else:
             result.unsupported.append(
-                Unsupported(
-                    "[peers]",
-                    entry.value,
-                    entry.where,
-                    "use listen.workers; cancels are forwarded between workers",
-                )
+                Unsupported(f"[{entry.section}]", entry.value, entry.where, "unknown section")
             )
     if not has_main:
         raise ConfigError(path, "", "the [pgbouncer] section is missing")
@@ -119,9 +118,25 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
         _translate_database(name, entry, result, socket_dir)
     for name, entry in users.items():
         _translate_user(name, entry, result)
+    _translate_peers(peers, result)
     _cap_min_pool_size(result)
     result.unsupported.sort(key=lambda item: item.where)
     return result
+
+
+def _translate_peers(peers: dict[str, IniEntry], result: Translation) -> None:
+    """[peers]: `id = host=... port=...` lines, as peers.members."""
+    members = []
+    for name, entry in peers.items():
+        params = parse_connstr(entry.value, entry.where, f"[peers] {name}")
+        try:
+            members.append(peer_from_ini(name, params))
+        except ValueError as exc:
+            raise ConfigError(
+                entry.where.file, f"[peers] {name}", str(exc), line=entry.where.line
+            ) from None
+    if members:
+        result.put("peers.members", members, peers[next(iter(peers))].where, "[peers]")
 
 
 def _translate_settings(settings: dict[str, IniEntry], result: Translation) -> None:

@@ -164,6 +164,34 @@ class UserConfig:
     pool_size: int | None = None
 
 
+MAX_PEER_ID = 16383  # PgBouncer's limit: the id travels in two bytes of the cancel key
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """Another pgmux (or PgBouncer) of the fleet: where its cancels go."""
+
+    id: int
+    host: str  # an absolute directory means a unix socket, as for databases
+    port: int = 6432
+
+
+@dataclass(frozen=True, slots=True)
+class PeersConfig:
+    """PgBouncer-style peering: instances behind one TCP balancer forward each
+    other's CancelRequests (the instance's id is in every cancel key it issues)."""
+
+    peer_id: int = 0  # this instance; 0 = peering off
+    members: tuple[PeerConfig, ...] = ()  # may include this instance (ignored)
+    secret: str | None = field(default=None, repr=False)  # signs 3.2 keys when set
+
+    def peer(self, peer_id: int) -> PeerConfig | None:
+        for member in self.members:
+            if member.id == peer_id:
+                return member
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: str | None = None  # absolute, so a reload finds it whatever the cwd
@@ -176,6 +204,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=lambda: MappingProxyType({}))
     users: Mapping[str, UserConfig] = field(default_factory=lambda: MappingProxyType({}))
     ignore_startup_parameters: tuple[str, ...] = ()

@@ -140,7 +140,7 @@ SECTIONS: dict[str, Section] = {
 }
 TOP_LEVEL = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits"),
-    *("databases", "users", "ignore_startup_parameters", "pidfile"),
+    *("peers", "databases", "users", "ignore_startup_parameters", "pidfile"),
 )
 _DATABASE_OWN: dict[str, Converter] = {
     "host": text,

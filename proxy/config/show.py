@@ -44,6 +44,11 @@ def settings_table(config: Config) -> list[tuple[str, str, str]]:
         rows += _section_rows(name, section.table, getattr(config, name), section.base)
     rows.append(("ignore_startup_parameters", _show(names, config.ignore_startup_parameters), ""))
     rows.append(("pidfile", _show(optional_text, config.pidfile), ""))
+    peers = config.peers
+    rows.append(("peers.peer_id", str(peers.peer_id), "0"))
+    rows.append(("peers.secret", _show(secret, peers.secret), ""))
+    members = ", ".join(f"{m.id}={m.host}:{m.port}" for m in peers.members)
+    rows.append(("peers.members", members, ""))
     for db in config.databases.values():
         rows += _database_rows(db, config)
     for user in config.users.values():

@@ -1,7 +1,9 @@
 """The daemon's life: start, signals, reload, shutdown.
 
 SIGTERM: stop accepting, let running and queued transactions finish (up to
-timeouts.shutdown_grace), then exit 0; a second SIGTERM exits at once.
+timeouts.shutdown_grace), close each client with 57P01 at its transaction
+boundary, then exit 0; a second SIGTERM exits at once. That is a rolling
+restart behind a load balancer (docs/scaling.md): /ready turns false at once.
 SIGINT: stop accepting, refuse queued requests, wait (up to the same grace)
 for every server to be released. SIGQUIT: now. SIGUSR1 / SIGUSR2: PAUSE /
 RESUME. SIGHUP: reload the configuration and the users file; a bad file is
@@ -25,6 +27,7 @@ from pgmux.proxy.config import Config, ConfigError, load_config
 from pgmux.proxy.config.hba import Hba
 from pgmux.proxy.config.tls import TlsContexts, load_security
 from pgmux.proxy.config.userlist import load_users
+from pgmux.proxy.daemon import budget
 from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
 from pgmux.proxy.daemon.logsetup import refresh_logging
@@ -98,6 +101,7 @@ class Daemon:
         self.registry.worker = worker
         self.registry.ledger = worker.ledger if worker is not None else None
         self.registry.control = self  # the console's RELOAD / SHUTDOWN
+        self.registry.cancels.fleet = config.peers  # peering: keys name this instance
         # stats period, /metrics /health /ready
         self.observer = Observer(
             self.registry,
@@ -128,6 +132,8 @@ class Daemon:
         self.janitor.start()
         await self.observer.start()
         log.info("ready", config=self.config.path)
+        if self.worker is None or self.worker.index == 0:
+            spawn(self._report_budget())
         self.notifier.ready(self.status())
         self.notifier.start_watchdog()
         try:
@@ -136,6 +142,13 @@ class Daemon:
             self.janitor.stop()
             await self.observer.stop()  # last: /health answered through the drain
             self.notifier.close()
+
+    async def _report_budget(self) -> None:
+        """The fleet's server budget against PostgreSQL's max_connections, logged."""
+        lines, warnings = await budget.report(self.config, self.registry.users)
+        log.info("server_budget", detail="; ".join(lines))
+        for warning in warnings:
+            log.warning("server_budget_exceeded", detail=warning)
 
     def status(self) -> str:
         """One line for systemctl status (STATUS=...)."""
@@ -174,8 +187,13 @@ class Daemon:
         self._refuse_waiting = signame == "SIGINT"
         log.info("shutdown_started", signal=signame, grace=self.config.timeouts.shutdown_grace)
         self.notifier.stopping(f"shutting down ({signame}): {self.status()}")
+        # In one step of the loop: the listening sockets close (the balancer or
+        # SO_REUSEPORT sends new connections elsewhere), /ready turns false, and
+        # every client between transactions gets 57P01; the rest go at their
+        # transaction boundary (ClientConnection.transaction_done).
         self.listener.close()
         self.registry.shutting_down = True
+        self._close_idle_clients()
         spawn(self._drain())
 
     async def _drain(self) -> None:
@@ -193,8 +211,16 @@ class Daemon:
         return any(pool.active or pool.waiting for pool in self._pools())
 
     def _close_idle_clients(self) -> None:
+        """57P01 for every client between transactions: without a server, or
+        keeping one (session mode, pinned session state) outside a transaction
+        with nothing asked of it; the pool takes that server back clean."""
         for client in list(self.registry.clients):
-            if client.server is None and (self._refuse_waiting or not client.running):
+            server = client.server
+            if server is None:
+                idle = self._refuse_waiting or not client.running
+            else:
+                idle = server.clean_for_release and not client.running and not client.mid_message
+            if idle:
                 client.fail("57P01", "terminating connection due to administrator command")
 
     def stop_now(self) -> None:
@@ -275,6 +301,7 @@ class Daemon:
         registry.users = users
         self.config = config
         registry.config = config
+        registry.cancels.fleet = config.peers  # keys issued so far keep their peer id
         for key, pool in list(registry.pools.items()):
             dbname = key[0]
             database = config.database(dbname)

@@ -505,7 +505,9 @@ class ClientConnection(asyncio.Protocol):
         self._set_state(_IDLE_STATE)
         if give_back:
             self.pool.release(server, now)  # resets session state first if it has any
-            if self._pending and self.state is _IDLE_STATE:
+            if self.registry.shutting_down:  # draining: let go at the boundary (scaling.md)
+                self.fail("57P01", "terminating connection due to administrator command")
+            elif self._pending and self.state is _IDLE_STATE:
                 self._request_server()
         return True
 
