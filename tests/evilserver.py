@@ -213,9 +213,8 @@ class EvilConn:
             if reply[1].rstrip(b"\0").decode() != expected:
                 self.send(error("28P01", "password authentication failed", "FATAL"))
                 return False
-        elif method == "scram":
-            if not await self._scram(server_first, server_final):
-                return False
+        elif method == "scram" and not await self._scram(server_first, server_final):
+            return False
         self.send(auth(0))
         return True
 
@@ -229,7 +228,7 @@ class EvilConn:
         initial = await self.read_message()
         if initial is None:
             return False
-        mechanism, rest = initial[1].split(b"\0", 1)
+        _mechanism, rest = initial[1].split(b"\0", 1)
         client_first = rest[4:]
         proper_first = scram.first(client_first)
         first = server_first(scram, proper_first) if server_first else proper_first
@@ -239,7 +238,9 @@ class EvilConn:
         if final is None:
             return False
         proper_final = scram.final(final[1])
-        self.send(auth(12, server_final(scram, proper_final) if server_final else proper_final))
+        last = server_final(scram, proper_final) if server_final else proper_final
+        if last:  # b"": straight on to AuthenticationOk, proving nothing
+            self.send(auth(12, last))
         return True
 
     def welcome(self, status: bytes = b"I") -> None:
