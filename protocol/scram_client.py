@@ -106,7 +106,7 @@ class ScramClient:
 
     def verify_server_final(self, data: bytes) -> None:
         """Raises AuthError unless the server proved it knows our secret."""
-        self._advance("sent-final", "done")
+        self._advance("sent-final", "checking")  # "done" only once the proof holds
         _check_size(data, "server-final-message")
         attributes = split_attributes(data, AuthError)
         name, value = attributes[0]
@@ -116,6 +116,7 @@ class ScramClient:
         signature = b64decode(expect(attributes, 0, "v", AuthError), AuthError)
         if not hmac.compare_digest(signature, self._server_signature):
             raise AuthError("invalid SCRAM server signature")
+        self._state = "done"
 
     def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
         if self._password is None:
