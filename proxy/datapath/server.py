@@ -295,84 +295,81 @@ class ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self._received(data)
+            if self._tls_wanted is not None:
+                self._tls_answer(data)
+                return
+            client = self.client
+            if self._slow or client is None:
+                self._slow_received(data)
+                return
+            self.pool.stats.total_sent += len(data)  # all of it reaches the client
+            if client.translator is not None:
+                self.responses.received(data, self, client)
+                return
+            if self._hold:
+                data = self._hold + data
+                self._hold = b""
+            n = len(data)
+            pos = self._skip
+            ready = False
+            now = 0.0  # when the first ReadyForQuery of this chunk was read
+            # What this server may send: anything while a reply is owed, else only
+            # what PostgreSQL sends unprompted (protocol.backend).
+            limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
+            while pos + 5 <= n:
+                kind = data[pos]
+                length = _LENGTH(data, pos + 1)[0]
+                if length > limits[kind] or length < 4:
+                    self._refuse_reply(client, data[:pos], refusal(kind, length, limits))
+                    return
+                end = pos + 1 + length
+                action = _PLAIN_ACTIONS[kind]
+                if action:  # not a message that only passes through
+                    if end > n and action != _COPY:
+                        break  # read it whole: hold it
+                    if action == _RFQ:
+                        if length != 5 or client.expect_rfq <= 0:
+                            reason = refusal(kind, length, limits if length != 5 else _UNASKED)
+                            self._refuse_reply(client, data[:pos], reason)
+                            return
+                        client.expect_rfq -= 1
+                        status = data[pos + 5]
+                        self.tx_status = status
+                        # (the release rule; protocol.accounting.LinkAccounting.releasable)
+                        ready = (
+                            status == _IDLE
+                            and client.expect_rfq <= 0
+                            and not client.in_batch
+                            and not client.mid_message  # half a header already went to the server
+                        )
+                        if not now:
+                            now = time.monotonic()
+                        client.stats_query_done(now)
+                        limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
+                    elif action == _COPY:
+                        self.copy_in = True
+                    else:
+                        try:
+                            if action == _STATUS:
+                                self.parameter_status(data[pos + 5 : end], client)
+                            else:
+                                check_notice_fields(data[pos + 5 : end], _NOTICE_NAMES[kind])
+                        except ProtocolError as exc:
+                            self._refuse_reply(client, data[:pos], exc.message)
+                            return
+                pos = end
+            if pos < n:
+                # An incomplete header, or a message read whole: hold it.
+                self._skip = 0
+                self._hold = data[pos:]
+                client.send(data[:pos])
+                return
+            self._skip = pos - n
+            client.send(data)
+            if ready and not self._skip:
+                client.transaction_done(self, now)
         except Exception as exc:  # a bug must cost this server only, never the loop
             self.refuse(f"internal error on a server reply: {exc!r}")
-
-    def _received(self, data: bytes) -> None:
-        if self._tls_wanted is not None:
-            self._tls_answer(data)
-            return
-        client = self.client
-        if self._slow or client is None:
-            self._slow_received(data)
-            return
-        self.pool.stats.total_sent += len(data)  # all of it reaches the client
-        if client.translator is not None:
-            self.responses.received(data, self, client)
-            return
-        if self._hold:
-            data = self._hold + data
-            self._hold = b""
-        n = len(data)
-        pos = self._skip
-        ready = False
-        now = 0.0  # when the first ReadyForQuery of this chunk was read
-        # What this server may send: anything while a reply is owed, else only
-        # what PostgreSQL sends unprompted (protocol.backend).
-        limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
-        while pos + 5 <= n:
-            kind = data[pos]
-            length = _LENGTH(data, pos + 1)[0]
-            if length > limits[kind] or length < 4:
-                self._refuse_reply(client, data[:pos], refusal(kind, length, limits))
-                return
-            end = pos + 1 + length
-            action = _PLAIN_ACTIONS[kind]
-            if action:  # not a message that only passes through
-                if end > n and action != _COPY:
-                    break  # read it whole: hold it
-                if action == _RFQ:
-                    if length != 5 or client.expect_rfq <= 0:
-                        reason = refusal(kind, length, limits if length != 5 else _UNASKED)
-                        self._refuse_reply(client, data[:pos], reason)
-                        return
-                    client.expect_rfq -= 1
-                    status = data[pos + 5]
-                    self.tx_status = status
-                    # (the release rule; protocol.accounting.LinkAccounting.releasable)
-                    ready = (
-                        status == _IDLE
-                        and client.expect_rfq <= 0
-                        and not client.in_batch
-                        and not client.mid_message  # half a header already went to the server
-                    )
-                    if not now:
-                        now = time.monotonic()
-                    client.stats_query_done(now)
-                    limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
-                elif action == _COPY:
-                    self.copy_in = True
-                else:
-                    try:
-                        if action == _STATUS:
-                            self.parameter_status(data[pos + 5 : end], client)
-                        else:
-                            check_notice_fields(data[pos + 5 : end], _NOTICE_NAMES[kind])
-                    except ProtocolError as exc:
-                        self._refuse_reply(client, data[:pos], exc.message)
-                        return
-            pos = end
-        if pos < n:
-            # An incomplete header, or a message read whole: hold it.
-            self._skip = 0
-            self._hold = data[pos:]
-            client.send(data[:pos])
-            return
-        self._skip = pos - n
-        client.send(data)
-        if ready and not self._skip:
-            client.transaction_done(self, now)
 
     def _refuse_reply(self, client: ClientConnection, good: bytes, reason: str) -> None:
         """The whole messages before the bad one still reach the client (its
