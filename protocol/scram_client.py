@@ -26,6 +26,16 @@ from .scram import (
 )
 
 MAX_ITERATIONS = 0x7FFFFFFF  # PostgreSQL's scram_iterations is an int
+# The most PBKDF2 rounds pgmux computes for a server's salt: 24 times
+# PostgreSQL's default of 4096, some 70 ms of one core, during which the event
+# loop of every client waits. A server asking more is refused rather than
+# obeyed: the count is the server's to choose, the CPU is pgmux's (pgjdbc's
+# CVE-2026-42198). Passthrough logins compute nothing and are not bound.
+MAX_COMPUTED_ITERATIONS = 100_000
+# The longest server-first and server-final message accepted. PostgreSQL's
+# are under 200 bytes (a 48-character nonce, a 16-byte salt, a 32-byte
+# signature, all in base64); one of kilobytes is not a SCRAM server.
+MAX_SERVER_MESSAGE = 1024
 
 
 class ScramClient:
@@ -73,6 +83,11 @@ class ScramClient:
         self._server_signature = b""
         self._state = "start"
 
+    @property
+    def finished(self) -> bool:
+        """The server proved it knows the secret (verify_server_final passed)."""
+        return self._state == "done"
+
     def client_first(self) -> bytes:
         self._advance("start", "sent-first")
         return GS2_NO_BINDING + self._first_bare
@@ -80,6 +95,7 @@ class ScramClient:
     def handle_server_first(self, data: bytes) -> bytes:
         """server-first-message in, client-final-message out."""
         self._advance("sent-first", "sent-final")
+        _check_size(data, "server-first-message")
         nonce, salt, iterations = _parse_server_first(data, self._nonce)
         client_key, server_key = self._keys(salt, iterations)
         without_proof = b"c=" + b64encode(GS2_NO_BINDING).encode() + b",r=" + nonce
@@ -90,7 +106,8 @@ class ScramClient:
 
     def verify_server_final(self, data: bytes) -> None:
         """Raises AuthError unless the server proved it knows our secret."""
-        self._advance("sent-final", "done")
+        self._advance("sent-final", "checking")  # "done" only once the proof holds
+        _check_size(data, "server-final-message")
         attributes = split_attributes(data, AuthError)
         name, value = attributes[0]
         if name == "e":
@@ -99,6 +116,7 @@ class ScramClient:
         signature = b64decode(expect(attributes, 0, "v", AuthError), AuthError)
         if not hmac.compare_digest(signature, self._server_signature):
             raise AuthError("invalid SCRAM server signature")
+        self._state = "done"
 
     def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
         if self._password is None:
@@ -106,6 +124,11 @@ class ScramClient:
             if self._expected is not None and self._expected != (salt, iterations):
                 raise AuthError("the server's SCRAM secret differs from the one pgmux knows")
             return self._client_key, self._server_key
+        if iterations > MAX_COMPUTED_ITERATIONS:
+            raise AuthError(
+                f"SCRAM iteration count {iterations} exceeds pgmux's limit of "
+                f"{MAX_COMPUTED_ITERATIONS}"
+            )
         salted = salted_password(self._password, salt, iterations)
         return client_key_of(salted), server_key_of(salted)
 
@@ -131,6 +154,13 @@ def _parse_server_first(data: bytes, client_nonce: bytes) -> tuple[bytes, bytes,
     if not raw_iterations.isdigit() or not 1 <= int(raw_iterations) <= MAX_ITERATIONS:
         raise AuthError("malformed SCRAM message (invalid iteration count)")
     return nonce, salt, int(raw_iterations)
+
+
+def _check_size(data: bytes, what: str) -> None:
+    if len(data) > MAX_SERVER_MESSAGE:
+        raise AuthError(
+            f"malformed SCRAM message ({what} of {len(data)} bytes, limit {MAX_SERVER_MESSAGE})"
+        )
 
 
 def _escape_name(name: str) -> bytes:

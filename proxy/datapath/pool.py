@@ -317,6 +317,10 @@ class Pool:
         client = server.client
         self.forget(server)
         if client is not None:
+            if server.forwarded_partial:
+                # The client holds part of a message: an ErrorResponse would be
+                # read as the rest of it. It gets the close alone, as from PostgreSQL.
+                client.transport.close()
             client.server_lost(server)
 
     def forget(self, server: ServerConnection, shared: bool = True) -> None:

@@ -25,16 +25,17 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, msgtypes
+from pgmux.protocol.backend import ASKED, HELD_LIMIT, UNASKED, check_notice_fields, refusal
+from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.extended import command_tag
 from pgmux.proxy.base.log import get_logger
 
 log = get_logger("pgmux.server")
 
 # The longest reply held to be read whole (ErrorResponse, CommandComplete,
-# ParameterStatus, ...; rows and COPY data stream through). PostgreSQL's own
-# errors can quote a client's value, hence the margin; a server announcing
-# more is broken or hostile and is closed, not buffered up to 4 GiB.
-HOLD_LIMIT = 64 << 20
+# ParameterStatus, ...; rows and COPY data stream through): the tables of
+# protocol.backend allow no more, so a server announcing more is closed.
+HOLD_LIMIT = HELD_LIMIT
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -68,7 +69,7 @@ _ENDS = {
 
 
 # What the filter does with each reply type (one table lookup per message).
-_FORWARD, _RFQ, _END, _COMPLETE, _ERROR, _STATUS, _EMPTY, _COPY = range(8)
+_FORWARD, _RFQ, _END, _COMPLETE, _ERROR, _STATUS, _EMPTY, _COPY, _NOTICE = range(9)
 _ACTIONS = [_FORWARD] * 256
 for _kind in _ENDS:
     _ACTIONS[_kind] = _END
@@ -79,6 +80,7 @@ _ACTIONS[msgtypes.PARAMETER_STATUS] = _STATUS
 _ACTIONS[msgtypes.EMPTY_QUERY_RESPONSE] = _EMPTY
 _ACTIONS[msgtypes.COPY_IN_RESPONSE] = _COPY
 _ACTIONS[msgtypes.COPY_BOTH_RESPONSE] = _COPY
+_ACTIONS[msgtypes.NOTICE_RESPONSE] = _NOTICE
 
 
 class Entry:
@@ -159,25 +161,27 @@ class ResponseFilter:
         now = 0.0  # when the first ReadyForQuery of this chunk was read
         entries = self.entries
         actions = _ACTIONS
+        # What the server may send: anything while a reply is owed, else only
+        # what PostgreSQL sends unprompted (protocol.backend).
+        limits = ASKED if client.expect_rfq > 0 or client.in_batch else UNASKED
         while pos + 5 <= n:
             kind = data[pos]
-            end = pos + 1 + _LENGTH(data, pos + 1)[0]
+            length = _LENGTH(data, pos + 1)[0]
+            if length > limits[kind] or length < 4:
+                self._refuse(server, client, out, data[run:pos], refusal(kind, length, limits))
+                return
+            end = pos + 1 + length
             action = actions[kind]
-            if action == _FORWARD:  # DataRow, RowDescription mid-query, notices, ...
+            if action == _FORWARD:  # DataRow, RowDescription mid-query, ...
                 pos = end
                 continue
             if end > n:
-                if end - pos > HOLD_LIMIT:
-                    log.warning(
-                        "server_protocol_error",
-                        error=f"reply of {end - pos - 1} bytes exceeds {HOLD_LIMIT}",
-                        db=server.pool.dbname,
-                        server_id=server.id,
-                    )
-                    server.abort()  # connection_lost: its client gets 08006
-                    return
-                break  # wait for the whole message
+                break  # wait for the whole message (HELD_LIMIT at most)
             if action == _RFQ:
+                if length != 5 or client.expect_rfq <= 0:
+                    reason = refusal(kind, length, limits if length != 5 else UNASKED)
+                    self._refuse(server, client, out, data[run:pos], reason)
+                    return
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
@@ -199,6 +203,7 @@ class ResponseFilter:
                 # Unlike the plain scan, no mid-message check: the translator holds
                 # a client's partial message back, so none of it is on this server.
                 ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
+                limits = ASKED if client.expect_rfq > 0 or client.in_batch else UNASKED
             elif action == _END:
                 if entries and entries[0].op == _ENDS[kind]:
                     head = entries.popleft()
@@ -222,11 +227,19 @@ class ResponseFilter:
                         entries.popleft()
                         if entries and entries[0].op == EMIT:
                             run = self._emit_after(out, data, run, end)
-            elif action == _ERROR:
-                if self._error(out, data, run, pos, end):
+            elif action in (_ERROR, _NOTICE, _STATUS):
+                try:
+                    if action == _STATUS:
+                        server.parameter_status(data[pos + 5 : end], client)
+                    elif action == _NOTICE:
+                        check_notice_fields(data[pos + 5 : end], "NoticeResponse")
+                    else:
+                        check_notice_fields(data[pos + 5 : end])
+                except ProtocolError as exc:
+                    self._refuse(server, client, out, data[run:pos], exc.message)
+                    return
+                if action == _ERROR and self._error(out, data, run, pos, end):
                     run = end
-            elif action == _STATUS:
-                server.parameter_status(data[pos + 5 : end], client)
             elif action == _EMPTY:
                 if entries and entries[0].op != QUERY:
                     entries.popleft()  # EmptyQueryResponse ends an Execute
@@ -254,6 +267,23 @@ class ResponseFilter:
             client.transport.write(payload)
         if ready and not self.hold and not self.skip_bytes:
             client.transaction_done(server, now)
+
+    def _refuse(
+        self,
+        server: ServerConnection,
+        client: ClientConnection,
+        out: list[bytes],
+        tail: bytes,
+        reason: str,
+    ) -> None:
+        """A reply breaks the protocol: what came before it still reaches the
+        client, then the server is dropped (its client gets 08006)."""
+        out.append(tail)
+        payload = b"".join(out)
+        if payload:
+            client.transport.write(payload)
+        self.reset()
+        server.refuse(reason)
 
     def _emit_after(self, out: list[bytes], data: bytes, run: int, end: int) -> int:
         """Forward up to `end`, then the made-up replies now at the head; the new run start."""

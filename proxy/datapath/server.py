@@ -21,6 +21,16 @@ from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
+from pgmux.protocol.backend import ASKED as _ASKED
+from pgmux.protocol.backend import (
+    HELD_LIMIT,
+    STREAMED,
+    STREAMED_LIMIT,
+    check_notice_fields,
+    refusal,
+)
+from pgmux.protocol.backend import LOGIN as _LOGIN
+from pgmux.protocol.backend import UNASKED as _UNASKED
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.msgtypes import AUTHENTICATION_REQUEST as _AUTHENTICATION
@@ -28,6 +38,7 @@ from pgmux.protocol.msgtypes import BACKEND_KEY_DATA as _BACKEND_KEY_DATA
 from pgmux.protocol.msgtypes import COPY_BOTH_RESPONSE as _COPY_BOTH_RESPONSE
 from pgmux.protocol.msgtypes import COPY_IN_RESPONSE as _COPY_IN_RESPONSE
 from pgmux.protocol.msgtypes import ERROR_RESPONSE as _ERROR_RESPONSE
+from pgmux.protocol.msgtypes import NOTICE_RESPONSE as _NOTICE_RESPONSE
 from pgmux.protocol.msgtypes import PARAMETER_STATUS as _PARAMETER_STATUS
 from pgmux.protocol.msgtypes import READY_FOR_QUERY as _READY_FOR_QUERY
 from pgmux.protocol.msgtypes import TX_IDLE as _IDLE
@@ -57,6 +68,19 @@ log = get_logger("pgmux.server")
 
 _LENGTH = Struct("!I").unpack_from
 
+
+_SKIPPED = frozenset(STREAMED)  # the slow path never looks into rows or COPY data
+
+# What the plain scan does with each type (0: it only passes through).
+_RFQ, _STATUS, _NOTICE, _COPY = 1, 2, 3, 4
+_PLAIN_ACTIONS = bytearray(256)
+_PLAIN_ACTIONS[_READY_FOR_QUERY] = _RFQ
+_PLAIN_ACTIONS[_PARAMETER_STATUS] = _STATUS
+_PLAIN_ACTIONS[_ERROR_RESPONSE] = _NOTICE
+_PLAIN_ACTIONS[_NOTICE_RESPONSE] = _NOTICE
+_PLAIN_ACTIONS[_COPY_IN_RESPONSE] = _COPY
+_PLAIN_ACTIONS[_COPY_BOTH_RESPONSE] = _COPY
+_NOTICE_NAMES = {_ERROR_RESPONSE: "ErrorResponse", _NOTICE_RESPONSE: "NoticeResponse"}
 
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
 
@@ -98,7 +122,10 @@ class ServerConnection(asyncio.Protocol):
         self._hold = b""
         # slow path
         self._slow = True
-        self._reader = MessageReader()
+        # Whole messages up to HELD_LIMIT; rows and COPY data skipped unbuffered.
+        self._reader = MessageReader(
+            HELD_LIMIT, "the server message limit", _SKIPPED, STREAMED_LIMIT
+        )
         self._login: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._logged_in = False  # PostgreSQL said ReadyForQuery to the startup
         self._auth = ServerAuth(credentials, pool.registry.auth)
@@ -107,6 +134,7 @@ class ServerConnection(asyncio.Protocol):
         self._rfq_waiter: asyncio.Future[None] | None = None
         self._query_error: ServerError | None = None
         self.moved = False  # handed over to another worker: this object is done
+        self._closing = False  # pgmux closed it (else a loss is logged)
 
     # --- moving between workers (listen.workers > 1) ---------------------------
 
@@ -228,6 +256,10 @@ class ServerConnection(asyncio.Protocol):
         if self.moved:
             return  # the other worker has the backend now
         lost = ServerLost(str(exc) if exc else "server closed the connection")
+        if self._logged_in and not self._closing:  # (a failed login is the pool's to log)
+            mid = bool(self._hold or self._skip or self.responses.mid_message)
+            mid = mid or self._reader.mid_message
+            log.warning("server_lost", error=str(lost), mid_message=mid, **self._log_fields())
         if not self._login.done():
             self._login.set_exception(lost)
         self._wake_rfq_waiter(lost)
@@ -246,10 +278,12 @@ class ServerConnection(asyncio.Protocol):
                 log.debug("server_close", reason=reason, **self._log_fields())
             if self._logged_in:
                 self.transport.write(messages.terminate())
+            self._closing = True
             self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:
+            self._closing = True
             self.transport.abort()
 
     def pause_reading(self) -> None:
@@ -263,66 +297,103 @@ class ServerConnection(asyncio.Protocol):
     # --- hot path ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._tls_wanted is not None:
-            self._tls_answer(data)
-            return
-        client = self.client
-        if self._slow or client is None:
-            self._slow_received(data)
-            return
-        self.pool.stats.total_sent += len(data)  # all of it reaches the client
-        if client.translator is not None:
-            self.responses.received(data, self, client)
-            return
-        if self._hold:
-            data = self._hold + data
-            self._hold = b""
-        n = len(data)
-        pos = self._skip
-        ready = False
-        now = 0.0  # when the first ReadyForQuery of this chunk was read
-        while pos + 5 <= n:
-            kind = data[pos]
-            end = pos + 1 + _LENGTH(data, pos + 1)[0]
-            if kind == _READY_FOR_QUERY:
-                if end > n:
-                    break
-                client.expect_rfq -= 1
-                status = data[pos + 5]
-                self.tx_status = status
-                # (the release rule; protocol.accounting.LinkAccounting.releasable)
-                ready = (
-                    status == _IDLE
-                    and client.expect_rfq <= 0
-                    and not client.in_batch
-                    and not client.mid_message  # half a header already went to the server
-                )
-                if not now:
-                    now = time.monotonic()
-                client.stats_query_done(now)
-            elif kind == _PARAMETER_STATUS:
-                if end > n:
-                    break
-                self.parameter_status(data[pos + 5 : end], client)
-            elif kind in (_COPY_IN_RESPONSE, _COPY_BOTH_RESPONSE):
-                self.copy_in = True
-            pos = end
-        if pos < n:
-            # An incomplete header, ReadyForQuery or ParameterStatus: hold it.
-            self._skip = 0
-            self._hold = data[pos:]
-            client.send(data[:pos])
-            return
-        self._skip = pos - n
-        client.send(data)
-        if ready and not self._skip:
-            client.transaction_done(self, now)
+        try:
+            if self._tls_wanted is not None:
+                self._tls_answer(data)
+                return
+            client = self.client
+            if self._slow or client is None:
+                self._slow_received(data)
+                return
+            self.pool.stats.total_sent += len(data)  # all of it reaches the client
+            if client.translator is not None:
+                self.responses.received(data, self, client)
+                return
+            if self._hold:
+                data = self._hold + data
+                self._hold = b""
+            n = len(data)
+            pos = self._skip
+            ready = False
+            now = 0.0  # when the first ReadyForQuery of this chunk was read
+            # What this server may send: anything while a reply is owed, else only
+            # what PostgreSQL sends unprompted (protocol.backend).
+            limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
+            while pos + 5 <= n:
+                kind = data[pos]
+                length = _LENGTH(data, pos + 1)[0]
+                if length > limits[kind] or length < 4:
+                    self._refuse_reply(client, data[:pos], refusal(kind, length, limits))
+                    return
+                end = pos + 1 + length
+                action = _PLAIN_ACTIONS[kind]
+                if action:  # not a message that only passes through
+                    if end > n and action != _COPY:
+                        break  # read it whole: hold it
+                    if action == _RFQ:
+                        if length != 5 or client.expect_rfq <= 0:
+                            reason = refusal(kind, length, limits if length != 5 else _UNASKED)
+                            self._refuse_reply(client, data[:pos], reason)
+                            return
+                        client.expect_rfq -= 1
+                        status = data[pos + 5]
+                        self.tx_status = status
+                        # (the release rule; protocol.accounting.LinkAccounting.releasable)
+                        ready = (
+                            status == _IDLE
+                            and client.expect_rfq <= 0
+                            and not client.in_batch
+                            and not client.mid_message  # half a header already went to the server
+                        )
+                        if not now:
+                            now = time.monotonic()
+                        client.stats_query_done(now)
+                        limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
+                    elif action == _COPY:
+                        self.copy_in = True
+                    else:
+                        try:
+                            if action == _STATUS:
+                                self.parameter_status(data[pos + 5 : end], client)
+                            else:
+                                check_notice_fields(data[pos + 5 : end], _NOTICE_NAMES[kind])
+                        except ProtocolError as exc:
+                            self._refuse_reply(client, data[:pos], exc.message)
+                            return
+                pos = end
+            if pos < n:
+                # An incomplete header, or a message read whole: hold it.
+                self._skip = 0
+                self._hold = data[pos:]
+                client.send(data[:pos])
+                return
+            self._skip = pos - n
+            client.send(data)
+            if ready and not self._skip:
+                client.transaction_done(self, now)
+        except Exception as exc:  # a bug must cost this server only, never the loop
+            self.refuse(f"internal error on a server reply: {exc!r}")
+
+    def _refuse_reply(self, client: ClientConnection, good: bytes, reason: str) -> None:
+        """The whole messages before the bad one still reach the client (its
+        error then follows at a message boundary); the server is dropped."""
+        if good:
+            client.send(good)
+        self._skip = 0
+        self._hold = b""
+        self.refuse(reason)
+
+    def refuse(self, reason: str) -> None:
+        """The server broke the protocol: log why and drop it. connection_lost
+        follows, so a linked client gets 08006 and a login fails with REASON."""
+        log.warning("server_protocol_error", error=reason, **self._log_fields())
+        if not self._login.done():
+            self._login.set_exception(ProtocolError(reason))
+        self.abort()
 
     def parameter_status(self, body: bytes, client: ClientConnection | None) -> None:
-        try:
-            name, value = messages.parse_parameter_status(body)
-        except ProtocolError:
-            return
+        """Remember a ParameterStatus (ProtocolError when it is malformed)."""
+        name, value = messages.parse_parameter_status(body)
         name, value = sys.intern(name), sys.intern(value)  # see varcache.interned
         self.params[name] = value
         if client is not None:
@@ -353,6 +424,11 @@ class ServerConnection(asyncio.Protocol):
         self._slow = True
         self.copy_in = False
         self.responses.reset()
+
+    @property
+    def forwarded_partial(self) -> bool:
+        """Part of a message went to the client, the rest is still to come."""
+        return bool(self._skip or self.responses.skip_bytes)
 
     @property
     def clean_for_release(self) -> bool:
@@ -441,8 +517,7 @@ class ServerConnection(asyncio.Protocol):
             while (message := self._reader.next_message()) is not None:
                 self._slow_message(message[0], message[1])
         except ProtocolError as exc:
-            log.warning("server_protocol_error", error=exc.message, **self._log_fields())
-            self.abort()
+            self.refuse(exc.message)
         except ServerError as exc:
             if not self._login.done():
                 self._login.set_exception(exc)
@@ -450,19 +525,32 @@ class ServerConnection(asyncio.Protocol):
 
     def _slow_message(self, kind: int, body: bytes) -> None:
         if not self._logged_in:
+            self._check_slow(kind, body, _LOGIN)
             self._login_message(kind, body)
-        elif kind == _READY_FOR_QUERY:
-            self.tx_status = body[0] if body else _IDLE
+            return
+        # Asked: pgmux's own statement, or the cleanup of a departed client's.
+        self._check_slow(kind, body, _ASKED if self._rfq_wanted > 0 else _UNASKED)
+        if kind == _READY_FOR_QUERY:
+            self.tx_status = body[0]
             self._rfq_wanted -= 1
             if self._rfq_wanted <= 0:
                 self._wake_rfq_waiter(None)
         elif kind == _PARAMETER_STATUS:
             self.parameter_status(body, self.client)
         elif kind == _ERROR_RESPONSE:
-            self._slow_error(messages.parse_error_fields(body))
+            self._slow_error(check_notice_fields(body))
+        elif kind == _NOTICE_RESPONSE:
+            check_notice_fields(body, "NoticeResponse")
         elif kind == _COPY_IN_RESPONSE:
             # Only a departed client's COPY gets here, while it is cleaned up.
             self.transport.write(_COPY_FAIL_MESSAGE)
+
+    @staticmethod
+    def _check_slow(kind: int, body: bytes, table: list[int]) -> None:
+        """The type must fit the phase; the reader bounded the length already
+        (rows and COPY data it skips, unread, come with an empty body)."""
+        if not table[kind] or (kind == _READY_FOR_QUERY and len(body) != 1):
+            raise ProtocolError(refusal(kind, len(body) + 4, table))
 
     def _slow_error(self, fields: dict[str, str]) -> None:
         error = ServerError(fields)
@@ -490,12 +578,14 @@ class ServerConnection(asyncio.Protocol):
             self.backend_pid, self.backend_key = messages.parse_backend_key_data(body)
         elif kind == _READY_FOR_QUERY:
             self._logged_in = True
-            self.tx_status = body[0] if body else _IDLE
+            self.tx_status = body[0]
             if not self._login.done():
                 self._login.set_result(None)
         elif kind == _ERROR_RESPONSE:
-            raise ServerError(messages.parse_error_fields(body))
-        # NoticeResponse and NegotiateProtocolVersion need no answer.
+            raise ServerError(check_notice_fields(body))
+        elif kind == _NOTICE_RESPONSE:
+            check_notice_fields(body, "NoticeResponse")
+        # NegotiateProtocolVersion needs no answer.
 
     def _log_fields(self) -> dict[str, object]:
         return {"db": self.pool.dbname, "user": self.pool.user, "server_id": self.id}

@@ -86,6 +86,9 @@ class ServerAuth:
         and SASLFinal); ServerError or ProtocolError when the login cannot go on."""
         code, rest = messages.parse_authentication(body)
         if code == messages.AUTH_OK:
+            if self._scram is not None and not self._scram.finished:
+                # The server never proved it knows the secret: not a login.
+                raise ProtocolError("AuthenticationOk before the SCRAM exchange was complete")
             return b""
         creds = self.credentials
         password, learned = self._login_secret()
@@ -96,6 +99,8 @@ class ServerAuth:
         elif code == messages.AUTH_MD5_PASSWORD:
             if password is None:
                 raise self._no_password("md5")
+            if len(rest) != 4:
+                raise ProtocolError("invalid AuthenticationMD5Password: the salt is not 4 bytes")
             response = md5_response(creds.user, password, rest[:4])
             return messages.password_message(response)
         elif code == messages.AUTH_SASL:
