@@ -132,7 +132,10 @@ class Daemon:
         self.janitor.start()
         await self.observer.start()
         log.info("ready", config=self.config.path)
-        if self.worker is None or self.worker.index == 0:
+        # Only a fleet asks PostgreSQL at startup: one instance opens no
+        # connection before a client needs one (its budget is --check's to tell).
+        first_worker = self.worker is None or self.worker.index == 0
+        if first_worker and self.config.peers.members:
             spawn(self._report_budget())
         self.notifier.ready(self.status())
         self.notifier.start_watchdog()
