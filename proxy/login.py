@@ -12,6 +12,9 @@ without any of this state.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -49,8 +52,14 @@ if TYPE_CHECKING:
 log = get_logger("pgmux.client")
 
 
-# What the daemon gives the login to open a console session with.
-OpenConsole = Callable[[ClientConnection, bytes], None]
+# What the daemon gives the login to open a console session with:
+# (client, bytes already read, whether it is the daemon's own OS user).
+OpenConsole = Callable[[ClientConnection, bytes, bool], None]
+
+# The console users the daemon's own OS user may be without a password
+# (PgBouncer's admin_pre_login: "pgbouncer"; pgmux's own name too).
+OWN_USER_NAMES = frozenset({"pgbouncer", "pgmux"})
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def new_client(registry: Registry, open_console: OpenConsole) -> ClientConnection:
@@ -76,6 +85,7 @@ class ClientLogin:
         self._reader: MessageReader | None = None
         self._auth: ClientAuth | None = None
         self._tls_early: list[bytes] | None = None  # decrypted before start_tls returned
+        self._own_user = False  # the daemon's OS user on the unix socket, to the console
 
     @property
     def _gone(self) -> bool:
@@ -145,6 +155,11 @@ class ClientLogin:
         except varcache.StartupParameterError as exc:
             raise ProtocolError(str(exc), sqlstate.PROTOCOL_VIOLATION) from None
         client.database = database
+        if console and self._is_own_user():
+            # No hba rule and no password: the OS already vouched for this peer.
+            self._own_user = True
+            self._authenticated()
+            return
         method = self._auth_method()
         self._authenticating = True
         packet = self.config.limits.max_packet_size  # or PostgreSQL's bound, the smaller
@@ -202,6 +217,14 @@ class ClientLogin:
         early, self._tls_early = self._tls_early or [], None
         if early:
             self.feed(b"".join(early))
+
+    def _is_own_user(self) -> bool:
+        """A unix-socket peer running as the daemon's own uid, logging in as
+        pgbouncer/pgmux (never over TCP, where the peer is unknown)."""
+        client = self.client
+        if client.peer != "unix" or client.user not in OWN_USER_NAMES:
+            return False
+        return peer_uid(client.transport) == os.getuid()
 
     def _ssl_object(self) -> ssl.SSLObject | None:
         if self.client.tls is None:
@@ -341,9 +364,11 @@ class ClientLogin:
             self._take_client_slot()
         client.send(messages.authentication_ok())
         self.registry.login_done(client)
-        leftover = self._reader.take_remaining() if self._reader is not None else b""
+        # Bytes after the startup packet: the first messages after the login.
+        reader = self._reader if self._reader is not None else self._startup
+        leftover = reader.take_remaining()
         if console:
-            self._open_console(client, leftover)
+            self._open_console(client, leftover, self._own_user)
             return
         if self.registry.flags.is_disabled(client.dbname):
             raise ProtocolError(
@@ -367,3 +392,15 @@ class ClientLogin:
             settings.session_state,
             pool.stats,
         )
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The uid of a unix-socket peer (SO_PEERCRED), None when unknown."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    return int(_UCRED.unpack(raw)[1])
