@@ -376,6 +376,7 @@ class ClientLogin:
             )
         assert client.database is not None
         pool = self.registry.pool_for(client.dbname, client.database, client.user)
+        pool.stats.total_client_login_count += 1
         client.feed_to(None)  # from here on the client's bytes are its own
         client.join(pool, leftover, self._translator(pool))
 

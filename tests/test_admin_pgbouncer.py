@@ -11,9 +11,10 @@ import os
 import subprocess
 from typing import Any
 
+import psycopg
 import pytest
-from helpers import PgmuxFactory
-from test_admin_console import console_config
+from helpers import PgmuxFactory, close_quietly, connect_asyncpg
+from test_admin_console import admin_psycopg, console_config, row_for, show
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,3 +71,72 @@ def test_other_users_on_the_unix_socket_still_need_their_password(pgmux: PgmuxFa
         capture_output=True, text=True, timeout=60, env=env, check=False,
     )  # fmt: skip
     assert done.returncode != 0, done.stdout
+
+
+# --- PgBouncer's setting names in SET and SHOW CONFIG -------------------------------
+
+
+async def test_set_takes_pgbouncer_names_and_values(pgmux: PgmuxFactory) -> None:
+    mux = pgmux(console_config())
+    console = await admin_psycopg(mux)
+    try:
+        before = config_rows(await show(console, "CONFIG"))
+        assert before["pool_mode"][:2] == ("transaction", "session")  # value, PgBouncer default
+        for name in ("pool_mode", "auth_type", "max_prepared_statements", "admin_users",
+                     "stats_users", "max_db_client_connections", "query_timeout"):  # fmt: skip
+            assert before[name][2] == "yes", name  # changeable
+        cur = await console.execute("SET pool_mode = session")
+        assert cur.statusmessage == "SET pool_mode=session"  # the name as given
+        # PgBouncer's spelling of the value: seconds as a number, 'plain'.
+        await console.execute("SET query_timeout = 2.5")
+        await console.execute("SET auth_type = plain")
+        await console.execute("SET stats_users = 'report, other'")
+        after = config_rows(await show(console, "CONFIG"))
+        assert after["pool_mode"][0] == "session" and after["pool.mode"][0] == "session"
+        assert after["query_timeout"][0] == "2.5" and after["timeouts.query"][0] == "2500ms"
+        assert after["auth_type"][0] == "plain" and after["stats_users"][0] == "report,other"
+        # Applied: the next client of appdb gets a session pool, logs in with
+        # a clear-text password (psql would fail on a SCRAM-only plain check).
+        app = await connect_asyncpg(mux)
+        pools = await show(console, "POOLS")
+        assert row_for(pools, database="appdb", user="app")["pool_mode"] == "session"
+        await app.close()
+        # A value the ini would refuse is refused, and nothing changes.
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            await console.execute("SET query_timeout = soon")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            await console.execute("SET pool_mode = sometimes")
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            await console.execute("SET no_such_setting = 1")
+        final = config_rows(await show(console, "CONFIG"))
+        assert final["query_timeout"][0] == "2.5" and final["pool_mode"][0] == "session"
+    finally:
+        await close_quietly(console)
+
+
+def config_rows(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    return {r["key"]: (r["value"], r["default"], r.get("changeable", "")) for r in rows}
+
+
+# --- SHOW STATS -------------------------------------------------------------------
+
+
+async def test_stats_count_client_logins(pgmux: PgmuxFactory) -> None:
+    mux = pgmux(console_config())
+    for _ in range(3):
+        app = await connect_asyncpg(mux)
+        await app.fetchval("SELECT 1")
+        await app.close()
+    console = await admin_psycopg(mux)
+    try:
+        stats = row_for(await show(console, "STATS"), database="appdb")
+        assert stats["total_client_login_count"] == 3
+        assert "avg_client_login_count" in stats
+        totals = row_for(await show(console, "STATS_TOTALS"), database="appdb")
+        assert totals["client_login_count"] == 3
+        averages = row_for(await show(console, "STATS_AVERAGES"), database="appdb")
+        assert "avg_client_login_count" in averages
+        overall = {r["name"]: r["value"] for r in await show(console, "TOTALS")}
+        assert overall["total_client_login_count"] == 3
+    finally:
+        await close_quietly(console)

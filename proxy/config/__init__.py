@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pgmux.proxy.config.build import parse_config
 from pgmux.proxy.config.errors import ConfigError
-from pgmux.proxy.config.ini_show import pgbouncer_settings, pgmux_key
+from pgmux.proxy.config.ini_show import pgbouncer_settings, pgbouncer_value, pgmux_key
 from pgmux.proxy.config.ini_translate import Unsupported, unsupported_warning
 from pgmux.proxy.config.load import LoadedConfig, load_config, read_config
 from pgmux.proxy.config.model import (
@@ -66,6 +66,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "pgbouncer_settings",
+    "pgbouncer_value",
     "pgmux_key",
     "read_config",
     "settings_table",

@@ -43,3 +43,10 @@ def pgmux_key(name: str) -> str | None:
     "pool.size"), or None; lets the console's SET accept PgBouncer's names."""
     setting = SETTINGS_BY_NAME.get(name.lower())
     return setting.target if setting is not None else None
+
+
+def pgbouncer_value(name: str, text: str) -> object:
+    """TEXT for PgBouncer setting NAME, read as the ini reads it ("0.5" seconds,
+    "plain" auth_type, "a, b" lists), into the value a pgmux YAML file holds;
+    ValueError when the ini would refuse it."""
+    return SETTINGS_BY_NAME[name.lower()].parse(text)

@@ -171,8 +171,24 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
     **{f"timeouts.{name}": parse_duration for name in TIMEOUTS},
     **{
         f"pool.{name}": POOL[name]
-        for name in ("size", "min_size", "reserve_size", "reserve_timeout")
-    },
+        for name in (
+            "mode",
+            "size",
+            "min_size",
+            "reserve_size",
+            "reserve_timeout",
+            "max_db_connections",
+            "max_user_connections",
+            "max_db_client_connections",
+            "max_user_client_connections",
+            "max_prepared_statements",
+        )
+    },  # fmt: skip
+    # Read at each login: the next client sees the new value.
+    "auth.type": _AUTH["type"],
+    "auth.query_user": _AUTH["query_user"],
+    "admin.users": names,
+    "admin.stats_users": names,
 }
 
 

@@ -309,9 +309,9 @@ class Commands:
         if key.lower() in FAKE_PARAMS:
             return Result("SET", notice=("SET ignored", ""))
         self._need_admin()
-        key = set_setting(self.registry, key, value)
-        log.info("console_set", key=key, value=value, **self._who())
-        return Result(f"SET {key}={value}")
+        pgmux_name = set_setting(self.registry, key, value)
+        log.info("console_set", key=pgmux_name, value=value, **self._who())
+        return Result(f"SET {key}={value}")  # the name as given, as PgBouncer answers
 
 
 _COMMANDS: dict[str, Callable[[Commands, str], Awaitable[Result]]] = {

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux.protocol import sqlstate
 from pgmux.proxy.base.log import configure_logging
-from pgmux.proxy.config import RUNTIME_SETTINGS, Config, ConfigError, DatabaseConfig, pgmux_key
+from pgmux.proxy.config import (
+    RUNTIME_SETTINGS,
+    Config,
+    ConfigError,
+    DatabaseConfig,
+    pgbouncer_value,
+    pgmux_key,
+)
 from pgmux.proxy.console.errors import ConsoleError
 
 if TYPE_CHECKING:
@@ -45,17 +52,24 @@ FAKE_PARAMS = {
 _INHERITED = ("timeouts", "pool")
 
 
-def set_setting(registry: Registry, key: str, text: str) -> str:
-    """SET KEY = TEXT: check the value, apply it; the pgmux name of the key."""
-    key = pgmux_key(key) or key  # PgBouncer's names work too: SET default_pool_size=5
+def set_setting(registry: Registry, name: str, text: str) -> str:
+    """SET NAME = TEXT: check the value, apply it; the pgmux name of the key.
+
+    NAME is pgmux's key path or PgBouncer's setting name (`SET
+    default_pool_size = 5`); a PgBouncer name takes its value as the ini
+    spells it (seconds as numbers, `plain`, comma-separated lists)."""
+    key = pgmux_key(name) or name
     convert = RUNTIME_SETTINGS.get(key)
     if convert is None:
         raise ConsoleError(
             sqlstate.UNDEFINED_OBJECT,
-            f'unknown setting "{key}" or it cannot change at run time (see SHOW CONFIG)',
+            f'unknown setting "{name}" or it cannot change at run time (see SHOW CONFIG)',
         )
     try:
-        value = convert(_yaml_scalar(text), key)
+        raw = pgbouncer_value(name, text) if key != name else _yaml_scalar(text)
+        value = convert(raw, key)
+    except ValueError as exc:  # the ini's own parser refused it
+        raise ConsoleError(sqlstate.INVALID_PARAMETER_VALUE, f"{name}: {exc}") from None
     except ConfigError as exc:
         raise ConsoleError(sqlstate.INVALID_PARAMETER_VALUE, str(exc)) from None
     _apply(registry, key, value)

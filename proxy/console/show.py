@@ -379,7 +379,8 @@ _STAT_NAMES = (
     "server_assignment_count", "xact_count", "query_count", "received", "sent", "xact_time",
     "query_time", "wait_time",
 )  # fmt: skip
-_PS_NAMES = ("client_parse_count", "server_parse_count", "bind_count")
+# The counters after those: prepared statements (PgBouncer 1.21) and logins (1.25).
+_PS_NAMES = ("client_parse_count", "server_parse_count", "bind_count", "client_login_count")
 _TIMES = {"xact_time", "query_time", "wait_time"}
 
 STATS_COLUMNS = (
@@ -401,16 +402,17 @@ STATS_AVERAGES_COLUMNS = (
 TOTALS_NAMES = (
     "server_assignment_count", "xact_count", "query_count", "client_bytes", "server_bytes",
     "xact_time", "query_time", "wait_time", "ps_client_parse_count", "ps_server_parse_count",
-    "ps_bind_count",
+    "ps_bind_count", "client_login_count",
 )  # fmt: skip
 
 
 def _ps_counts(pools: Sequence[Pool]) -> list[int]:
-    """The prepared-statement counters: client Parses, server Parses, Binds."""
+    """The counters after the main ones: client Parses, server Parses, Binds, logins."""
     return [
         sum(p.stats.total_client_parse_count for p in pools),
         sum(p.stats.total_server_parse_count for p in pools),
         sum(p.stats.total_bind_count for p in pools),
+        sum(p.stats.total_client_login_count for p in pools),
     ]
 
 
@@ -447,7 +449,7 @@ def averages(pools: Sequence[Pool]) -> list[int]:
             out.append(_us(deltas[i] / count) if count else 0)
         else:
             out.append(int(rates[i]))
-    out += [int(rate) for rate in rates[len(_STAT_NAMES) :]]  # parses and binds per second
+    out += [int(rate) for rate in rates[len(_STAT_NAMES) :]]  # parses, binds, logins per second
     return out
 
 
@@ -456,17 +458,17 @@ def show_stats(registry: Registry, now: float) -> Result:
         (db, *totals(pools), *_ps_counts(pools), *averages(pools))
         for db, pools in _by_database(registry).items()
     ]
-    return table("s" + "N" * 22, STATS_COLUMNS, rows)
+    return table("s" + "N" * 24, STATS_COLUMNS, rows)
 
 
 def show_stats_totals(registry: Registry, now: float) -> Result:
     rows = [(db, *totals(p), *_ps_counts(p)) for db, p in _by_database(registry).items()]
-    return table("s" + "N" * 11, STATS_TOTALS_COLUMNS, rows)
+    return table("s" + "N" * 12, STATS_TOTALS_COLUMNS, rows)
 
 
 def show_stats_averages(registry: Registry, now: float) -> Result:
     rows = [(db, *averages(p)) for db, p in _by_database(registry).items()]
-    return table("s" + "N" * 11, STATS_AVERAGES_COLUMNS, rows)
+    return table("s" + "N" * 12, STATS_AVERAGES_COLUMNS, rows)
 
 
 def show_totals(registry: Registry, now: float) -> Result:
