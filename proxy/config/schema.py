@@ -183,7 +183,7 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
             "max_user_client_connections",
             "max_prepared_statements",
         )
-    },  # fmt: skip
+    },
     # Read at each login: the next client sees the new value.
     "auth.type": _AUTH["type"],
     "auth.query_user": _AUTH["query_user"],
