@@ -340,14 +340,13 @@ class ClientLogin:
         1.24), counted over authenticated clients only: a flood of
         connections that never log in cannot use them up."""
         client = self.client
-        database = client.database
-        if database is None:
-            return
-        db_limit = database.pool.max_db_client_connections
+        # The console has the global limits, as PgBouncer's admin database.
+        pool = client.database.pool if client.database is not None else self.config.pool
+        db_limit = pool.max_db_client_connections
         user_config = self.config.users.get(client.user)
         user_limit = (
             user_config.max_user_client_connections if user_config is not None else 0
-        ) or database.pool.max_user_client_connections
+        ) or pool.max_user_client_connections
         reached = self.registry.client_slots.take(client.dbname, db_limit, client.user, user_limit)
         if reached:
             raise ProtocolError(
@@ -360,8 +359,7 @@ class ClientLogin:
     def _authenticated(self) -> None:
         client = self.client
         console = client.dbname in ADMIN_DATABASES
-        if not console:
-            self._take_client_slot()
+        self._take_client_slot()
         client.send(messages.authentication_ok())
         self.registry.login_done(client)
         # Bytes after the startup packet: the first messages after the login.

@@ -79,6 +79,7 @@ class StatsPeriod:
         pools = list(self.registry.pools.values())
         for pool in pools:
             pool.stats.tick(now)
+        self.registry.console_stats.tick(now)
         self._log(pools)
 
     def _log(self, pools: list[Pool]) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
 from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, DatabaseConfig, PoolSettings
 from pgmux.proxy.core.authstate import AuthState
@@ -68,6 +69,7 @@ class Registry:
         self.auth_query = AuthQuery(self.auth)
         self.shutting_down = False
         self.statement_cache = StatementCache()  # prepared statements, shared by all pools
+        self.console_stats = PoolStats()  # console logins and commands (SHOW STATS' console row)
         # server parameters other workers' pools learned, for our pools' welcomes
         self.known_params: dict[tuple[str, str], dict[str, str]] = {}
         self.control: Control | None = None  # the console's RELOAD and SHUTDOWN reach it here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from typing import Any
 
 import psycopg
@@ -136,7 +137,76 @@ async def test_stats_count_client_logins(pgmux: PgmuxFactory) -> None:
         assert totals["client_login_count"] == 3
         averages = row_for(await show(console, "STATS_AVERAGES"), database="appdb")
         assert "avg_client_login_count" in averages
+        # The console is a database of its own, as PgBouncer's admin pool: one
+        # login, and each command a transaction of one query (this is the 4th).
+        own = row_for(await show(console, "STATS"), database="pgmux")
+        assert own["total_client_login_count"] == 1
+        assert own["total_xact_count"] == own["total_query_count"] == 4
         overall = {r["name"]: r["value"] for r in await show(console, "TOTALS")}
-        assert overall["total_client_login_count"] == 3
+        assert overall["total_client_login_count"] == 3 + 1
+        assert overall["total_query_count"] == stats["total_query_count"] + 5
     finally:
         await close_quietly(console)
+
+
+# --- console clients count against the client limits ----------------------------------
+
+
+async def test_console_clients_count_against_the_global_client_limits(
+    pgmux: PgmuxFactory,
+) -> None:
+    mux = pgmux(console_config())
+    console = await admin_psycopg(mux)
+    second = None
+    try:
+        await console.execute("SET max_db_client_connections = 2")
+        second = await admin_psycopg(mux)
+        row = row_for(await show(console, "DATABASES"), name="pgmux")
+        assert (row["current_client_connections"], row["max_client_connections"]) == (2, 2)
+        with pytest.raises(psycopg.OperationalError, match="max_db_client_connections"):
+            await close_quietly(await admin_psycopg(mux))
+        await close_quietly(second)
+        second = await admin_psycopg(mux)  # the slot came back
+        await console.execute("SET max_db_client_connections = 0")
+        await console.execute("SET max_user_client_connections = 2")
+        user = row_for(await show(console, "USERS"), name="admin")
+        assert (user["current_client_connections"], user["max_user_client_connections"]) == (2, 2)
+        with pytest.raises(psycopg.OperationalError, match="max_user_client_connections"):
+            await close_quietly(await admin_psycopg(mux))
+    finally:
+        await close_quietly(console, *([second] if second else []))
+
+
+# --- every SHOW PgBouncer has, and --version ---------------------------------------
+
+
+async def test_every_pgbouncer_show_answers(pgmux: PgmuxFactory) -> None:
+    mux = pgmux(console_config())
+    app = await connect_asyncpg(mux)
+    await app.fetchval("SELECT 1")
+    console = await admin_psycopg(mux)
+    try:
+        for item in ("clients", "config", "databases", "help", "lists", "peers", "peer_pools",
+                     "pools", "servers", "sockets", "active_sockets", "state", "stats",
+                     "stats_totals", "stats_averages", "users", "totals", "mem", "dns_hosts",
+                     "dns_zones"):  # fmt: skip
+            await console.execute(f"SHOW {item}")
+        sockets = await show(console, "SOCKETS")
+        states = sorted((r["type"], r["state"], r["database"]) for r in sockets)
+        assert states == [("C", "cl_active", "appdb"), ("C", "cl_active", "pgmux"),
+                          ("S", "sv_idle", "appdb")], states  # fmt: skip
+        clients = {r["id"] for r in await show(console, "CLIENTS")}
+        assert {r["id"] for r in sockets if r["type"] == "C"} == clients
+        assert await show(console, "ACTIVE_SOCKETS") == []  # nothing runs
+        assert await show(console, "PEERS") == [] and await show(console, "DNS_HOSTS") == []
+    finally:
+        await close_quietly(console, app)
+
+
+def test_version_line_is_show_version(pgmux: PgmuxFactory) -> None:
+    mux = pgmux(console_config())
+    shown = psql_as(mux, mux.socket_dir, "pgbouncer", "SHOW VERSION").stdout.splitlines()[1]
+    printed = subprocess.run(
+        [sys.executable, "-m", "pgmux", "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert printed.stdout.splitlines()[0] == shown

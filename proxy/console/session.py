@@ -50,6 +50,7 @@ def open_console(client: ClientConnection, leftover: bytes = b"", own_user: bool
             f'not allowed: user "{client.user}" may not use the admin console',
             sqlstate.INVALID_AUTHORIZATION,
         )
+    client.registry.console_stats.total_client_login_count += 1
     session = AdminSession(client, is_admin)
     client.become_console(session)
     client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)
