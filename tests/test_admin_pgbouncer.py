@@ -210,3 +210,28 @@ def test_version_line_is_show_version(pgmux: PgmuxFactory) -> None:
         [sys.executable, "-m", "pgmux", "--version"], capture_output=True, text=True, timeout=30
     )
     assert printed.stdout.splitlines()[0] == shown
+
+
+async def test_set_tls_settings_rebuild_the_contexts_or_keep_the_old(pgmux: PgmuxFactory) -> None:
+    mux = pgmux(console_config())
+    console = await admin_psycopg(mux)
+    try:
+        await console.execute("SET server_tls_sslmode = disable")
+        rows = config_rows(await show(console, "CONFIG"))
+        assert (
+            rows["server_tls_sslmode"][0] == "disable" and rows["tls.server.mode"][0] == "disable"
+        )
+        app = await connect_asyncpg(mux)  # servers still connect
+        assert (
+            await app.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") is False
+        )
+        await app.close()
+        # Client TLS without a certificate cannot load: refused, nothing changes.
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="TLS settings could not"):
+            await console.execute("SET client_tls_sslmode = require")
+        rows = config_rows(await show(console, "CONFIG"))
+        assert rows["client_tls_sslmode"][0] == "disable"
+        app = await connect_asyncpg(mux)  # and clients without TLS still get in
+        await app.close()
+    finally:
+        await close_quietly(console)

@@ -189,6 +189,12 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
     "auth.query_user": _AUTH["query_user"],
     "admin.users": names,
     "admin.stats_users": names,
+    # The TLS contexts are rebuilt from the new files at once (console/settings.py).
+    **{
+        f"tls.{side}.{name}": _TLS_SIDE[name]
+        for side in ("client", "server")
+        for name in ("mode", "cert", "key", "ca")
+    },
 }
 
 

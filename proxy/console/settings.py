@@ -29,6 +29,7 @@ from pgmux.proxy.config import (
     pgbouncer_value,
     pgmux_key,
 )
+from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.console.errors import ConsoleError
 
 if TYPE_CHECKING:
@@ -90,8 +91,9 @@ def _apply(registry: Registry, key: str, value: Any) -> None:
     config = registry.config
     section, name = key.split(".", 1)
     if section not in _INHERITED:
-        part = getattr(config, section)
-        config = replace(config, **{section: replace(part, **{name: value})})
+        config = _replaced(config, key.split("."), value)
+        if section == "tls":
+            _apply_tls(registry, config)
         if key == "logging.level":
             configure_logging(config.logging.format, value)
         registry.apply_setting(config)
@@ -103,6 +105,26 @@ def _apply(registry: Registry, key: str, value: Any) -> None:
         if (change := _pool_change(pool, section, name, old, value)) is not None
     ]
     registry.apply_setting(_inherited(config, section, name, old, value), changes)
+
+
+def _replaced(obj: Any, path: list[str], value: Any) -> Any:
+    """OBJ (a frozen dataclass) with the field at PATH ("tls", "server", "mode") set."""
+    first, *rest = path
+    new = _replaced(getattr(obj, first), rest, value) if rest else value
+    return replace(obj, **{first: new})
+
+
+def _apply_tls(registry: Registry, config: Config) -> None:
+    """New TLS contexts from CONFIG's files; a file that does not load keeps
+    the running ones and the old value (a ConsoleError)."""
+    try:
+        tls, _hba = load_security(config)
+    except (ConfigError, OSError, ValueError) as exc:
+        raise ConsoleError(
+            sqlstate.INVALID_PARAMETER_VALUE,
+            f"TLS settings could not be applied, still using old configuration: {exc}",
+        ) from None
+    registry.tls = tls
 
 
 def _inherited(config: Config, section: str, name: str, old: Any, value: Any) -> Config:
