@@ -136,6 +136,8 @@ class Registry:
                 settings = dataclasses.replace(settings, mode=user_config.pool_mode)
             if user_config.pool_size:
                 settings = dataclasses.replace(settings, size=user_config.pool_size)
+            if user_config.reserve_pool_size is not None:
+                settings = dataclasses.replace(settings, reserve_size=user_config.reserve_pool_size)
         credentials = ServerCredentials(
             host=database.host,
             port=database.port,

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import PgmuxFactory, close_quietly, connect_asyncpg
+from helpers import PgmuxFactory, close_quietly, connect_asyncpg, wait_until
 from test_admin_console import admin_psycopg, console_config, row_for, show
 
 pytestmark = pytest.mark.timeout(90)
@@ -235,3 +235,27 @@ async def test_set_tls_settings_rebuild_the_contexts_or_keep_the_old(pgmux: Pgmu
         await app.close()
     finally:
         await close_quietly(console)
+
+
+async def test_show_users_shows_each_users_own_pool_sizes(pgmux: PgmuxFactory) -> None:
+    # PgBouncer's test_show_user: a user without sizes does not take the previous row's.
+    users = {"app": {"pool_size": 1, "reserve_pool_size": 2}, "report": {}}
+    mux = pgmux({**console_config(), "users": users, "pool": {"reserve_timeout": "200ms"}})
+    console = await admin_psycopg(mux)
+    apps = [await connect_asyncpg(mux) for _ in range(3)]
+    try:
+        rows = await show(console, "USERS")
+        app_row, report_row = row_for(rows, name="app"), row_for(rows, name="report")
+        assert (app_row["pool_size"], app_row["reserve_pool_size"]) == ("1", "2")
+        assert (report_row["pool_size"], report_row["reserve_pool_size"]) == ("", "")
+        # The user's reserve applies: three open transactions get three servers.
+        for app in apps:
+            await app.execute("BEGIN")
+
+        async def servers_in_use() -> int:
+            pool = row_for(await show(console, "POOLS"), database="appdb", user="app")
+            return int(pool["sv_active"])
+
+        await wait_until(servers_in_use, lambda n: n == 3, timeout=20, what="3 servers")
+    finally:
+        await close_quietly(console, *apps)

@@ -169,7 +169,8 @@ slow = host=db3 query_wait_timeout=7 server_lifetime=60 application_name='my app
 local =
 * = host=fallback port=6000
 [users]
-report = pool_mode=session pool_size=3 max_user_connections=2
+report = pool_mode=session pool_size=3 max_user_connections=2 reserve_pool_size=4
+plain =
 """,
     )
     app = config.databases["appdb"]
@@ -188,6 +189,7 @@ report = pool_mode=session pool_size=3 max_user_connections=2
     assert fallback is not None and (fallback.host, fallback.port) == ("fallback", 6000)
     user = config.users["report"]
     assert (user.pool_mode, user.pool_size, user.max_user_connections) == ("session", 3, 2)
+    assert user.reserve_pool_size == 4 and config.users["plain"].reserve_pool_size is None
 
 
 def test_min_pool_size_is_capped_at_the_pool_size(tmp_path: Path) -> None:

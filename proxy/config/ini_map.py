@@ -391,7 +391,7 @@ USER_PARAMETERS: Mapping[str, ConnKey] = {
     "pool_mode": ConnKey("pool_mode", str.lower),
     "pool_size": ConnKey("pool_size", _decimal),
     "max_user_connections": ConnKey("max_user_connections", _decimal),
-    "reserve_pool_size": ConnKey(None),
+    "reserve_pool_size": ConnKey("reserve_pool_size", _decimal),
     "query_timeout": ConnKey(None),
     "query_wait_timeout": ConnKey(None),
     "idle_transaction_timeout": ConnKey(None),

@@ -150,6 +150,7 @@ class UserConfig:
     max_user_connections: int = 0
     max_user_client_connections: int = 0
     pool_size: int | None = None
+    reserve_pool_size: int | None = None  # None: the database's reserve_size
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,6 +158,7 @@ USER_KEYS: dict[str, Converter] = {
     "max_user_connections": non_negative,
     "max_user_client_connections": non_negative,
     "pool_size": optional_positive,
+    "reserve_pool_size": optional(non_negative),
 }
 
 # Settings the console's SET may change while pgmux runs (SHOW CONFIG's

@@ -292,12 +292,14 @@ def show_users(registry: Registry, now: float) -> Result:
     for name in sorted(names):
         user = config.users.get(name)
         pool_size = str(user.pool_size) if user is not None and user.pool_size else ""
+        reserve = user.reserve_pool_size if user is not None else None
+        reserve_size = "" if reserve is None else str(reserve)
         max_conn = user.max_user_connections if user and user.max_user_connections else 0
         max_conn = max_conn or config.pool.max_user_connections
         max_clients = user.max_user_client_connections if user else 0
         max_clients = max_clients or config.pool.max_user_client_connections
         rows.append((
-            name, pool_size, "", user.pool_mode if user is not None else None, max_conn,
+            name, pool_size, reserve_size, user.pool_mode if user is not None else None, max_conn,
             registry.user_server_count[name], max_clients, clients.get(name, 0),
         ))  # fmt: skip
     return table("ssssiiii", USERS_COLUMNS, rows)
