@@ -24,7 +24,7 @@ from pgmux.protocol import messages, sqlstate
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.config import Config, DatabaseConfig, PoolSettings
+from pgmux.proxy.config import USER_TIMEOUTS, Config, DatabaseConfig, PoolSettings
 from pgmux.proxy.core.authstate import AuthState
 from pgmux.proxy.core.cancel import CancelKeys
 from pgmux.proxy.core.flags import Flags
@@ -123,7 +123,17 @@ class Registry:
         log.info(
             "pool_created", db=dbname, user=server_user, size=settings.size, mode=settings.mode
         )
-        return Pool(self, database, dbname, server_user, credentials, settings)
+        pool = Pool(self, database, dbname, server_user, credentials, settings)
+        pool.timeouts = self.pool_timeouts(database, server_user)
+        return pool
+
+    def pool_timeouts(self, database: DatabaseConfig, server_user: str) -> Timeouts:
+        """The database's timeouts, with the ones the user's entry sets over them."""
+        user_config = self.config.users.get(server_user)
+        if user_config is None:
+            return database.timeouts
+        own = {n: v for n in USER_TIMEOUTS if (v := getattr(user_config, n)) is not None}
+        return dataclasses.replace(database.timeouts, **own) if own else database.timeouts
 
     def pool_setup(
         self, dbname: str, database: DatabaseConfig, server_user: str

@@ -7,11 +7,13 @@ column names, KILL of every database and SHUTDOWN's two waiting modes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from helpers import PgmuxFactory, close_quietly, connect_asyncpg, wait_until
@@ -259,3 +261,24 @@ async def test_show_users_shows_each_users_own_pool_sizes(pgmux: PgmuxFactory) -
         await wait_until(servers_in_use, lambda n: n == 3, timeout=20, what="3 servers")
     finally:
         await close_quietly(console, *apps)
+
+
+# --- [users] timeouts -------------------------------------------------------------
+
+
+async def test_a_users_own_query_wait_timeout_applies_to_its_pools(pgmux: PgmuxFactory) -> None:
+    # PgBouncer's test_query_wait_timeout[None-2-None]: the user's value, not the global one.
+    config = {**console_config(), "pool": {"size": 1}, "timeouts": {"query_wait": "120s"}}
+    mux = pgmux({**config, "users": {"app": {"query_wait": "1s"}}})
+    holder = await connect_asyncpg(mux)
+    waiter = await connect_asyncpg(mux)
+    try:
+        await holder.execute("BEGIN")  # the only server of appdb/app
+        with pytest.raises(asyncpg.PostgresError, match="query_wait"):
+            await asyncio.wait_for(waiter.fetchval("SELECT 1"), timeout=30)
+        console = await admin_psycopg(mux)
+        rows = config_rows(await show(console, "CONFIG"))
+        assert rows["users.app.query_wait"][0] in ("1s", "1.0")
+        await close_quietly(console)
+    finally:
+        await close_quietly(holder, waiter)

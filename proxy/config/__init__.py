@@ -38,7 +38,7 @@ from pgmux.proxy.config.model import (
     TlsSideConfig,
     UserConfig,
 )
-from pgmux.proxy.config.schema import RUNTIME_SETTINGS
+from pgmux.proxy.config.schema import RUNTIME_SETTINGS, USER_TIMEOUTS
 from pgmux.proxy.config.show import settings_table
 from pgmux.proxy.config.values import format_duration
 
@@ -46,6 +46,7 @@ __all__ = [
     "ADMIN_DATABASES",
     "FALLBACK_DATABASE",
     "RUNTIME_SETTINGS",
+    "USER_TIMEOUTS",
     "AdminConfig",
     "AuthConfig",
     "Config",

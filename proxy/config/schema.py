@@ -153,12 +153,15 @@ DATABASE_KEYS: dict[str, tuple[str, str, Converter]] = {
     **{key: ("pool", name, POOL[name]) for key, name in _DATABASE_POOL_NAMES.items()},
     **{key: ("timeouts", key, convert) for key, convert in TIMEOUTS.items()},
 }
+# The timeouts a [users] entry may set for its own pools (PgBouncer 1.24).
+USER_TIMEOUTS = ("query", "query_wait", "client_idle", "idle_transaction")
 USER_KEYS: dict[str, Converter] = {
     "pool_mode": optional(one_of(*POOL_MODES)),
     "max_user_connections": non_negative,
     "max_user_client_connections": non_negative,
     "pool_size": optional_positive,
     "reserve_pool_size": optional(non_negative),
+    **{name: optional(parse_duration) for name in USER_TIMEOUTS},
 }
 
 # Settings the console's SET may change while pgmux runs (SHOW CONFIG's
