@@ -347,6 +347,8 @@ class ClientLogin:
         user_limit = (
             user_config.max_user_client_connections if user_config is not None else 0
         ) or pool.max_user_client_connections
+        if client.database is None and (self._own_user or client.user in self.config.admin.users):
+            db_limit = user_limit = 0  # counted, never refused: an admin can always get in
         reached = self.registry.client_slots.take(client.dbname, db_limit, client.user, user_limit)
         if reached:
             raise ProtocolError(

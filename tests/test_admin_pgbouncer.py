@@ -17,7 +17,7 @@ import asyncpg
 import psycopg
 import pytest
 from helpers import PgmuxFactory, close_quietly, connect_asyncpg, wait_until
-from test_admin_console import admin_psycopg, console_config, row_for, show
+from test_admin_console import STATS_USER, admin_psycopg, console_config, row_for, show
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -159,24 +159,29 @@ async def test_console_clients_count_against_the_global_client_limits(
 ) -> None:
     mux = pgmux(console_config())
     console = await admin_psycopg(mux)
-    second = None
+    others: list[Any] = []
     try:
         await console.execute("SET max_db_client_connections = 2")
-        second = await admin_psycopg(mux)
+        others.append(await admin_psycopg(mux, user=STATS_USER))
         row = row_for(await show(console, "DATABASES"), name="pgmux")
         assert (row["current_client_connections"], row["max_client_connections"]) == (2, 2)
         with pytest.raises(psycopg.OperationalError, match="max_db_client_connections"):
-            await close_quietly(await admin_psycopg(mux))
-        await close_quietly(second)
-        second = await admin_psycopg(mux)  # the slot came back
+            await close_quietly(await admin_psycopg(mux, user=STATS_USER))
+        # An admin is counted but never refused (PgBouncer's rule): it can fix things.
+        others.append(await admin_psycopg(mux))
+        row = row_for(await show(console, "DATABASES"), name="pgmux")
+        assert row["current_client_connections"] == 3
+        await close_quietly(others.pop())
         await console.execute("SET max_db_client_connections = 0")
-        await console.execute("SET max_user_client_connections = 2")
-        user = row_for(await show(console, "USERS"), name="admin")
-        assert (user["current_client_connections"], user["max_user_client_connections"]) == (2, 2)
+        await console.execute("SET max_user_client_connections = 1")
+        user = row_for(await show(console, "USERS"), name="report")
+        assert (user["current_client_connections"], user["max_user_client_connections"]) == (1, 1)
         with pytest.raises(psycopg.OperationalError, match="max_user_client_connections"):
-            await close_quietly(await admin_psycopg(mux))
+            await close_quietly(await admin_psycopg(mux, user=STATS_USER))
+        await close_quietly(others.pop())
+        others.append(await admin_psycopg(mux, user=STATS_USER))  # the slot came back
     finally:
-        await close_quietly(console, *([second] if second else []))
+        await close_quietly(console, *others)
 
 
 # --- every SHOW PgBouncer has, and --version ---------------------------------------
