@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from pgmux.proxy.config.build import parse_config
 from pgmux.proxy.config.errors import ConfigError
-from pgmux.proxy.config.ini_show import pgbouncer_settings, pgbouncer_value, pgmux_key
+from pgmux.proxy.config.ini_show import (
+    pgbouncer_only,
+    pgbouncer_settings,
+    pgbouncer_value,
+    pgmux_key,
+)
 from pgmux.proxy.config.ini_translate import Unsupported, unsupported_warning
 from pgmux.proxy.config.load import LoadedConfig, load_config, read_config
 from pgmux.proxy.config.model import (
@@ -66,6 +71,7 @@ __all__ = [
     "format_duration",
     "load_config",
     "parse_config",
+    "pgbouncer_only",
     "pgbouncer_settings",
     "pgbouncer_value",
     "pgmux_key",

@@ -26,6 +26,7 @@ from pgmux.proxy.config import (
     Config,
     ConfigError,
     DatabaseConfig,
+    pgbouncer_only,
     pgbouncer_value,
     pgmux_key,
 )
@@ -62,6 +63,12 @@ def set_setting(registry: Registry, name: str, text: str) -> str:
     key = pgmux_key(name) or name
     convert = RUNTIME_SETTINGS.get(key)
     if convert is None:
+        why = pgbouncer_only(name)
+        if why is not None:
+            raise ConsoleError(
+                sqlstate.FEATURE_NOT_SUPPORTED,
+                f'PgBouncer setting "{name}" is not supported: {why}',
+            )
         raise ConsoleError(
             sqlstate.UNDEFINED_OBJECT,
             f'unknown setting "{name}" or it cannot change at run time (see SHOW CONFIG)',
