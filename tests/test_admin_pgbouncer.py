@@ -289,3 +289,26 @@ async def test_a_users_own_query_wait_timeout_applies_to_its_pools(pgmux: PgmuxF
         await close_quietly(console)
     finally:
         await close_quietly(holder, waiter)
+
+
+async def test_a_set_value_lasts_until_reload_as_in_pgbouncer(pgmux: PgmuxFactory) -> None:
+    # PgBouncer's RELOAD fills every setting from its default, then the file:
+    # a value SET on the console is gone after it; pgmux reads the file again.
+    mux = pgmux({**console_config(), "pool": {"size": 7}})
+    console = await admin_psycopg(mux)
+    try:
+        await console.execute("SET default_pool_size = 3")
+        await console.execute("SET pool_mode = session")
+        rows = config_rows(await show(console, "CONFIG"))
+        assert (rows["default_pool_size"][0], rows["pool_mode"][0]) == ("3", "session")
+        await console.execute("RELOAD")
+        rows = config_rows(await show(console, "CONFIG"))
+        assert (rows["default_pool_size"][0], rows["pool_mode"][0]) == ("7", "transaction")
+        # A file that no longer loads: PgBouncer's error, and the running values stay.
+        await console.execute("SET default_pool_size = 4")
+        mux.config_path.write_text("pool: {size: [not a number]}\n")
+        with pytest.raises(psycopg.errors.ConfigFileError, match="RELOAD failed, see logs"):
+            await console.execute("RELOAD")
+        assert config_rows(await show(console, "CONFIG"))["default_pool_size"][0] == "4"
+    finally:
+        await close_quietly(console)
