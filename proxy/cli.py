@@ -13,10 +13,10 @@ import argparse
 import signal
 import sys
 
-from pgmux import __version__
 from pgmux.proxy.config import Config, ConfigError, read_config, unsupported_warning
 from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.config.userlist import load_users
+from pgmux.proxy.console.show import VERSION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     if args.version:
-        print(f"pgmux {__version__}")
+        print(VERSION)  # the same line as the console's SHOW VERSION, as PgBouncer's
         return 0
     path = args.config or args.config_file
     if not path:

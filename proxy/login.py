@@ -12,6 +12,9 @@ without any of this state.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -85,8 +88,14 @@ def _alpn(transport: asyncio.BaseTransport) -> str | None:
     return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
 
 
-# What the daemon gives the login to open a console session with.
-OpenConsole = Callable[[ClientConnection, bytes], None]
+# What the daemon gives the login to open a console session with:
+# (client, bytes already read, whether it is the daemon's own OS user).
+OpenConsole = Callable[[ClientConnection, bytes, bool], None]
+
+# The console users the daemon's own OS user may be without a password
+# (PgBouncer's admin_pre_login: "pgbouncer"; pgmux's own name too).
+OWN_USER_NAMES = frozenset({"pgbouncer", "pgmux"})
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def new_client(registry: Registry, open_console: OpenConsole) -> ClientConnection:
@@ -112,6 +121,7 @@ class ClientLogin:
         self._reader: MessageReader | None = None
         self._auth: ClientAuth | None = None
         self._tls_early: list[bytes] | None = None  # decrypted before start_tls returned
+        self._own_user = False  # the daemon's OS user on the unix socket, to the console
 
     @property
     def _gone(self) -> bool:
@@ -201,6 +211,11 @@ class ClientLogin:
             replication=replication_kind(params.get("replication")),
             **client.log_fields(),
         )
+        if console and self._is_own_user():
+            # No hba rule and no password: the OS already vouched for this peer.
+            self._own_user = True
+            self._authenticated()
+            return
         method = self._auth_method()
         self._authenticating = True
         packet = self.config.limits.max_packet_size  # or PostgreSQL's bound, the smaller
@@ -291,6 +306,14 @@ class ClientLogin:
         early, self._tls_early = self._tls_early or [], None
         if early:
             self.feed(b"".join(early))
+
+    def _is_own_user(self) -> bool:
+        """A unix-socket peer running as the daemon's own uid, logging in as
+        pgbouncer/pgmux (never over TCP, where the peer is unknown)."""
+        client = self.client
+        if client.peer != "unix" or client.user not in OWN_USER_NAMES:
+            return False
+        return peer_uid(client.transport) == os.getuid()
 
     def _ssl_object(self) -> ssl.SSLObject | None:
         if self.client.tls is None:
@@ -406,14 +429,15 @@ class ClientLogin:
         1.24), counted over authenticated clients only: a flood of
         connections that never log in cannot use them up."""
         client = self.client
-        database = client.database
-        if database is None:
-            return
-        db_limit = database.pool.max_db_client_connections
+        # The console has the global limits, as PgBouncer's admin database.
+        pool = client.database.pool if client.database is not None else self.config.pool
+        db_limit = pool.max_db_client_connections
         user_config = self.config.users.get(client.user)
         user_limit = (
             user_config.max_user_client_connections if user_config is not None else 0
-        ) or database.pool.max_user_client_connections
+        ) or pool.max_user_client_connections
+        if client.database is None and (self._own_user or client.user in self.config.admin.users):
+            db_limit = user_limit = 0  # counted, never refused: an admin can always get in
         reached = self.registry.client_slots.take(client.dbname, db_limit, client.user, user_limit)
         if reached:
             raise ProtocolError(
@@ -426,14 +450,15 @@ class ClientLogin:
     def _authenticated(self) -> None:
         client = self.client
         console = client.dbname in ADMIN_DATABASES
-        if not console:
-            self._take_client_slot()
+        self._take_client_slot()
         client.send(messages.authentication_ok())
         GLOBAL.logins += 1  # the stats line's "client logins/s"
         self.registry.login_done(client)
-        leftover = self._reader.take_remaining() if self._reader is not None else b""
+        # Bytes after the startup packet: the first messages after the login.
+        reader = self._reader if self._reader is not None else self._startup
+        leftover = reader.take_remaining()
         if console:
-            self._open_console(client, leftover)
+            self._open_console(client, leftover, self._own_user)
             return
         if self.registry.flags.is_disabled(client.dbname):
             raise ProtocolError(
@@ -441,6 +466,7 @@ class ClientLogin:
             )
         assert client.database is not None
         pool = self.registry.pool_for(client.dbname, client.database, client.user)
+        pool.stats.total_client_login_count += 1
         client.feed_to(None)  # from here on the client's bytes are its own
         client.join(pool, leftover, self._translator(pool))
 
@@ -457,3 +483,15 @@ class ClientLogin:
             settings.session_state,
             pool.stats,
         )
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The uid of a unix-socket peer (SO_PEERCRED), None when unknown."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    return int(_UCRED.unpack(raw)[1])

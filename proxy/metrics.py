@@ -80,6 +80,7 @@ class StatsPeriod:
         pools = list(self.registry.pools.values())
         for pool in pools:
             pool.stats.tick(now)
+        self.registry.console_stats.tick(now)
         self._log(pools, now)
 
     def _log(self, pools: list[Pool], now: float) -> None:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
 from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.config import Config, DatabaseConfig, PoolSettings
+from pgmux.proxy.config import USER_TIMEOUTS, Config, DatabaseConfig, PoolSettings
 from pgmux.proxy.core.authstate import AuthState
 from pgmux.proxy.core.cancel import CancelKeys
 from pgmux.proxy.core.flags import Flags
@@ -68,6 +69,7 @@ class Registry:
         self.auth_query = AuthQuery(self.auth)
         self.shutting_down = False
         self.statement_cache = StatementCache()  # prepared statements, shared by all pools
+        self.console_stats = PoolStats()  # console logins and commands (SHOW STATS' console row)
         # server parameters other workers' pools learned, for our pools' welcomes
         self.known_params: dict[tuple[str, str], dict[str, str]] = {}
         self.control: Control | None = None  # the console's RELOAD and SHUTDOWN reach it here
@@ -121,7 +123,17 @@ class Registry:
         log.info(
             "pool_created", db=dbname, user=server_user, size=settings.size, mode=settings.mode
         )
-        return Pool(self, database, dbname, server_user, credentials, settings)
+        pool = Pool(self, database, dbname, server_user, credentials, settings)
+        pool.timeouts = self.pool_timeouts(database, server_user)
+        return pool
+
+    def pool_timeouts(self, database: DatabaseConfig, server_user: str) -> Timeouts:
+        """The database's timeouts, with the ones the user's entry sets over them."""
+        user_config = self.config.users.get(server_user)
+        if user_config is None:
+            return database.timeouts
+        own = {n: v for n in USER_TIMEOUTS if (v := getattr(user_config, n)) is not None}
+        return dataclasses.replace(database.timeouts, **own) if own else database.timeouts
 
     def pool_setup(
         self, dbname: str, database: DatabaseConfig, server_user: str
@@ -134,6 +146,8 @@ class Registry:
                 settings = dataclasses.replace(settings, mode=user_config.pool_mode)
             if user_config.pool_size:
                 settings = dataclasses.replace(settings, size=user_config.pool_size)
+            if user_config.reserve_pool_size is not None:
+                settings = dataclasses.replace(settings, reserve_size=user_config.reserve_pool_size)
         credentials = ServerCredentials(
             host=database.host,
             port=database.port,

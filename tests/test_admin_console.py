@@ -58,11 +58,12 @@ _STAT_TOTALS = [
     "total_server_assignment_count", "total_xact_count", "total_query_count",
     "total_received", "total_sent", "total_xact_time", "total_query_time", "total_wait_time",
     "total_client_parse_count", "total_server_parse_count", "total_bind_count",
+    "total_client_login_count",
 ]  # fmt: skip
 _STAT_AVERAGES = [
     "avg_server_assignment_count", "avg_xact_count", "avg_query_count", "avg_recv",
     "avg_sent", "avg_xact_time", "avg_query_time", "avg_wait_time", "avg_client_parse_count",
-    "avg_server_parse_count", "avg_bind_count",
+    "avg_server_parse_count", "avg_bind_count", "avg_client_login_count",
 ]  # fmt: skip
 STATS = [("database", TEXT)] + [(n, NUMERIC) for n in _STAT_TOTALS + _STAT_AVERAGES]
 STATS_TOTALS = [("database", TEXT)] + [
@@ -70,7 +71,7 @@ STATS_TOTALS = [("database", TEXT)] + [
     for n in (
         "server_assignment_count", "xact_count", "query_count", "bytes_received",
         "bytes_sent", "xact_time", "query_time", "wait_time", "client_parse_count",
-        "server_parse_count", "bind_count",
+        "server_parse_count", "bind_count", "client_login_count",
     )
 ]  # fmt: skip
 STATS_AVERAGES = [("database", TEXT)] + [
@@ -78,7 +79,7 @@ STATS_AVERAGES = [("database", TEXT)] + [
     for n in (
         "server_assignment_count", "xact_count", "query_count", "bytes_received",
         "bytes_sent", "xact_time", "query_time", "wait_time", "avg_client_parse_count",
-        "avg_server_parse_count", "avg_bind_count",
+        "avg_server_parse_count", "avg_bind_count", "avg_client_login_count",
     )
 ]  # fmt: skip
 DATABASES = [

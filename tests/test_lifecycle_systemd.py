@@ -230,7 +230,7 @@ async def test_cli_pidfile_option_and_version(
     version = subprocess.run(
         [sys.executable, "-m", "pgmux", "--version"], capture_output=True, text=True, timeout=30
     )
-    assert version.returncode == 0 and version.stdout.strip() == f"pgmux {__version__}"
+    assert version.returncode == 0 and version.stdout.startswith(f"pgmux {__version__} ")
 
     workdir = tmp_path_factory.mktemp("cli")
     pidfile = workdir / "run" / "pgmux.pid"

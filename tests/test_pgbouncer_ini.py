@@ -169,7 +169,9 @@ slow = host=db3 query_wait_timeout=7 server_lifetime=60 application_name='my app
 local =
 * = host=fallback port=6000
 [users]
-report = pool_mode=session pool_size=3 max_user_connections=2
+report = pool_mode=session pool_size=3 max_user_connections=2 reserve_pool_size=4
+plain =
+waiter = query_wait_timeout=2 query_timeout=30 client_idle_timeout=-1
 """,
     )
     app = config.databases["appdb"]
@@ -188,6 +190,9 @@ report = pool_mode=session pool_size=3 max_user_connections=2
     assert fallback is not None and (fallback.host, fallback.port) == ("fallback", 6000)
     user = config.users["report"]
     assert (user.pool_mode, user.pool_size, user.max_user_connections) == ("session", 3, 2)
+    assert user.reserve_pool_size == 4 and config.users["plain"].reserve_pool_size is None
+    waiter = config.users["waiter"]
+    assert (waiter.query_wait, waiter.query, waiter.client_idle) == (2.0, 30.0, None)
 
 
 def test_min_pool_size_is_capped_at_the_pool_size(tmp_path: Path) -> None:
@@ -321,7 +326,7 @@ log_connections = 0
 [databases]
 appdb = host=h connect_query='SET x = 1' timezone=UTC
 [users]
-bob = client_idle_timeout=5
+bob = transaction_timeout=5
 """,
     )
     names = [item.name for item in loaded.unsupported]
@@ -332,7 +337,7 @@ bob = client_idle_timeout=5
         "server_check_query",
         "[databases] appdb: connect_query",
         "[databases] appdb: timezone",
-        "[users] bob: client_idle_timeout",
+        "[users] bob: transaction_timeout",
     ]
     warning = unsupported_warning(loaded.unsupported)
     assert warning is not None and "so_reuseport" in warning

@@ -99,6 +99,7 @@ PERIOD_FIELDS = (
     "total_client_parse_count",
     "total_server_parse_count",
     "total_bind_count",
+    "total_client_login_count",
 )
 
 
@@ -116,6 +117,7 @@ class PoolStats:
         "session_resets",
         "timeouts",
         "total_bind_count",
+        "total_client_login_count",
         "total_client_parse_count",
         "total_query_count",
         "total_query_time",
@@ -147,6 +149,7 @@ class PoolStats:
         self.total_client_parse_count = 0  # named Parse messages from clients
         self.total_server_parse_count = 0  # Parse messages pgmux sent to servers
         self.total_bind_count = 0  # Binds of named statements
+        self.total_client_login_count = 0  # clients that logged in to this pool
         self.session_resets = 0  # servers cleaned of session state (session_state: reset)
         self.timeouts: dict[str, int] = {}  # client_idle, idle_transaction, query, ...
         self.errors: dict[str, int] = {}  # server_connect, server_lost, ...
@@ -226,6 +229,7 @@ def averages(
         "total_client_parse_count",
         "total_server_parse_count",
         "total_bind_count",
+        "total_client_login_count",
     ):
         out[name] = delta[name] / seconds
     for time_name, count_name in (

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from pgmux.proxy.config.build import parse_config
 from pgmux.proxy.config.errors import ConfigError
-from pgmux.proxy.config.ini_show import pgbouncer_settings, pgmux_key
+from pgmux.proxy.config.ini_show import (
+    pgbouncer_only,
+    pgbouncer_settings,
+    pgbouncer_value,
+    pgmux_key,
+)
 from pgmux.proxy.config.ini_translate import Unsupported, unsupported_warning
 from pgmux.proxy.config.load import LoadedConfig, load_config, read_config
 from pgmux.proxy.config.model import (
@@ -38,7 +43,7 @@ from pgmux.proxy.config.model import (
     TlsSideConfig,
     UserConfig,
 )
-from pgmux.proxy.config.schema import RUNTIME_SETTINGS
+from pgmux.proxy.config.schema import RUNTIME_SETTINGS, USER_TIMEOUTS
 from pgmux.proxy.config.show import settings_table
 from pgmux.proxy.config.values import format_duration
 
@@ -46,6 +51,7 @@ __all__ = [
     "ADMIN_DATABASES",
     "FALLBACK_DATABASE",
     "RUNTIME_SETTINGS",
+    "USER_TIMEOUTS",
     "AdminConfig",
     "AuthConfig",
     "Config",
@@ -65,7 +71,9 @@ __all__ = [
     "format_duration",
     "load_config",
     "parse_config",
+    "pgbouncer_only",
     "pgbouncer_settings",
+    "pgbouncer_value",
     "pgmux_key",
     "read_config",
     "settings_table",

@@ -43,3 +43,19 @@ def pgmux_key(name: str) -> str | None:
     "pool.size"), or None; lets the console's SET accept PgBouncer's names."""
     setting = SETTINGS_BY_NAME.get(name.lower())
     return setting.target if setting is not None else None
+
+
+def pgbouncer_only(name: str) -> str | None:
+    """Why pgmux has no equivalent of PgBouncer setting NAME (its note, or
+    "no equivalent"); None when NAME is not such a setting."""
+    setting = SETTINGS_BY_NAME.get(name.lower())
+    if setting is None or setting.target is not None:
+        return None
+    return setting.note or "no equivalent"
+
+
+def pgbouncer_value(name: str, text: str) -> object:
+    """TEXT for PgBouncer setting NAME, read as the ini reads it ("0.5" seconds,
+    "plain" auth_type, "a, b" lists), into the value a pgmux YAML file holds;
+    ValueError when the ini would refuse it."""
+    return SETTINGS_BY_NAME[name.lower()].parse(text)

@@ -162,6 +162,12 @@ class UserConfig:
     max_user_connections: int = 0
     max_user_client_connections: int = 0
     pool_size: int | None = None
+    reserve_pool_size: int | None = None  # None: the database's reserve_size
+    # Timeouts of this user's pools, over the database's (None: the database's).
+    query: float | None = None
+    query_wait: float | None = None
+    client_idle: float | None = None
+    idle_transaction: float | None = None
 
 
 MAX_PEER_ID = 16383  # PgBouncer's limit: the id travels in two bytes of the cancel key

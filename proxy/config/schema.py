@@ -159,11 +159,15 @@ DATABASE_KEYS: dict[str, tuple[str, str, Converter]] = {
     **{key: ("pool", name, POOL[name]) for key, name in _DATABASE_POOL_NAMES.items()},
     **{key: ("timeouts", key, convert) for key, convert in TIMEOUTS.items()},
 }
+# The timeouts a [users] entry may set for its own pools (PgBouncer 1.24).
+USER_TIMEOUTS = ("query", "query_wait", "client_idle", "idle_transaction")
 USER_KEYS: dict[str, Converter] = {
     "pool_mode": optional(one_of(*POOL_MODES)),
     "max_user_connections": non_negative,
     "max_user_client_connections": non_negative,
     "pool_size": optional_positive,
+    "reserve_pool_size": optional(non_negative),
+    **{name: optional(parse_duration) for name in USER_TIMEOUTS},
 }
 
 
@@ -186,7 +190,29 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
     **{f"timeouts.{name}": parse_duration for name in TIMEOUTS},
     **{
         f"pool.{name}": POOL[name]
-        for name in ("size", "min_size", "reserve_size", "reserve_timeout")
+        for name in (
+            "mode",
+            "size",
+            "min_size",
+            "reserve_size",
+            "reserve_timeout",
+            "max_db_connections",
+            "max_user_connections",
+            "max_db_client_connections",
+            "max_user_client_connections",
+            "max_prepared_statements",
+        )
+    },
+    # Read at each login: the next client sees the new value.
+    "auth.type": _AUTH["type"],
+    "auth.query_user": _AUTH["query_user"],
+    "admin.users": names,
+    "admin.stats_users": names,
+    # The TLS contexts are rebuilt from the new files at once (console/settings.py).
+    **{
+        f"tls.{side}.{name}": _TLS_SIDE[name]
+        for side in ("client", "server")
+        for name in ("mode", "cert", "key", "ca")
     },
 }
 

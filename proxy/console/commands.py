@@ -26,6 +26,7 @@ from pgmux.proxy.console.errors import ConsoleError, syntax_error
 from pgmux.proxy.console.gather import MERGED
 from pgmux.proxy.console.settings import FAKE_PARAMS, set_setting
 from pgmux.proxy.console.show import SHOW, Result
+from pgmux.proxy.console.show_sockets import MORE_SHOW
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -86,6 +87,10 @@ class Commands:
         return transport is None or transport.is_closing()
 
     async def execute(self, query: str) -> Result:
+        if self.client is not None:  # not one passed on: that counted where it ran
+            stats = self.registry.console_stats
+            stats.total_xact_count += 1  # a console command is a transaction, as in PgBouncer
+            stats.total_query_count += 1
         text = _bare(query)
         match = _COMMAND.match(text)
         if match is not None:
@@ -173,7 +178,7 @@ class Commands:
         name = arg.lower()
         if name in FAKE_PARAMS:
             return Result("SHOW", [(name, TEXT)], [(FAKE_PARAMS[name],)])
-        show = SHOW.get(name)
+        show = SHOW.get(name) or MORE_SHOW.get(name)
         if show is None:
             raise syntax_error(f"SHOW {arg}".strip())
         return show(self.registry, time.monotonic())
@@ -309,9 +314,9 @@ class Commands:
         if key.lower() in FAKE_PARAMS:
             return Result("SET", notice=("SET ignored", ""))
         self._need_admin()
-        key = set_setting(self.registry, key, value)
-        log.info("console_set", key=key, value=value, **self._who())
-        return Result(f"SET {key}={value}")
+        pgmux_name = set_setting(self.registry, key, value)
+        log.info("console_set", key=pgmux_name, value=value, **self._who())
+        return Result(f"SET {key}={value}")  # the name as given, as PgBouncer answers
 
 
 _COMMANDS: dict[str, Callable[[Commands, str], Awaitable[Result]]] = {

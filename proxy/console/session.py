@@ -37,16 +37,20 @@ _STATEMENT = re.compile(r"""(?:'(?:[^']|'')*'|"(?:[^"]|"")*"|[^;'"])+""")
 # --- login ---------------------------------------------------------------------------
 
 
-def open_console(client: ClientConnection, leftover: bytes = b"") -> None:
-    """The client authenticated to the console database: check its user, welcome it."""
+def open_console(client: ClientConnection, leftover: bytes = b"", own_user: bool = False) -> None:
+    """The client authenticated to the console database: check its user, welcome it.
+
+    OWN_USER: the daemon's own OS user over the unix socket (login.py checked
+    its SO_PEERCRED), an admin as in PgBouncer, whatever admin.users says."""
     admin_config = client.registry.config.admin
-    is_admin = client.user in admin_config.users
+    is_admin = own_user or client.user in admin_config.users
     if not is_admin and client.user not in admin_config.stats_users:
         # Raised inside the client's login handling, which logs and closes.
         raise ProtocolError(
             f'not allowed: user "{client.user}" may not use the admin console',
             sqlstate.INVALID_AUTHORIZATION,
         )
+    client.registry.console_stats.total_client_login_count += 1
     session = AdminSession(client, is_admin)
     client.become_console(session)
     client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)

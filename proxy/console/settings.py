@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux.protocol import sqlstate
 from pgmux.proxy.base.log import configure_logging
-from pgmux.proxy.config import RUNTIME_SETTINGS, Config, ConfigError, DatabaseConfig, pgmux_key
+from pgmux.proxy.config import (
+    RUNTIME_SETTINGS,
+    Config,
+    ConfigError,
+    DatabaseConfig,
+    pgbouncer_only,
+    pgbouncer_value,
+    pgmux_key,
+)
+from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.console.errors import ConsoleError
 
 if TYPE_CHECKING:
@@ -45,17 +54,30 @@ FAKE_PARAMS = {
 _INHERITED = ("timeouts", "pool")
 
 
-def set_setting(registry: Registry, key: str, text: str) -> str:
-    """SET KEY = TEXT: check the value, apply it; the pgmux name of the key."""
-    key = pgmux_key(key) or key  # PgBouncer's names work too: SET default_pool_size=5
+def set_setting(registry: Registry, name: str, text: str) -> str:
+    """SET NAME = TEXT: check the value, apply it; the pgmux name of the key.
+
+    NAME is pgmux's key path or PgBouncer's setting name (`SET
+    default_pool_size = 5`); a PgBouncer name takes its value as the ini
+    spells it (seconds as numbers, `plain`, comma-separated lists)."""
+    key = pgmux_key(name) or name
     convert = RUNTIME_SETTINGS.get(key)
     if convert is None:
+        why = pgbouncer_only(name)
+        if why is not None:
+            raise ConsoleError(
+                sqlstate.FEATURE_NOT_SUPPORTED,
+                f'PgBouncer setting "{name}" is not supported: {why}',
+            )
         raise ConsoleError(
             sqlstate.UNDEFINED_OBJECT,
-            f'unknown setting "{key}" or it cannot change at run time (see SHOW CONFIG)',
+            f'unknown setting "{name}" or it cannot change at run time (see SHOW CONFIG)',
         )
     try:
-        value = convert(_yaml_scalar(text), key)
+        raw = pgbouncer_value(name, text) if key != name else _yaml_scalar(text)
+        value = convert(raw, key)
+    except ValueError as exc:  # the ini's own parser refused it
+        raise ConsoleError(sqlstate.INVALID_PARAMETER_VALUE, f"{name}: {exc}") from None
     except ConfigError as exc:
         raise ConsoleError(sqlstate.INVALID_PARAMETER_VALUE, str(exc)) from None
     _apply(registry, key, value)
@@ -76,8 +98,9 @@ def _apply(registry: Registry, key: str, value: Any) -> None:
     config = registry.config
     section, name = key.split(".", 1)
     if section not in _INHERITED:
-        part = getattr(config, section)
-        config = replace(config, **{section: replace(part, **{name: value})})
+        config = _replaced(config, key.split("."), value)
+        if section == "tls":
+            _apply_tls(registry, config)
         if key == "logging.level":
             configure_logging(config.logging.format, value)
         registry.apply_setting(config)
@@ -89,6 +112,26 @@ def _apply(registry: Registry, key: str, value: Any) -> None:
         if (change := _pool_change(pool, section, name, old, value)) is not None
     ]
     registry.apply_setting(_inherited(config, section, name, old, value), changes)
+
+
+def _replaced(obj: Any, path: list[str], value: Any) -> Any:
+    """OBJ (a frozen dataclass) with the field at PATH ("tls", "server", "mode") set."""
+    first, *rest = path
+    new = _replaced(getattr(obj, first), rest, value) if rest else value
+    return replace(obj, **{first: new})
+
+
+def _apply_tls(registry: Registry, config: Config) -> None:
+    """New TLS contexts from CONFIG's files; a file that does not load keeps
+    the running ones and the old value (a ConsoleError)."""
+    try:
+        tls, _hba = load_security(config)
+    except (ConfigError, OSError, ValueError) as exc:
+        raise ConsoleError(
+            sqlstate.INVALID_PARAMETER_VALUE,
+            f"TLS settings could not be applied, still using old configuration: {exc}",
+        ) from None
+    registry.tls = tls
 
 
 def _inherited(config: Config, section: str, name: str, old: Any, value: Any) -> Config:

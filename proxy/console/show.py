@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
 from pgmux.protocol.rows import INT4, INT8, NUMERIC, TEXT
-from pgmux.proxy.base.stats import PERIOD_FIELDS
+from pgmux.proxy.base.stats import PERIOD_FIELDS, PoolStats
 from pgmux.proxy.config import (
     ADMIN_DATABASES,
     FALLBACK_DATABASE,
@@ -42,7 +42,8 @@ VERSION = f"pgmux {__version__} (PgBouncer 1.25.1 compatible)"
 
 HELP = """
 \tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION
-\tSHOW LISTS|MEM|STATE
+\tSHOW LISTS|MEM|STATE|SOCKETS|ACTIVE_SOCKETS
+\tSHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
 \tSET key = arg
 \tRELOAD
@@ -108,10 +109,11 @@ def consoles(registry: Registry) -> list[ClientConnection]:
     return [c for c in registry.clients if c.console is not None]
 
 
-def _by_database(registry: Registry) -> dict[str, list[Pool]]:
-    grouped: dict[str, list[Pool]] = {}
+def _stats_by_database(registry: Registry) -> dict[str, list[PoolStats]]:
+    """Each database's pool stats; the console's first, as PgBouncer's admin pool."""
+    grouped = {CONSOLE_DB: [registry.console_stats]}
     for pool in registry.pools.values():
-        grouped.setdefault(pool.dbname, []).append(pool)
+        grouped.setdefault(pool.dbname, []).append(pool.stats)
     return grouped
 
 
@@ -241,14 +243,13 @@ def show_databases(registry: Registry, now: float) -> Result:
     config = registry.config
     names = [n for n in config.databases if n != FALLBACK_DATABASE]
     names += sorted({p.dbname for p in registry.pools.values()} - set(names))
-    clients: dict[str, int] = {}
-    for client in registry.clients:
-        if client.console is None and client.pool is not None:
-            clients[client.dbname] = clients.get(client.dbname, 0) + 1
+    clients = _counted_clients(registry, "dbname")
+    # One row per console name, as PgBouncer's admin database "pgbouncer";
+    # its clients count against the global max_db_client_connections.
     rows: list[Sequence[Any]] = [(
-        CONSOLE_DB, None, config.listen.port, CONSOLE_DB, CONSOLE_DB, 2, 0, 0, 0, "statement",
-        None, 0, 0, 0, len(consoles(registry)), 0, 0,
-    )]  # fmt: skip
+        name, None, config.listen.port, name, name, 2, 0, 0, 0, "statement", None, 0, 0,
+        config.pool.max_db_client_connections, clients.get(name, 0), 0, 0,
+    ) for name in ADMIN_DATABASES]  # fmt: skip
     for name in names:
         db = config.database(name)
         if db is None:
@@ -264,6 +265,17 @@ def show_databases(registry: Registry, now: float) -> Result:
     return table("ssissiiiissiiiiii", DATABASES_COLUMNS, rows)
 
 
+def _counted_clients(registry: Registry, by: str) -> dict[str, int]:
+    """Logged-in clients (consoles too) per dbname or user: what
+    max_db/user_client_connections count."""
+    counts: dict[str, int] = {}
+    for client in registry.clients:
+        if client.counted:
+            key = getattr(client, by)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 USERS_COLUMNS = (
     "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections",
     "current_connections", "max_user_client_connections", "current_client_connections",
@@ -275,19 +287,19 @@ def show_users(registry: Registry, now: float) -> Result:
     # Names only: the users file's secrets never leave the registry.
     names = set(registry.users) | set(config.users) | {p.user for p in registry.pools.values()}
     names |= set(config.admin.users) | set(config.admin.stats_users)
-    clients: dict[str, int] = {}
-    for client in registry.clients:
-        if client.console is None and client.pool is not None:
-            clients[client.user] = clients.get(client.user, 0) + 1
+    clients = _counted_clients(registry, "user")
     rows = []
     for name in sorted(names):
         user = config.users.get(name)
         pool_size = str(user.pool_size) if user is not None and user.pool_size else ""
+        reserve = user.reserve_pool_size if user is not None else None
+        reserve_size = "" if reserve is None else str(reserve)
         max_conn = user.max_user_connections if user and user.max_user_connections else 0
         max_conn = max_conn or config.pool.max_user_connections
         max_clients = user.max_user_client_connections if user else 0
+        max_clients = max_clients or config.pool.max_user_client_connections
         rows.append((
-            name, pool_size, "", user.pool_mode if user is not None else None, max_conn,
+            name, pool_size, reserve_size, user.pool_mode if user is not None else None, max_conn,
             registry.user_server_count[name], max_clients, clients.get(name, 0),
         ))  # fmt: skip
     return table("ssssiiii", USERS_COLUMNS, rows)
@@ -379,7 +391,8 @@ _STAT_NAMES = (
     "server_assignment_count", "xact_count", "query_count", "received", "sent", "xact_time",
     "query_time", "wait_time",
 )  # fmt: skip
-_PS_NAMES = ("client_parse_count", "server_parse_count", "bind_count")
+# The counters after those: prepared statements (PgBouncer 1.21) and logins (1.25).
+_PS_NAMES = ("client_parse_count", "server_parse_count", "bind_count", "client_login_count")
 _TIMES = {"xact_time", "query_time", "wait_time"}
 
 STATS_COLUMNS = (
@@ -401,35 +414,36 @@ STATS_AVERAGES_COLUMNS = (
 TOTALS_NAMES = (
     "server_assignment_count", "xact_count", "query_count", "client_bytes", "server_bytes",
     "xact_time", "query_time", "wait_time", "ps_client_parse_count", "ps_server_parse_count",
-    "ps_bind_count",
+    "ps_bind_count", "client_login_count",
 )  # fmt: skip
 
 
-def _ps_counts(pools: Sequence[Pool]) -> list[int]:
-    """The prepared-statement counters: client Parses, server Parses, Binds."""
+def _ps_counts(stats: Sequence[PoolStats]) -> list[int]:
+    """The counters after the main ones: client Parses, server Parses, Binds, logins."""
     return [
-        sum(p.stats.total_client_parse_count for p in pools),
-        sum(p.stats.total_server_parse_count for p in pools),
-        sum(p.stats.total_bind_count for p in pools),
+        sum(s.total_client_parse_count for s in stats),
+        sum(s.total_server_parse_count for s in stats),
+        sum(s.total_bind_count for s in stats),
+        sum(s.total_client_login_count for s in stats),
     ]
 
 
-def totals(pools: Sequence[Pool]) -> list[int]:
+def totals(stats: Sequence[PoolStats]) -> list[int]:
     """Since start, in PgBouncer's units: counts, bytes, microseconds."""
     sums = [0.0] * len(PERIOD_FIELDS)
-    for pool in pools:
-        for i, value in enumerate(pool.stats.snapshot()):
+    for one in stats:
+        for i, value in enumerate(one.snapshot()):
             sums[i] += value
     main = zip(_STAT_NAMES, sums[: len(_STAT_NAMES)], strict=True)
     return [_us(v) if n in _TIMES else int(v) for n, v in main]
 
 
-def averages(pools: Sequence[Pool]) -> list[int]:
+def averages(stats: Sequence[PoolStats]) -> list[int]:
     """Over the last complete stats_period: per second, durations per event (µs)."""
     rates = [0.0] * len(PERIOD_FIELDS)
     deltas = [0.0] * len(PERIOD_FIELDS)
-    for pool in pools:
-        older, newer = pool.stats.older, pool.stats.newer
+    for one in stats:
+        older, newer = one.older, one.newer
         if older is None or newer is None or newer[0] <= older[0]:
             continue
         seconds = newer[0] - older[0]
@@ -447,33 +461,33 @@ def averages(pools: Sequence[Pool]) -> list[int]:
             out.append(_us(deltas[i] / count) if count else 0)
         else:
             out.append(int(rates[i]))
-    out += [int(rate) for rate in rates[len(_STAT_NAMES) :]]  # parses and binds per second
+    out += [int(rate) for rate in rates[len(_STAT_NAMES) :]]  # parses, binds, logins per second
     return out
 
 
 def show_stats(registry: Registry, now: float) -> Result:
     rows = [
-        (db, *totals(pools), *_ps_counts(pools), *averages(pools))
-        for db, pools in _by_database(registry).items()
+        (db, *totals(stats), *_ps_counts(stats), *averages(stats))
+        for db, stats in _stats_by_database(registry).items()
     ]
-    return table("s" + "N" * 22, STATS_COLUMNS, rows)
+    return table("s" + "N" * 24, STATS_COLUMNS, rows)
 
 
 def show_stats_totals(registry: Registry, now: float) -> Result:
-    rows = [(db, *totals(p), *_ps_counts(p)) for db, p in _by_database(registry).items()]
-    return table("s" + "N" * 11, STATS_TOTALS_COLUMNS, rows)
+    rows = [(db, *totals(s), *_ps_counts(s)) for db, s in _stats_by_database(registry).items()]
+    return table("s" + "N" * 12, STATS_TOTALS_COLUMNS, rows)
 
 
 def show_stats_averages(registry: Registry, now: float) -> Result:
-    rows = [(db, *averages(p)) for db, p in _by_database(registry).items()]
-    return table("s" + "N" * 11, STATS_AVERAGES_COLUMNS, rows)
+    rows = [(db, *averages(s)) for db, s in _stats_by_database(registry).items()]
+    return table("s" + "N" * 12, STATS_AVERAGES_COLUMNS, rows)
 
 
 def show_totals(registry: Registry, now: float) -> Result:
-    pools = list(registry.pools.values())
-    values = [*totals(pools), *_ps_counts(pools)]
+    stats = [registry.console_stats, *(pool.stats for pool in registry.pools.values())]
+    values = [*totals(stats), *_ps_counts(stats)]
     rows = [(f"total_{n}", v) for n, v in zip(TOTALS_NAMES, values, strict=True)]
-    avg = averages(pools)
+    avg = averages(stats)
     rows += [(f"avg_{n}", v) for n, v in zip(TOTALS_NAMES, avg, strict=True)]
     return table("sN", ("name", "value"), rows)
 

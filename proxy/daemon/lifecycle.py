@@ -317,4 +317,5 @@ class Daemon:
             current = (pool.database, pool.settings, pool.credentials)
             if (database, settings, credentials) != current:
                 pool.reconfigure(database, credentials, settings)
+            pool.timeouts = registry.pool_timeouts(database, pool.user)  # [users] timeouts
         registry.create_configured_pools()
