@@ -13,6 +13,7 @@ import argparse
 import signal
 import sys
 
+from pgmux import __version__
 from pgmux.proxy.config import Config, ConfigError, read_config, unsupported_warning
 from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.config.userlist import load_users

