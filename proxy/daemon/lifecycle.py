@@ -216,8 +216,12 @@ class Daemon:
     def _close_idle_clients(self) -> None:
         """57P01 for every client between transactions: without a server, or
         keeping one (session mode, pinned session state) outside a transaction
-        with nothing asked of it; the pool takes that server back clean."""
+        with nothing asked of it; the pool takes that server back clean.
+        Console sessions stay to watch the drain (the one that ran SHUTDOWN
+        gets its answer) and go at the end."""
         for client in list(self.registry.clients):
+            if client.console is not None:
+                continue
             server = client.server
             if server is None:
                 idle = self._refuse_waiting or not client.running
