@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     if args.version:
-        print(VERSION)  # the same line as the console's SHOW VERSION, as PgBouncer's
+        # The console's SHOW VERSION line, then the libraries, as PgBouncer's
+        # --version does (tools look for its "tls: ..." line).
+        about = process_description()
+        print(f"{VERSION}\n{about['runtime']}\ntls: {about['tls']}")
         return 0
     path = args.config or args.config_file
     if not path:

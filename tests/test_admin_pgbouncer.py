@@ -219,6 +219,8 @@ def test_version_line_is_show_version(pgmux: PgmuxFactory) -> None:
         [sys.executable, "-m", "pgmux", "--version"], capture_output=True, text=True, timeout=30
     )
     assert printed.stdout.splitlines()[0] == shown
+    # PgBouncer's --version names its TLS library on a "tls:" line; tools read it.
+    assert printed.stdout.splitlines()[2].startswith("tls: OpenSSL ")
 
 
 async def test_set_tls_settings_rebuild_the_contexts_or_keep_the_old(pgmux: PgmuxFactory) -> None:
