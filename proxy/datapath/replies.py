@@ -196,9 +196,14 @@ class ResponseFilter:
                         if entries and entries[0].op == EMIT:
                             run = self._emit_after(out, data, run, end)
                 # The release rule (protocol.accounting.LinkAccounting.releasable).
-                # Unlike the plain scan, no mid-message check: the translator holds
-                # a client's partial message back, so none of it is on this server.
-                ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
+                # The translator holds a client's partial message back, so none of
+                # it is on this server, but for one it streams (a COPY row).
+                ready = (
+                    status == _IDLE
+                    and client.expect_rfq <= 0
+                    and not client.in_batch
+                    and not (client.translator is not None and client.translator.streaming)
+                )
             elif action == _END:
                 if entries and entries[0].op == _ENDS[kind]:
                     head = entries.popleft()

@@ -183,6 +183,10 @@ class Translator:
             _QUERY: self._query,
         }
 
+    @property
+    def streaming(self) -> bool:  # a CopyData/CopyFail/FunctionCall on the server, half sent
+        return self._copy_left > 0
+
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
         n = len(data)
