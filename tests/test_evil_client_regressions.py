@@ -11,6 +11,8 @@ import asyncio
 import pytest
 from helpers import APP_DB, APP_PASSWORD, APP_USER, PgmuxFactory, RawClient, query_message
 
+from pgmux.protocol import messages
+
 pytestmark = pytest.mark.timeout(60)
 
 CONFIG = {"pool": {"size": 1}, "timeouts": {"query_wait": "5s"}}
@@ -53,3 +55,38 @@ async def test_half_a_copy_message_keeps_its_server_out_of_the_pool(
     await raw.close()
     await assert_next_client_served(mux)
     assert "Traceback" not in mux.logs()
+
+
+BAD_PARSE = messages.parse("", "SELEC 1")  # a syntax error: PostgreSQL skips to Sync
+
+
+@pytest.mark.parametrize("error_first", [False, True], ids=["one-write", "error-then-query"])
+async def test_query_skipped_after_a_failed_request_owes_no_ready_for_query(
+    pgmux: PgmuxFactory, error_first: bool
+) -> None:
+    """A Query sent after a failed extended request, before its Sync, is
+    skipped by PostgreSQL unread: no ReadyForQuery comes for it. Counted as
+    owed, it kept the server linked to its client after the Sync's
+    ReadyForQuery (and made the cleanup wait for it once the client left);
+    the next client waited for the only server."""
+    mux = pgmux(CONFIG)
+    raw = await login(mux)
+    try:
+        if error_first:  # the error is in when the Query is translated
+            await raw.send(BAD_PARSE + messages.flush())
+            first = await raw.read_message(timeout=10)
+            assert first is not None and first[0] == b"E", first
+            await raw.send(query_message("SELECT 1") + messages.sync())
+        else:  # the Query is on its way when the error comes back
+            await raw.send(BAD_PARSE + query_message("SELECT 1") + messages.sync())
+        replies = await raw.read_until_ready(timeout=10)
+        kinds = [kind for kind, _ in replies]
+        assert kinds == ([b"Z"] if error_first else [b"E", b"Z"]), replies
+        assert replies[-1][1] == b"I"
+        # The client stays, idle: its server is free for the next one at once.
+        await asyncio.wait_for(assert_next_client_served(mux), 3)
+        got = await raw.query("SELECT 2")
+        assert got.rows == [["2"]] and got.status == "I", got
+    finally:
+        await raw.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 3)

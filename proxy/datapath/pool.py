@@ -356,7 +356,7 @@ class Pool:
         mid-transaction is rolled back (pool.rollback_abandoned) or closed; one
         with half a message from the client on the wire is always closed.
         """
-        expect = max(client.expect_rfq, 0)
+        expect = max(client.expect_rfq - server.responses.skipped_queries, 0)
         clean = not expect and not client.in_batch and server.clean_for_release and not server.dirty
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")

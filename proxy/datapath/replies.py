@@ -115,13 +115,16 @@ PLAIN = {op: Entry(op) for op in (PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, Q
 class ResponseFilter:
     """Replies of one linked server, matched against what its client is owed."""
 
-    __slots__ = ("entries", "hold", "skip_bytes", "skipping")
+    __slots__ = ("entries", "hold", "skip_bytes", "skipped_queries", "skipping")
 
     def __init__(self) -> None:
         self.entries: deque[Entry] = deque()
         self.skipping = False  # an error arrived; PostgreSQL ignores requests until Sync
         self.hold = b""
         self.skip_bytes = 0
+        # Queries PostgreSQL skips unread (sent after a failed request, before its
+        # Sync): the client counted a ReadyForQuery for each that will never come.
+        self.skipped_queries = 0
 
     @property
     def mid_message(self) -> bool:
@@ -132,12 +135,15 @@ class ResponseFilter:
         self.skipping = False
         self.hold = b""
         self.skip_bytes = 0
+        self.skipped_queries = 0
 
     def push(self, entry: Entry) -> None:
         if self.skipping:
             if entry.op == SYNC:
                 self.skipping = False
                 self.entries.append(entry)
+            elif entry.op == QUERY:
+                self.skipped_queries += 1
             return  # PostgreSQL will skip this request: no reply, no fake reply
         self.entries.append(entry)
 
@@ -147,6 +153,9 @@ class ResponseFilter:
         if self.hold:
             data = self.hold + data
             self.hold = b""
+        if self.skipped_queries:
+            client.expect_rfq -= self.skipped_queries
+            self.skipped_queries = 0
         out: list[bytes] = []  # what goes to the client before data[run:pos]
         n = len(data)
         pos = 0
@@ -228,7 +237,7 @@ class ResponseFilter:
                         if entries and entries[0].op == EMIT:
                             run = self._emit_after(out, data, run, end)
             elif action == _ERROR:
-                if self._error(out, data, run, pos, end):
+                if self._error(out, data, run, pos, end, client):
                     run = end
             elif action == _STATUS:
                 server.parameter_status(data[pos + 5 : end], client)
@@ -268,7 +277,9 @@ class ResponseFilter:
             out.append(entries.popleft().emit)
         return end
 
-    def _error(self, out: list[bytes], data: bytes, run: int, pos: int, end: int) -> bool:
+    def _error(
+        self, out: list[bytes], data: bytes, run: int, pos: int, end: int, client: ClientConnection
+    ) -> bool:
         """An ErrorResponse; returns True when it was replaced (not forwarded as is)."""
         entries = self.entries
         if not entries:
@@ -291,6 +302,8 @@ class ResponseFilter:
         undo = []
         while entries and entries[0].op != SYNC:
             dropped = entries.popleft()
+            if dropped.op == QUERY:  # skipped too: its ReadyForQuery will never come
+                client.expect_rfq -= 1
             action = dropped.failed if dropped is head and dropped.failed else dropped.rollback
             if action is not None:
                 undo.append(action)
