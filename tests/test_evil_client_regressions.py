@@ -90,3 +90,25 @@ async def test_query_skipped_after_a_failed_request_owes_no_ready_for_query(
     finally:
         await raw.close()
     await asyncio.wait_for(assert_next_client_served(mux), 3)
+
+
+@pytest.mark.parametrize("leave", ["terminate", "disconnect"])
+async def test_copy_message_outside_copy_keeps_the_failed_batch_open(
+    pgmux: PgmuxFactory, leave: str
+) -> None:
+    """A failed Parse, then a stray CopyFail (which PostgreSQL ignores outside a
+    COPY), then the client leaves: the server is still skipping to a Sync. The
+    CopyFail closed the batch in pgmux's count, so the server went back to the
+    pool as clean, and PostgreSQL skipped the next client's Query unread (that
+    client hung)."""
+    mux = pgmux(CONFIG)
+    raw = await login(mux)
+    await raw.send(BAD_PARSE + messages.flush())
+    first = await raw.read_message(timeout=10)
+    assert first is not None and first[0] == b"E", first
+    await raw.send(b"f\0\0\0\x09evil\0")  # a whole CopyFail
+    await asyncio.sleep(0.2)
+    if leave == "terminate":
+        await raw.send(messages.terminate())
+    await raw.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 5)

@@ -18,13 +18,9 @@ from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-from pgmux.protocol.accounting import NO_BATCH
+from pgmux.protocol.accounting import KEEPS_BATCH, NO_BATCH
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import bad_length as _bad_length
-from pgmux.protocol.msgtypes import COPY_DATA as _COPY_DATA
-from pgmux.protocol.msgtypes import COPY_DONE as _COPY_DONE
-from pgmux.protocol.msgtypes import COPY_FAIL as _COPY_FAIL
-from pgmux.protocol.msgtypes import FLUSH as _FLUSH
 from pgmux.protocol.msgtypes import QUERY as _QUERY
 from pgmux.protocol.msgtypes import TERMINATE as _TERMINATE
 from pgmux.protocol.msgtypes import TX_IDLE as _IDLE
@@ -59,7 +55,7 @@ _PENDING_LIMIT = 1 << 20
 _monotonic = time.monotonic  # a module global reads faster than the attribute
 
 # The messages that each end in a ReadyForQuery.
-_REQUESTS = NO_BATCH - {_COPY_DATA, _COPY_DONE, _COPY_FAIL}
+_REQUESTS = NO_BATCH
 
 # The states in which the client has asked for a server and not yet got it.
 _QUEUED = (ClientState.WAITING, ClientState.WELCOME)
@@ -318,13 +314,12 @@ class ClientConnection(asyncio.Protocol):
             if length < 4 or length > self._max_packet:
                 raise _bad_length(length, self._max_packet)
             if kind in NO_BATCH:
-                if kind != _COPY_DATA and kind != _COPY_DONE and kind != _COPY_FAIL:
-                    self.expect_rfq += 1
+                self.expect_rfq += 1
                 self.in_batch = False
             elif kind == _TERMINATE:
                 self._skip = 0
                 return pos
-            elif kind != _FLUSH:  # Flush asks for output; it opens no batch
+            elif kind not in KEEPS_BATCH:  # Flush asks for output, COPY messages stream
                 self.in_batch = True
             pos += 1 + length
         if pos < n:  # a header cut short: a message begins here (counted once whole)
@@ -355,10 +350,9 @@ class ClientConnection(asyncio.Protocol):
         if kind == _TERMINATE:
             return 0
         if kind in NO_BATCH:
-            if kind != _COPY_DATA and kind != _COPY_DONE and kind != _COPY_FAIL:
-                self.expect_rfq += 1
+            self.expect_rfq += 1
             self.in_batch = False
-        elif kind != _FLUSH:
+        elif kind not in KEEPS_BATCH:
             self.in_batch = True
         self._partial_request = kind in _REQUESTS  # partial_since: its header's first bytes
         return 1 + length - len(have)
