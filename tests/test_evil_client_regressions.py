@@ -112,3 +112,34 @@ async def test_copy_message_outside_copy_keeps_the_failed_batch_open(
         await raw.send(messages.terminate())
     await raw.close()
     await asyncio.wait_for(assert_next_client_served(mux), 5)
+
+
+BAD_LENGTH = b"c\0\0\0\x01"  # a length below 4: the client is closed with 08P01
+SELECT = query_message("SELECT 1")
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+@pytest.mark.parametrize("case", ["header-half-sent", "counted-not-sent"])
+async def test_bad_length_after_a_message_frees_the_server_at_once(
+    pgmux: PgmuxFactory, mode: str, case: str
+) -> None:
+    """A bad length ends the client, and none of its chunk reaches the server.
+    What that chunk counted (the Query before the bad message) was still owed,
+    and a Query whose header began in the previous chunk was taken as whole: the
+    server's cleanup waited for a ReadyForQuery that could not come, cancel_wait
+    long, while the next client waited for the only server."""
+    mux = pgmux({"pool": {"size": 1, "mode": mode}, "timeouts": {"query_wait": "4s"}})
+    raw = await login(mux)
+    try:
+        if case == "header-half-sent":
+            await raw.send(SELECT[:3])
+            await asyncio.sleep(0.2)  # on the server already: three bytes of a header
+            await raw.send(SELECT[3:] + BAD_LENGTH)
+        else:
+            await raw.send(SELECT + BAD_LENGTH)
+        replies = await raw.read_until_closed(timeout=10)
+        codes = [kind for kind, _ in replies]
+        assert codes == [b"E"], replies
+    finally:
+        await raw.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 3)

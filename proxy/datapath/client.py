@@ -262,9 +262,13 @@ class ClientConnection(asyncio.Protocol):
             self.in_batch = False
             terminate_at = -1
         else:
+            in_batch, cut = self.in_batch, self._skip or self._header
             try:
                 terminate_at = self._scan(data)
             except ProtocolError as exc:
+                # None of this chunk goes on: what it counted never reaches the server,
+                # and a message it was to finish stays half sent there.
+                self.expect_rfq, self.in_batch, self._skip = requests, in_batch, 1 if cut else 0
                 self.fail(exc.sqlstate, exc.message)
                 return
         self.last_active = now = _monotonic()
