@@ -143,3 +143,29 @@ async def test_bad_length_after_a_message_frees_the_server_at_once(
     finally:
         await raw.close()
     await asyncio.wait_for(assert_next_client_served(mux), 3)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        {"mode": "session"},
+        {"mode": "transaction", "max_prepared_statements": 0, "session_state": "ignore"},
+    ],
+    ids=["session", "transaction-plain"],
+)
+async def test_client_leaving_after_a_skipped_query_frees_the_server_at_once(
+    pgmux: PgmuxFactory, pool: dict[str, object]
+) -> None:
+    """Without the translator (session mode, or no prepared statements) pgmux
+    counts every Query as owing a ReadyForQuery, also one PostgreSQL skipped
+    after a failed request. The cleanup after the client left waited
+    cancel_wait for it, while the next client waited for the only server."""
+    mux = pgmux({"pool": {"size": 1, **pool}, "timeouts": {"query_wait": "4s"}})
+    raw = await login(mux)
+    try:
+        await raw.send(BAD_PARSE + query_message("SELECT 1") + messages.sync())
+        replies = await raw.read_until_ready(timeout=10)
+        assert [kind for kind, _ in replies] == [b"E", b"Z"], replies
+    finally:
+        await raw.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 3)

@@ -73,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         "_feed",
         "expect_rfq",
         "in_batch",
+        "query_in_batch",
         "_skip",
         "_header",
         "_max_packet",
@@ -141,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         # request accounting, read by the server's hot path
         self.expect_rfq = 0
         self.in_batch = False
+        self.query_in_batch = False  # PostgreSQL skips it if the batch failed: no RFQ
         self.release_on_idle = True
         self.statement_mode = False
         self.translator: Translator | None = None  # transaction mode's rewriting
@@ -254,6 +256,7 @@ class ClientConnection(asyncio.Protocol):
             and n > 5
             and not self._skip
             and not self._header
+            and not self.in_batch
             and n == 1 + _LENGTH(data, 1)[0]
             and n <= self._max_packet
         ):
@@ -319,6 +322,8 @@ class ClientConnection(asyncio.Protocol):
                 raise _bad_length(length, self._max_packet)
             if kind in NO_BATCH:
                 self.expect_rfq += 1
+                if kind == _QUERY and self.in_batch:
+                    self.query_in_batch = True
                 self.in_batch = False
             elif kind == _TERMINATE:
                 self._skip = 0
@@ -355,6 +360,8 @@ class ClientConnection(asyncio.Protocol):
             return 0
         if kind in NO_BATCH:
             self.expect_rfq += 1
+            if kind == _QUERY and self.in_batch:
+                self.query_in_batch = True
             self.in_batch = False
         elif kind not in KEEPS_BATCH:
             self.in_batch = True
@@ -482,6 +489,7 @@ class ClientConnection(asyncio.Protocol):
             return False  # session mode, or session state pins the server to this client
         self.server = None
         self.expect_rfq = 0
+        self.query_in_batch = False
         self._set_state(_IDLE_STATE)
         if give_back:
             self.pool.release(server, now)  # resets session state first if it has any

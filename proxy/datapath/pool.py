@@ -360,6 +360,9 @@ class Pool:
         clean = not expect and not client.in_batch and server.clean_for_release and not server.dirty
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")
+        elif expect and client.query_in_batch and client.translator is None:
+            # Its count may include a Query PostgreSQL skipped (the translator knows).
+            self.close_server(server, "client left with a Query inside a batch")
         elif clean and self.mode != "session":
             self.release(server)
         elif clean or self.settings.rollback_abandoned:
