@@ -141,7 +141,9 @@ class LinkAccounting:
 
     def _client_message(self, kind: int, length: int) -> int:
         """Apply one client message's transition; return its body size."""
-        if length < 4 or length > self.max_packet:
+        # A Flush has no body: PostgreSQL's error for one would leave its server
+        # skipping to a Sync after the link gave it back.
+        if length < 4 or length > self.max_packet or (kind == mt.FLUSH and length != 4):
             raise ProtocolError(f"invalid message length {length}", sqlstate.PROTOCOL_VIOLATION)
         if kind == mt.TERMINATE:
             self.terminated = True

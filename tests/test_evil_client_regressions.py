@@ -9,7 +9,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers import APP_DB, APP_PASSWORD, APP_USER, PgmuxFactory, RawClient, query_message
+from helpers import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    PgmuxFactory,
+    RawClient,
+    error_fields,
+    query_message,
+)
 
 from pgmux.protocol import messages
 
@@ -166,6 +174,23 @@ async def test_client_leaving_after_a_skipped_query_frees_the_server_at_once(
         await raw.send(BAD_PARSE + query_message("SELECT 1") + messages.sync())
         replies = await raw.read_until_ready(timeout=10)
         assert [kind for kind, _ in replies] == [b"E", b"Z"], replies
+    finally:
+        await raw.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 3)
+
+
+async def test_flush_with_a_body_ends_its_client_not_the_next_one(pgmux: PgmuxFactory) -> None:
+    """A lone Flush needs no reply, so its server went back to the pool at once;
+    but with bytes in its body PostgreSQL answers ERROR and skips to the next
+    Sync, so the next client's Query on that server was skipped unread (it hung).
+    pgmux refuses such a Flush itself, as a bad length."""
+    mux = pgmux(CONFIG)
+    raw = await login(mux)
+    try:
+        await raw.send(b"H\0\0\0\x06\xc0\xaf")
+        replies = await raw.read_until_closed(timeout=10)
+        errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+        assert [e["C"] for e in errors] == ["08P01"], replies
     finally:
         await raw.close()
     await asyncio.wait_for(assert_next_client_served(mux), 3)

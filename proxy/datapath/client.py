@@ -21,6 +21,7 @@ from pgmux.protocol import messages, sqlstate
 from pgmux.protocol.accounting import KEEPS_BATCH, NO_BATCH
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import bad_length as _bad_length
+from pgmux.protocol.msgtypes import FLUSH as _FLUSH
 from pgmux.protocol.msgtypes import QUERY as _QUERY
 from pgmux.protocol.msgtypes import TERMINATE as _TERMINATE
 from pgmux.protocol.msgtypes import TX_IDLE as _IDLE
@@ -318,7 +319,8 @@ class ClientConnection(asyncio.Protocol):
         while pos + 5 <= n:
             kind = data[pos]
             length = _LENGTH(data, pos + 1)[0]
-            if length < 4 or length > self._max_packet:
+            # (a Flush with a body: PostgreSQL's error would leave a server skipping to Sync)
+            if length < 4 or length > self._max_packet or (kind == _FLUSH and length != 4):
                 raise _bad_length(length, self._max_packet)
             if kind in NO_BATCH:
                 self.expect_rfq += 1
@@ -354,7 +356,7 @@ class ClientConnection(asyncio.Protocol):
         self._header = b""
         kind = header[0]
         length = _LENGTH(header, 1)[0]
-        if length < 4 or length > self._max_packet:
+        if length < 4 or length > self._max_packet or (kind == _FLUSH and length != 4):
             raise _bad_length(length, self._max_packet)
         if kind == _TERMINATE:
             return 0

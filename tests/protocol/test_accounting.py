@@ -102,8 +102,13 @@ def state(link: LinkAccounting) -> tuple:
     ],
 )
 def test_one_client_message_from_a_fresh_link(kind, owed, in_batch):
-    link = run(("c", message(kind, b"x")))
+    link = run(("c", message(kind, b"" if kind == mt.FLUSH else b"x")))
     assert (link.owed, link.in_batch) == (owed, in_batch)
+
+
+def test_a_flush_with_a_body_is_refused():
+    with pytest.raises(ProtocolError, match="invalid message length 5"):
+        run(("c", message(mt.FLUSH, b"x")))
 
 
 @pytest.mark.parametrize("kind", [mt.QUERY, mt.SYNC])
