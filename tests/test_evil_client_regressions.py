@@ -194,3 +194,21 @@ async def test_flush_with_a_body_ends_its_client_not_the_next_one(pgmux: PgmuxFa
     finally:
         await raw.close()
     await asyncio.wait_for(assert_next_client_served(mux), 3)
+
+
+async def test_client_leaving_after_a_skipped_query_gets_its_server_synced(
+    pgmux: PgmuxFactory,
+) -> None:
+    """An Execute fails, and the Query sent after it is skipped by PostgreSQL,
+    which waits for a Sync. The Query had closed the batch in pgmux's count, so
+    when the client left the server went back to the pool still skipping, and
+    the next client's Query was skipped unread (it hung)."""
+    mux = pgmux(CONFIG)
+    raw = await login(mux)
+    await raw.send(messages.execute("no_such_portal") + messages.flush())
+    first = await raw.read_message(timeout=10)
+    assert first is not None and first[0] == b"E", first
+    await raw.send(query_message("SELECT 1"))  # skipped: no reply at all
+    await asyncio.sleep(0.3)
+    await raw.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 4)
