@@ -62,9 +62,11 @@ CLIENT_TRANSITIONS: dict[int, tuple[int, Batch]] = {
     mt.EXECUTE: (0, Batch.OPEN),
     mt.CLOSE: (0, Batch.OPEN),
     mt.FLUSH: (0, Batch.KEEP),  # asks for the output so far; psycopg sends a lone one
-    mt.COPY_DATA: (0, Batch.CLOSE),
-    mt.COPY_DONE: (0, Batch.CLOSE),
-    mt.COPY_FAIL: (0, Batch.CLOSE),
+    # Ignored outside a COPY: a batch open before them (and skipping to its Sync
+    # after an error) is still open after them.
+    mt.COPY_DATA: (0, Batch.KEEP),
+    mt.COPY_DONE: (0, Batch.KEEP),
+    mt.COPY_FAIL: (0, Batch.KEEP),
 }
 # Any other type, as the data path treats it: the server may answer, nothing owed yet.
 OTHER_CLIENT_MESSAGE = (0, Batch.OPEN)
@@ -139,7 +141,9 @@ class LinkAccounting:
 
     def _client_message(self, kind: int, length: int) -> int:
         """Apply one client message's transition; return its body size."""
-        if length < 4 or length > self.max_packet:
+        # A Flush has no body: PostgreSQL's error for one would leave its server
+        # skipping to a Sync after the link gave it back.
+        if length < 4 or length > self.max_packet or (kind == mt.FLUSH and length != 4):
             raise ProtocolError(f"invalid message length {length}", sqlstate.PROTOCOL_VIOLATION)
         if kind == mt.TERMINATE:
             self.terminated = True

@@ -34,7 +34,7 @@ from pgmux.proxy.datapath import handover
 from pgmux.proxy.datapath.authquery import AuthQuery
 from pgmux.proxy.datapath.pool import Pool
 from pgmux.proxy.datapath.server import ServerCredentials
-from pgmux.proxy.datapath.translator import StatementCache
+from pgmux.proxy.datapath.statements import StatementCache
 
 if TYPE_CHECKING:
     from collections import Counter

@@ -18,12 +18,10 @@ from struct import Struct
 from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages, sqlstate
-from pgmux.protocol.accounting import NO_BATCH
+from pgmux.protocol.accounting import KEEPS_BATCH, NO_BATCH
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import bad_length as _bad_length
 from pgmux.protocol.msgtypes import COPY_DATA as _COPY_DATA
-from pgmux.protocol.msgtypes import COPY_DONE as _COPY_DONE
-from pgmux.protocol.msgtypes import COPY_FAIL as _COPY_FAIL
 from pgmux.protocol.msgtypes import FLUSH as _FLUSH
 from pgmux.protocol.msgtypes import QUERY as _QUERY
 from pgmux.protocol.msgtypes import TERMINATE as _TERMINATE
@@ -59,8 +57,9 @@ _PENDING_LIMIT = 1 << 20
 
 _monotonic = time.monotonic  # a module global reads faster than the attribute
 
-# The messages that each end in a ReadyForQuery.
-_REQUESTS = NO_BATCH - {_COPY_DATA, _COPY_DONE, _COPY_FAIL}
+_NO_TRANSACTIONS = (
+    "transaction blocks are not allowed in statement pooling mode (pool.mode = statement)"
+)
 
 # The states in which the client has asked for a server and not yet got it.
 _QUEUED = (ClientState.WAITING, ClientState.WELCOME)
@@ -78,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         "_feed",
         "expect_rfq",
         "in_batch",
+        "query_in_batch",
         "_skip",
         "_header",
         "_max_packet",
@@ -150,6 +150,7 @@ class ClientConnection(asyncio.Protocol):
         # request accounting, read by the server's hot path
         self.expect_rfq = 0
         self.in_batch = False
+        self.query_in_batch = False  # PostgreSQL skips it if the batch failed: no RFQ
         self.release_on_idle = True
         self.statement_mode = False
         self.translator: Translator | None = None  # transaction mode's rewriting
@@ -271,6 +272,7 @@ class ClientConnection(asyncio.Protocol):
             and n > 5
             and not self._skip
             and not self._header
+            and not self.in_batch
             and n == 1 + _LENGTH(data, 1)[0]
             and n <= self._max_packet
         ):
@@ -279,9 +281,13 @@ class ClientConnection(asyncio.Protocol):
             self.in_batch = False
             terminate_at = -1
         else:
+            in_batch, cut = self.in_batch, self._skip or self._header
             try:
                 terminate_at = self._scan(data)
             except ProtocolError as exc:
+                # None of this chunk goes on: what it counted never reaches the server,
+                # and a message it was to finish stays half sent there.
+                self.expect_rfq, self.in_batch, self._skip = requests, in_batch, 1 if cut else 0
                 self.fail(exc.sqlstate, exc.message)
                 return
         self.last_active = now = _monotonic()
@@ -306,11 +312,7 @@ class ClientConnection(asyncio.Protocol):
                         return
                 server.transport.write(data)
         elif data:
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size > _PENDING_LIMIT:
-                self.transport.pause_reading()
-                self._reading_paused = True
+            self._hold(data)
             if state is _IDLE_STATE:
                 self._request_server()
         if terminate_at >= 0:
@@ -328,16 +330,18 @@ class ClientConnection(asyncio.Protocol):
         while pos + 5 <= n:
             kind = data[pos]
             length = _LENGTH(data, pos + 1)[0]
-            if length < 4 or length > self._max_packet:
+            # (a Flush with a body: PostgreSQL's error would leave a server skipping to Sync)
+            if length < 4 or length > self._max_packet or (kind == _FLUSH and length != 4):
                 raise _bad_length(length, self._max_packet)
             if kind in NO_BATCH:
-                if kind != _COPY_DATA and kind != _COPY_DONE and kind != _COPY_FAIL:
-                    self.expect_rfq += 1
+                self.expect_rfq += 1
+                if kind == _QUERY and self.in_batch:
+                    self.query_in_batch = True
                 self.in_batch = False
             elif kind == _TERMINATE:
                 self._skip = 0
                 return pos
-            elif kind != _FLUSH:  # Flush asks for output; it opens no batch
+            elif kind not in KEEPS_BATCH:  # Flush asks for output, COPY messages stream
                 self.in_batch = True
             pos += 1 + length
         if kind >= 0:  # COPY FROM STDIN: PostgreSQL waits for its next CopyData
@@ -351,7 +355,7 @@ class ClientConnection(asyncio.Protocol):
             if pos == n:
                 self.partial_since = 0.0
             elif kind >= 0:  # the message cut short began in this chunk
-                self.partial_since, self._partial_request = _monotonic(), kind in _REQUESTS
+                self.partial_since, self._partial_request = _monotonic(), kind in NO_BATCH
         return -1
 
     def _complete_header(self, data: bytes) -> int:
@@ -365,17 +369,18 @@ class ClientConnection(asyncio.Protocol):
         self._header = b""
         kind = header[0]
         length = _LENGTH(header, 1)[0]
-        if length < 4 or length > self._max_packet:
+        if length < 4 or length > self._max_packet or (kind == _FLUSH and length != 4):
             raise _bad_length(length, self._max_packet)
         if kind == _TERMINATE:
             return 0
         if kind in NO_BATCH:
-            if kind != _COPY_DATA and kind != _COPY_DONE and kind != _COPY_FAIL:
-                self.expect_rfq += 1
+            self.expect_rfq += 1
+            if kind == _QUERY and self.in_batch:
+                self.query_in_batch = True
             self.in_batch = False
-        elif kind != _FLUSH:
+        elif kind not in KEEPS_BATCH:
             self.in_batch = True
-        self._partial_request = kind in _REQUESTS  # partial_since: its header's first bytes
+        self._partial_request = kind in NO_BATCH  # partial_since: its header's first bytes
         self.copy_rfq = self.expect_rfq if kind == _COPY_DATA else -1
         return 1 + length - len(have)
 
@@ -502,6 +507,7 @@ class ClientConnection(asyncio.Protocol):
             return False  # session mode, or session state pins the server to this client
         self.server = None
         self.expect_rfq = 0
+        self.query_in_batch = False
         self._set_state(_IDLE_STATE)
         if give_back:
             self.pool.release(server, now)  # resets session state first if it has any
@@ -523,15 +529,10 @@ class ClientConnection(asyncio.Protocol):
         self.pool.stats.add_query(now - (started if started > mark else mark))
         self.query_mark = now
         if self.statement_mode and self.server is not None and self.server.tx_status != _IDLE:
-            asyncio.get_running_loop().call_soon(self._transaction_in_statement_mode)
-
-    def _transaction_in_statement_mode(self) -> None:
-        # PgBouncer's statement mode forbids transaction blocks; the server is
-        # rolled back and reused like any abandoned one.
-        self.fail(
-            sqlstate.ACTIVE_SQL_TRANSACTION,
-            "transaction blocks are not allowed in statement pooling mode (pool.mode = statement)",
-        )
+            # PgBouncer's statement mode forbids transaction blocks; the server is
+            # rolled back and reused like any abandoned one.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.fail, sqlstate.ACTIVE_SQL_TRANSACTION, _NO_TRANSACTIONS)
 
     def server_parameter(self, name: str, value: str) -> None:
         """The server reported a parameter change made by this client (SET ...)."""
@@ -566,15 +567,14 @@ class ClientConnection(asyncio.Protocol):
             self._pending.append(leftover)
         if pool.server_params is None:
             # The welcome needs a server's parameters first.
-            self._feed = self._early_data
+            self._feed = self._hold  # it may pipeline its first query before the welcome
             self._set_state(_WELCOME)
             pool.acquire(self)
         else:
             self.welcome(pool.server_params)
 
-    def _early_data(self, data: bytes) -> None:
-        # A client that pipelines its first query before the welcome: keep it,
-        # within the same bound as any client waiting for a server.
+    def _hold(self, data: bytes) -> None:
+        """Keep what a client without a server sends, within a bound (TCP back-pressure)."""
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size > _PENDING_LIMIT:

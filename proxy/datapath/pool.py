@@ -378,15 +378,20 @@ class Pool:
         mid-transaction is rolled back (pool.rollback_abandoned) or closed; one
         with half a message from the client on the wire is always closed.
         """
-        expect = max(client.expect_rfq, 0)
-        clean = not expect and not client.in_batch and server.clean_for_release and not server.dirty
+        expect = max(client.expect_rfq - server.responses.skipped_queries, 0)
+        # A Query skipped after a failed request closed no batch: it still needs a Sync.
+        in_batch = client.in_batch or server.responses.skipping
+        clean = not expect and not in_batch and server.clean_for_release and not server.dirty
         if client.mid_message or server.state is ServerState.CLOSED:
             self.close_server(server, "client left mid-message")
+        elif expect and client.query_in_batch and client.translator is None:
+            # Its count may include a Query PostgreSQL skipped (the translator knows).
+            self.close_server(server, "client left with a Query inside a batch")
         elif clean and self.mode != "session":
             self.release(server)
         elif clean or self.settings.rollback_abandoned:
             self._set_server_state(server, _CLEANING)
-            cleanup.clean_abandoned(self, server, expect, client.in_batch)
+            cleanup.clean_abandoned(self, server, expect, in_batch)
         else:
             self.close_server(server, "client left mid-transaction")
 

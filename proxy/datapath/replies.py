@@ -117,13 +117,16 @@ PLAIN = {op: Entry(op) for op in (PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, Q
 class ResponseFilter:
     """Replies of one linked server, matched against what its client is owed."""
 
-    __slots__ = ("entries", "hold", "skip_bytes", "skipping")
+    __slots__ = ("entries", "hold", "skip_bytes", "skipped_queries", "skipping")
 
     def __init__(self) -> None:
         self.entries: deque[Entry] = deque()
         self.skipping = False  # an error arrived; PostgreSQL ignores requests until Sync
         self.hold = b""
         self.skip_bytes = 0
+        # Queries PostgreSQL skips unread (sent after a failed request, before its
+        # Sync): the client counted a ReadyForQuery for each that will never come.
+        self.skipped_queries = 0
 
     @property
     def mid_message(self) -> bool:
@@ -134,12 +137,15 @@ class ResponseFilter:
         self.skipping = False
         self.hold = b""
         self.skip_bytes = 0
+        self.skipped_queries = 0
 
     def push(self, entry: Entry) -> None:
         if self.skipping:
             if entry.op == SYNC:
                 self.skipping = False
                 self.entries.append(entry)
+            elif entry.op == QUERY:
+                self.skipped_queries += 1
             return  # PostgreSQL will skip this request: no reply, no fake reply
         self.entries.append(entry)
 
@@ -149,6 +155,9 @@ class ResponseFilter:
         if self.hold:
             data = self.hold + data
             self.hold = b""
+        if self.skipped_queries:
+            client.expect_rfq -= self.skipped_queries
+            self.skipped_queries = 0
         out: list[bytes] = []  # what goes to the client before data[run:pos]
         n = len(data)
         pos = 0
@@ -200,9 +209,14 @@ class ResponseFilter:
                         if entries and entries[0].op == EMIT:
                             run = self._emit_after(out, data, run, end)
                 # The release rule (protocol.accounting.LinkAccounting.releasable).
-                # Unlike the plain scan, no mid-message check: the translator holds
-                # a client's partial message back, so none of it is on this server.
-                ready = status == _IDLE and client.expect_rfq <= 0 and not client.in_batch
+                # The translator holds a client's partial message back, so none of
+                # it is on this server, but for one it streams (a COPY row).
+                ready = (
+                    status == _IDLE
+                    and client.expect_rfq <= 0
+                    and not client.in_batch
+                    and not (client.translator is not None and client.translator.streaming)
+                )
                 limits = ASKED if client.expect_rfq > 0 or client.in_batch else UNASKED
             elif action == _END:
                 if entries and entries[0].op == _ENDS[kind]:
@@ -238,7 +252,7 @@ class ResponseFilter:
                 except ProtocolError as exc:
                     self._refuse(server, client, out, data[run:pos], exc.message)
                     return
-                if action == _ERROR and self._error(out, data, run, pos, end):
+                if action == _ERROR and self._error(out, data, run, pos, end, client):
                     run = end
             elif action == _EMPTY:
                 if entries and entries[0].op != QUERY:
@@ -293,7 +307,9 @@ class ResponseFilter:
             out.append(entries.popleft().emit)
         return end
 
-    def _error(self, out: list[bytes], data: bytes, run: int, pos: int, end: int) -> bool:
+    def _error(
+        self, out: list[bytes], data: bytes, run: int, pos: int, end: int, client: ClientConnection
+    ) -> bool:
         """An ErrorResponse; returns True when it was replaced (not forwarded as is)."""
         entries = self.entries
         if not entries:
@@ -316,6 +332,8 @@ class ResponseFilter:
         undo = []
         while entries and entries[0].op != SYNC:
             dropped = entries.popleft()
+            if dropped.op == QUERY:  # skipped too: its ReadyForQuery will never come
+                client.expect_rfq -= 1
             action = dropped.failed if dropped is head and dropped.failed else dropped.rollback
             if action is not None:
                 undo.append(action)

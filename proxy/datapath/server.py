@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from pgmux.proxy.config.tls import ServerTls
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.pool import Pool
-    from pgmux.proxy.datapath.translator import Statement, Translator
+    from pgmux.proxy.datapath.statements import Statement
+    from pgmux.proxy.datapath.translator import Translator
 
 log = get_logger("pgmux.server")
 

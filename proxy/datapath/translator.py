@@ -22,7 +22,6 @@ so a client's last unnamed Parse is replayed where it is missing.
 
 from __future__ import annotations
 
-import hashlib
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from pgmux.proxy.datapath.replies import (
     ResponseFilter,
     error_entry,
 )
+from pgmux.proxy.datapath.statements import Statement, StatementCache
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -85,51 +85,7 @@ _DEALLOCATE_DONE = messages.command_complete("DEALLOCATE")
 # sees pgmux's error in its place.
 _FAILING_PARSE = build_parse(b"", b"pgmux refused this request\0\0\0")
 _EMPTY_QUERY = messages.query("")
-_GLOBAL_CACHE_LIMIT = 100_000
 _RENAMING_LIMIT = 1_000  # per client; past it, Binds just allocate their entry
-
-
-class Statement:
-    """One distinct (query, parameter types), under pgmux's server-side name."""
-
-    __slots__ = ("name", "parse", "rest", "text", "watched")
-
-    def __init__(self, name: bytes, rest: bytes) -> None:
-        self.name = name
-        self.rest = rest  # the Parse after its name: query text and parameter types
-        self.parse = build_parse(name, rest)
-        self.text = parse_query_text(rest)
-        # Session-state detection looks at the text only of statements that may need it.
-        self.watched = self.text if session_state.needs_text(self.text) else b""
-
-
-def statement_name(rest: bytes) -> bytes:
-    """pgmux's server-side name for a text: derived from the text itself, so
-    every worker process gives it the same name and a server that moves
-    between workers keeps its statements."""
-    return b"pgmux_" + hashlib.blake2b(rest, digest_size=12).hexdigest().encode()
-
-
-class StatementCache:
-    """Shared by all pools: the same text gets the same server-side name everywhere."""
-
-    def __init__(self, limit: int = _GLOBAL_CACHE_LIMIT) -> None:
-        self._by_key: dict[bytes, Statement] = {}
-        self._limit = limit
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-    def get(self, rest: bytes) -> Statement:
-        statement = self._by_key.get(rest)
-        if statement is None:
-            if len(self._by_key) >= self._limit:
-                # Clients and servers hold their Statements themselves; a
-                # forgotten text gets the same name again when it comes back.
-                self._by_key.pop(next(iter(self._by_key)))
-            statement = Statement(statement_name(rest), rest)
-            self._by_key[rest] = statement
-        return statement
 
 
 class Translator:
@@ -182,6 +138,10 @@ class Translator:
             _CLOSE: self._close,
             _QUERY: self._query,
         }
+
+    @property
+    def streaming(self) -> bool:  # a CopyData/CopyFail/FunctionCall on the server, half sent
+        return self._copy_left > 0
 
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""

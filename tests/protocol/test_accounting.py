@@ -17,6 +17,7 @@ from pgmux.protocol import messages
 from pgmux.protocol import msgtypes as mt
 from pgmux.protocol.accounting import (
     CLIENT_TRANSITIONS,
+    KEEPS_BATCH,
     NO_BATCH,
     OWES_READY_FOR_QUERY,
     Copy,
@@ -101,11 +102,16 @@ def state(link: LinkAccounting) -> tuple:
     ],
 )
 def test_one_client_message_from_a_fresh_link(kind, owed, in_batch):
-    link = run(("c", message(kind, b"x")))
+    link = run(("c", message(kind, b"" if kind == mt.FLUSH else b"x")))
     assert (link.owed, link.in_batch) == (owed, in_batch)
 
 
-@pytest.mark.parametrize("kind", [mt.COPY_DATA, mt.COPY_DONE, mt.COPY_FAIL, mt.QUERY, mt.SYNC])
+def test_a_flush_with_a_body_is_refused():
+    with pytest.raises(ProtocolError, match="invalid message length 5"):
+        run(("c", message(mt.FLUSH, b"x")))
+
+
+@pytest.mark.parametrize("kind", [mt.QUERY, mt.SYNC])
 def test_batch_closers_close_an_open_batch(kind):
     link = run(("c", messages.parse("", "select 1") + message(kind)))
     assert not link.in_batch
@@ -116,11 +122,18 @@ def test_flush_keeps_an_open_batch_open():
     assert link.in_batch and link.owed == 0
 
 
+@pytest.mark.parametrize("kind", [mt.COPY_DATA, mt.COPY_DONE, mt.COPY_FAIL])
+def test_copy_messages_keep_an_open_batch_open(kind):
+    """Outside a COPY PostgreSQL ignores them: the batch (maybe skipping to its
+    Sync after an error) is still open, and the server not releasable."""
+    link = run(("c", messages.parse("", "select 1") + message(kind)))
+    assert link.in_batch and link.owed == 0
+
+
 def test_shared_tables_follow_the_transition_table():
     assert {mt.QUERY, mt.SYNC, mt.FUNCTION_CALL} == OWES_READY_FOR_QUERY
-    assert {mt.QUERY, mt.SYNC, mt.FUNCTION_CALL, mt.COPY_DATA, mt.COPY_DONE, mt.COPY_FAIL} == (
-        NO_BATCH
-    )
+    assert {mt.QUERY, mt.SYNC, mt.FUNCTION_CALL} == NO_BATCH
+    assert {mt.FLUSH, mt.COPY_DATA, mt.COPY_DONE, mt.COPY_FAIL} == KEEPS_BATCH
     assert mt.TERMINATE not in CLIENT_TRANSITIONS
 
 
