@@ -29,7 +29,7 @@ import copy
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from harness import DEFAULT_CONFIG, Harness
@@ -265,19 +265,35 @@ class _Server:
         raise AssertionError(f"a valid reply was refused: {reason}")
 
 
+def without_errors(round_: Round) -> Round:
+    replies = [
+        ([k for k in kinds if k != mt.ERROR_RESPONSE], status) for kinds, status in round_.replies
+    ]
+    loose = [k for k in round_.loose if k != mt.ERROR_RESPONSE]
+    return replace(round_, replies=replies, loose=loose)
+
+
 @FUZZ
 @given(conversations)
 def test_response_filter_agrees_with_the_reference(conversation):
     ref, replies = LinkAccounting(), ResponseFilter()
     client, server = _Client(), _Server()
+    batch_open = False
     for number, round_ in enumerate(conversation):
         owed_before = ref.owed
         for kind, _ in round_.client:
             if kind in _OPS:
                 replies.push(PLAIN[_OPS[kind]])
+        extended = batch_open or any(kind not in (mt.QUERY, mt.SYNC) for kind, _ in round_.client)
         ref.feed_client(round_.client_bytes())
         client.expect_rfq += ref.owed - owed_before
-        client.in_batch = ref.in_batch
+        client.in_batch = batch_open = ref.in_batch
+        if extended:
+            # An error in an extended batch makes PostgreSQL skip to the Sync,
+            # a Query too (its ReadyForQuery never comes): the filter knows,
+            # the reference does not, so such rounds carry no ErrorResponse.
+            # tests/test_evil_client_regressions.py covers them on a real server.
+            round_ = without_errors(round_)
         data = round_.server_bytes(ref.owed, False, ref.in_batch)
         for chunk in cut(data, round_.server_cuts):
             released = client.released
