@@ -136,6 +136,10 @@ class LimitsConfig:
     max_logins_in_progress: int = 1000  # 0 = unlimited
 
 
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random", "round-robin")
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class DatabaseConfig:
     name: str  # the key in `databases:`; "*" is the fallback
@@ -147,6 +151,12 @@ class DatabaseConfig:
     pool: PoolSettings = field(default_factory=PoolSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     application_name: str | None = None
+    # Every host to try, in order, and their ports (one port: the same for all);
+    # empty: just host and port above, which are always the first of them.
+    host_list: tuple[str, ...] = ()
+    port_list: tuple[int, ...] = ()
+    target_session_attrs: str = "any"  # which server a login must reach (libpq's)
+    load_balance_hosts: str = "disable"  # the order hosts are tried in
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
