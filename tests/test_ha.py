@@ -78,6 +78,40 @@ async def test_host_down_is_skipped_for_the_next(pg: TempPostgres, pgmux: PgmuxF
     assert await server_port(mux) == pg.port
 
 
+async def show_hosts(mux: Any) -> dict[int, dict[str, Any]]:
+    """SHOW HOSTS on the console, by port."""
+    conn = await connect_asyncpg(mux, dbname="pgmux", user="admin", password="admin-secret")
+    try:
+        return {int(row["port"]): dict(row) for row in await conn.fetch("SHOW HOSTS")}
+    finally:
+        await conn.close()
+
+
+async def test_a_host_marked_down_is_tried_last(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+    """One failed login marks the dead host down (health.failures 1): the next
+    logins go to the live host without trying it again; SHOW HOSTS says so."""
+    dead = free_port()
+    mux = pgmux(
+        {
+            "databases": {APP_DB: {"host": ["127.0.0.1", pg.host], "port": [dead, pg.port]}},
+            "pool": {"mode": "session", "size": 4},
+            "health": {"failures": 1, "interval": "60s"},
+            "admin": {"users": ["admin"]},
+        }
+    )
+    conns = [await connect_asyncpg(mux) for _ in range(3)]  # three server logins
+    try:
+        ports = {int(await c.fetchval("SELECT inet_server_port()")) for c in conns}
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert ports == {pg.port}
+    hosts = await show_hosts(mux)
+    assert hosts[dead]["state"] == "down" and hosts[dead]["failures"] == 1, hosts[dead]
+    assert hosts[dead]["last_error"] and hosts[dead]["last_check"]
+    assert (hosts[pg.port]["state"], hosts[pg.port]["role"]) == ("up", "primary")
+
+
 @pytest.mark.parametrize(
     ("attrs", "order", "expect"),
     [

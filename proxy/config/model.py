@@ -131,6 +131,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """When a host of a multi-host database counts as down, and for how long."""
+
+    failures: int = 3  # failed logins in a row that mark a host down
+    interval: float = 5.0  # a down host is tried last, until rechecked after this
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_packet_size: int = 1 << 30  # PostgreSQL's own limit
     max_logins_in_progress: int = 1000  # 0 = unlimited
@@ -214,6 +222,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=lambda: MappingProxyType({}))
     users: Mapping[str, UserConfig] = field(default_factory=lambda: MappingProxyType({}))

@@ -24,6 +24,7 @@ from pgmux.proxy.config.model import (
     TLS_MODES,
     AdminConfig,
     AuthConfig,
+    HealthConfig,
     HttpConfig,
     LimitsConfig,
     ListenConfig,
@@ -141,9 +142,10 @@ SECTIONS: dict[str, Section] = {
     "tls": Section(TlsConfig(), _TLS),
     "logging": Section(LoggingConfig(), _LOGGING),
     "limits": Section(LimitsConfig(), _LIMITS),
+    "health": Section(HealthConfig(), {"failures": positive, "interval": positive_duration}),
 }
 TOP_LEVEL = (
-    *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits"),
+    *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),
     *("peers", "databases", "users", "ignore_startup_parameters", "pidfile"),
 )
 _DATABASE_OWN: dict[str, Converter] = {

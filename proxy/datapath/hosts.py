@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import SERVER_IDLE
 from pgmux.proxy.datapath import server_login
+from pgmux.proxy.datapath.hostbook import BOOK
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class HostPlan:
         elif mode == "round-robin" and len(hosts) > 1:
             start = next(self._turn) % len(hosts)
             hosts = hosts[start:] + hosts[:start]
+        now = time.monotonic()  # hosts marked down go last (hostbook.py)
+        hosts.sort(key=lambda where: BOOK.skipped(where, now))
         attrs = database.target_session_attrs
         passes = ["standby", "any"] if attrs == "prefer-standby" else [attrs]
         return [
@@ -107,12 +111,15 @@ async def login(pool: Pool, server: ServerConnection, attempts: list[Attempt]) -
             await server.wait_login(timeout)
             await _check(server, attempt.attrs, timeout)
         except (OSError, TimeoutError, ServerLost, ServerError, ProtocolError, WrongServer) as exc:
+            _note_failure(pool, server, attempt, exc)
             if number == len(attempts) - 1 or server not in pool.servers:
                 pool.login_failed(server, exc)
                 return
             _skip(pool, attempt, exc)
             continue
         _found(pool, attempt)
+        if len(attempts) > 1:
+            BOOK.succeeded(_where(attempt), _role(server))
         await pool.finish_login(server)
         return
 
@@ -134,6 +141,30 @@ async def _check(server: ServerConnection, attrs: str, timeout: float) -> None:
         await server.query(sql, timeout or None)
     except ServerError as exc:
         raise WrongServer(f"server is not {attrs} ({exc.sqlstate} {exc})") from None
+
+
+def _where(attempt: Attempt) -> tuple[str, int]:
+    return attempt.credentials.host, attempt.credentials.port
+
+
+def _role(server: ServerConnection) -> str:
+    """What the server said of itself at login (in_hot_standby: PostgreSQL 14+)."""
+    hot = server.params.get("in_hot_standby")
+    return {"on": "standby", "off": "primary"}.get(hot or "", "unknown")
+
+
+def _note_failure(
+    pool: Pool, server: ServerConnection, attempt: Attempt, exc: BaseException
+) -> None:
+    """Tell the host book: a wrong role is a host that is up; the rest count."""
+    if len(targets(pool.database)) < 2:
+        return
+    error = server_login.describe(exc)
+    if isinstance(exc, WrongServer):
+        BOOK.mismatched(_where(attempt), _role(server), error)
+        return
+    health = pool.registry.config.health
+    BOOK.failed(_where(attempt), error, health.failures, health.interval)
 
 
 def _skip(pool: Pool, attempt: Attempt, exc: BaseException) -> None:
