@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 
@@ -58,6 +59,40 @@ class ReplicationPair:
                 return
             time.sleep(0.05)
         raise TempPostgresError("the standby did not catch up")
+
+
+def server_pids(cluster: TempPostgres) -> list[int]:
+    """The postmaster of CLUSTER and its children (from /proc), the postmaster first."""
+    postmaster = cluster.pid
+    if postmaster is None:
+        return []
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            children.append(int(entry))
+    return [postmaster, *children]
+
+
+def freeze(cluster: TempPostgres) -> list[int]:
+    """SIGSTOP the whole server: it keeps its sockets but answers nothing (a hung host)."""
+    pids = server_pids(cluster)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _allow_replication(primary: TempPostgres) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from faultload import SETUP_SQL, check_books, start_load, stop_load
 from helpers import APP_DB, PgmuxFactory, connect_asyncpg
-from replication import ReplicationPair, replication_pair
+from replication import ReplicationPair, freeze, replication_pair, thaw
 
 from pgmux.tempgres import TempPostgres, free_port
 
@@ -197,6 +197,54 @@ async def test_failover_under_transfer_load(pair: ReplicationPair, pgmux: PgmuxF
         f"{'never' if first is None else f'{(first - promoted) * 1000:.0f} ms'} later, all "
         f"{CLIENTS} clients {'never' if every is None else f'{(every - promoted) * 1000:.0f} ms'}"
         f" later; {len(load.acknowledged)} commits ({before} before), {len(errors)} errors"
+    )
+    assert load.hangs == 0, f"{load.hangs} transactions hung"
+    check_books(load, lambda query: standby.sql(query, APP_DB))
+    assert every is not None and every - promoted < RESUME_WITHIN, (
+        f"not every client committed within {RESUME_WITHIN} s of the promotion"
+    )
+    unexpected = [e for e in errors if not any(cut in e for cut in CONNECTION_CUT)]
+    assert not unexpected, f"errors other than a cut connection: {unexpected[:5]}"
+
+
+@pytest.mark.fault
+async def test_hung_primary_is_cut_by_the_health_check(
+    pair: ReplicationPair, pgmux: PgmuxFactory
+) -> None:
+    """The primary stops answering without closing anything (SIGSTOP): the
+    probe marks it down, its servers are cut (08006, not a hang) and the
+    clients go on at the promoted standby."""
+    primary, standby = pair.primary, pair.standby
+    primary.sql(SETUP_SQL, APP_DB)
+    pair.wait_replayed()
+    mux = pgmux(
+        {
+            "databases": {APP_DB: ha_database(pair, target_session_attrs="read-write")},
+            "pool": {"mode": "transaction", "size": 4},
+            "timeouts": {"query_wait": "20s", "server_connect": "1s"},
+            "health": {"interval": "0.3s", "timeout": "0.5s", "failures": 2},
+        }
+    )
+    load, stop, tasks = start_load(mux, 16)
+    frozen: list[int] = []
+    try:
+        await asyncio.sleep(1.0)
+        assert load.acknowledged, f"no commit before the fault ({load.errors} errors)"
+        frozen = freeze(primary)
+        await asyncio.to_thread(pair.promote)
+        promoted = time.monotonic()
+        deadline = promoted + RESUME_WITHIN + 5
+        while time.monotonic() < deadline and load.all_committed_after(promoted) is None:
+            await asyncio.sleep(0.01)
+    finally:
+        await stop_load(stop, tasks)
+        thaw(frozen)
+    every = load.all_committed_after(promoted)
+    errors = [error for c in load.clients for (_, _, error) in c.errors]
+    print(
+        f"hung primary: all 16 clients "
+        f"{'never' if every is None else f'{(every - promoted) * 1000:.0f} ms'} after the "
+        f"promotion; {len(load.acknowledged)} commits, {len(errors)} errors"
     )
     assert load.hangs == 0, f"{load.hangs} transactions hung"
     check_books(load, lambda query: standby.sql(query, APP_DB))

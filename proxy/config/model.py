@@ -135,7 +135,8 @@ class HealthConfig:
     """When a host of a multi-host database counts as down, and for how long."""
 
     failures: int = 3  # failed logins in a row that mark a host down
-    interval: float = 5.0  # a down host is tried last, until rechecked after this
+    interval: float = 5.0  # between probes; a down host is tried last until then
+    timeout: float = 2.0  # for one probe's login and check
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,14 @@ SECTIONS: dict[str, Section] = {
     "tls": Section(TlsConfig(), _TLS),
     "logging": Section(LoggingConfig(), _LOGGING),
     "limits": Section(LimitsConfig(), _LIMITS),
-    "health": Section(HealthConfig(), {"failures": positive, "interval": positive_duration}),
+    "health": Section(
+        HealthConfig(),
+        {
+            "failures": positive,
+            "interval": positive_duration,
+            "timeout": positive_duration,
+        },
+    ),
 }
 TOP_LEVEL = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),

@@ -10,8 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pgmux.proxy.config import FALLBACK_DATABASE
-from pgmux.proxy.datapath.hostbook import BOOK
-from pgmux.proxy.datapath.hosts import targets
+from pgmux.proxy.datapath.hostbook import BOOK, targets
 
 if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry

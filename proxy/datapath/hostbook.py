@@ -12,8 +12,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pgmux.proxy.config import DatabaseConfig
 
 UP, DOWN, UNKNOWN = "up", "down", "unknown"
+
+
+def targets(database: DatabaseConfig) -> list[tuple[str, int]]:
+    """The (host, port) pairs of DATABASE, in the configured order."""
+    hosts = database.host_list or (database.host,)
+    ports = database.port_list or (database.port,)
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return list(zip(hosts, ports, strict=True))
 
 
 @dataclass(slots=True)

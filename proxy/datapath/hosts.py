@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import SERVER_IDLE
-from pgmux.proxy.datapath import server_login
-from pgmux.proxy.datapath.hostbook import BOOK
+from pgmux.proxy.datapath import probe, server_login
+from pgmux.proxy.datapath.hostbook import BOOK, targets
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
 
 if TYPE_CHECKING:
@@ -62,15 +62,6 @@ class Attempt:
     attrs: str
 
 
-def targets(database: DatabaseConfig) -> list[tuple[str, int]]:
-    """The (host, port) pairs of DATABASE, in the configured order."""
-    hosts = database.host_list or (database.host,)
-    ports = database.port_list or (database.port,)
-    if len(ports) == 1:
-        ports = ports * len(hosts)
-    return list(zip(hosts, ports, strict=True))
-
-
 class HostPlan:
     """Per pool: the order of the hosts for each new login, and the host the
     last primary-only login reached (to notice a failover)."""
@@ -103,6 +94,8 @@ async def login(pool: Pool, server: ServerConnection, attempts: list[Attempt]) -
     first), trying the others in turn; then hand it to the pool (or report
     the last host's failure)."""
     timeout = pool.timeouts.server_connect
+    if len(attempts) > 1:
+        probe.ensure_running(pool.registry)
     for number, attempt in enumerate(attempts):
         if number:
             server = _replace(pool, server, attempt.credentials)
