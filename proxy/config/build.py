@@ -115,12 +115,25 @@ def _database(name: str, entry: Any, pool: PoolSettings, timeouts: Timeouts) -> 
     for key, value in entries.items():
         target, field_name, convert = DATABASE_KEYS[key]
         values[target][field_name] = convert(value, join_key(prefix, key))
+    _first_host(values["db"], prefix)
     return DatabaseConfig(
         name=name,
         pool=replace(pool, **values["pool"]),
         timeouts=replace(timeouts, **values["timeouts"]),
         **values["db"],
     )
+
+
+def _first_host(db: dict[str, Any], prefix: str) -> None:
+    """host and port are the first of host_list and port_list (one port: every host's)."""
+    hosts, ports = db.get("host_list", ()), db.get("port_list", ())
+    if hosts:
+        db["host"] = hosts[0]
+    if ports:
+        db["port"] = ports[0]
+    if len(ports) > 1 and len(ports) != max(len(hosts), 1):
+        message = f"{len(ports)} ports for {max(len(hosts), 1)} hosts (give one, or one per host)"
+        raise key_error(f"{prefix}.port", message)
 
 
 def _check_limits(config: Config) -> None:

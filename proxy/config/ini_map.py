@@ -367,11 +367,18 @@ def _optional_seconds(text: str) -> float | None:
     return None if _decimal(text) == -1 else float(_decimal(text))  # -1 = not set
 
 
+def _list_of(parse: Callable[[str], Any], text: str) -> Any:
+    """One value, or a list of them for a comma-separated `a,b` (host=, port=)."""
+    if "," not in text:
+        return parse(text)
+    return [parse(part.strip()) for part in text.split(",")]
+
+
 _SERVER_PARAMETER = "set it with ALTER DATABASE ... SET or ALTER ROLE ... SET"
 DATABASE_PARAMETERS: Mapping[str, ConnKey] = {
     "dbname": ConnKey("dbname"),
     "host": ConnKey("host"),
-    "port": ConnKey("port", _decimal),
+    "port": ConnKey("port", lambda text: _list_of(_decimal, text)),
     "user": ConnKey("user"),
     "password": ConnKey("password"),
     "pool_size": ConnKey("pool_size", _decimal),
@@ -391,8 +398,8 @@ DATABASE_PARAMETERS: Mapping[str, ConnKey] = {
     "auth_query": ConnKey(None, note="only the global auth_query is supported"),
     "auth_dbname": ConnKey(None),
     "max_db_client_connections": ConnKey("max_db_client_connections", _decimal),
-    "load_balance_hosts": ConnKey(None),
-    "target_session_attrs": ConnKey(None),
+    "load_balance_hosts": ConnKey("load_balance_hosts", str.lower),
+    "target_session_attrs": ConnKey("target_session_attrs", str.lower),
 }
 USER_PARAMETERS: Mapping[str, ConnKey] = {
     "pool_mode": ConnKey("pool_mode", str.lower),

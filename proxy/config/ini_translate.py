@@ -220,7 +220,7 @@ def _translate_database(name: str, entry: IniEntry, result: Translation, socket_
             continue
         value = _parse_conn_value(conn_key, key, text, entry, label)
         if key == "host":
-            value = _first_host(value, prefix, result)
+            value = _host_list(value)
         if value is not None:
             result.put(f"{prefix}\0{conn_key.target}", value, entry.where, f"{label}: {key}")
 
@@ -246,14 +246,10 @@ def _supported_key(
     return conn_key
 
 
-def _first_host(value: str, prefix: str, result: Translation) -> str:
+def _host_list(value: str) -> str | list[str]:
+    """PgBouncer's host=a,b: the hosts tried in turn (databases.*.host as a list)."""
     hosts = [host.strip() for host in value.split(",") if host.strip()]
-    if len(hosts) > 1:
-        key = prefix.replace("\0", ".") + ".host"
-        result.approximated[key] = (
-            f"PgBouncer host list {value!r}: pgmux connects to the first host only"
-        )
-    return hosts[0] if hosts else value
+    return hosts if len(hosts) > 1 else value
 
 
 def _parse_conn_value(conn_key: ConnKey, key: str, text: str, entry: IniEntry, label: str) -> Any:

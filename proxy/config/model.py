@@ -131,9 +131,22 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """When a host of a multi-host database counts as down, and for how long."""
+
+    failures: int = 3  # failed logins in a row that mark a host down
+    interval: float = 5.0  # between probes; a down host is tried last until then
+    timeout: float = 2.0  # for one probe's login and check
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_packet_size: int = 1 << 30  # PostgreSQL's own limit
     max_logins_in_progress: int = 1000  # 0 = unlimited
+
+
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random", "round-robin")
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -147,6 +160,12 @@ class DatabaseConfig:
     pool: PoolSettings = field(default_factory=PoolSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     application_name: str | None = None
+    # Every host to try, in order, and their ports (one port: the same for all);
+    # empty: just host and port above, which are always the first of them.
+    host_list: tuple[str, ...] = ()
+    port_list: tuple[int, ...] = ()
+    target_session_attrs: str = "any"  # which server a login must reach (libpq's)
+    load_balance_hosts: str = "disable"  # the order hosts are tried in
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -210,6 +229,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
     databases: Mapping[str, DatabaseConfig] = field(default_factory=lambda: MappingProxyType({}))
     users: Mapping[str, UserConfig] = field(default_factory=lambda: MappingProxyType({}))

@@ -14,14 +14,17 @@ from typing import Any
 from pgmux.proxy.config.errors import join_key, key_error
 from pgmux.proxy.config.model import (
     AUTH_TYPES,
+    LOAD_BALANCE_HOSTS,
     LOG_FORMATS,
     LOG_LEVELS,
     POOL_MODES,
     SESSION_STATES,
     SYSLOG_FACILITIES,
+    TARGET_SESSION_ATTRS,
     TLS_MODES,
     AdminConfig,
     AuthConfig,
+    HealthConfig,
     HttpConfig,
     LimitsConfig,
     ListenConfig,
@@ -34,6 +37,7 @@ from pgmux.proxy.config.values import (
     boolean,
     expected_error,
     file_mode,
+    host_list,
     names,
     non_negative,
     one_of,
@@ -44,6 +48,7 @@ from pgmux.proxy.config.values import (
     packet_size,
     parse_duration,
     port,
+    port_list,
     positive,
     positive_duration,
     secret,
@@ -137,25 +142,40 @@ SECTIONS: dict[str, Section] = {
     "tls": Section(TlsConfig(), _TLS),
     "logging": Section(LoggingConfig(), _LOGGING),
     "limits": Section(LimitsConfig(), _LIMITS),
+    "health": Section(
+        HealthConfig(),
+        {
+            "failures": positive,
+            "interval": positive_duration,
+            "timeout": positive_duration,
+        },
+    ),
 }
 TOP_LEVEL = (
-    *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits"),
+    *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),
     *("peers", "databases", "users", "ignore_startup_parameters", "pidfile"),
 )
 _DATABASE_OWN: dict[str, Converter] = {
-    "host": text,
-    "port": port,
+    "host": host_list,
+    "port": port_list,
     "dbname": optional_text,
     "user": optional_text,
     "password": secret,
     "application_name": optional_text,
+    "target_session_attrs": one_of(*TARGET_SESSION_ATTRS),
+    "load_balance_hosts": one_of(*LOAD_BALANCE_HOSTS),
 }
+# YAML key -> the DatabaseConfig field holding it (the others: the same name).
+_DATABASE_FIELDS = {"host": "host_list", "port": "port_list"}
 # Per-database YAML key -> PoolSettings field: flat, named like PgBouncer's.
 _DATABASE_POOL_NAMES = {"pool_size": "size", "pool_mode": "mode"}
 _DATABASE_POOL_NAMES |= {name: name for name in POOL if name not in ("size", "mode")}
 # Per-database YAML key -> (which object it sets, its field there, converter).
 DATABASE_KEYS: dict[str, tuple[str, str, Converter]] = {
-    **{key: ("db", key, convert) for key, convert in _DATABASE_OWN.items()},
+    **{
+        key: ("db", _DATABASE_FIELDS.get(key, key), convert)
+        for key, convert in _DATABASE_OWN.items()
+    },
     **{key: ("pool", name, POOL[name]) for key, name in _DATABASE_POOL_NAMES.items()},
     **{key: ("timeouts", key, convert) for key, convert in TIMEOUTS.items()},
 }

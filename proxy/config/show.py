@@ -66,7 +66,7 @@ def _show(convert: Converter, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
-        return ", ".join(value)
+        return ", ".join(str(item) for item in value)
     return str(value)
 
 

@@ -108,6 +108,30 @@ def optional(convert: Converter) -> Converter:
 
 
 optional_port = optional(port)
+
+
+def host_list(value: Any, key: str) -> tuple[str, ...]:
+    """One host, a list of them, or libpq's comma-separated `a,b`."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise expected_error(key, "a host or a list of hosts", value)
+    return tuple(text(item, f"{key}[{i}]").strip() for i, item in enumerate(items))
+
+
+def port_list(value: Any, key: str) -> tuple[int, ...]:
+    """One port (for every host), or one per host: a list or `5432,5433`."""
+    if isinstance(value, str) and "," in value:
+        value = [part.strip() for part in value.split(",")]
+    items = value if isinstance(value, list | tuple) else [value]
+    if not items:
+        raise expected_error(key, "a port or a list of ports", value)
+    return tuple(port(_digits(item), f"{key}[{i}]") for i, item in enumerate(items))
+
+
+def _digits(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
 optional_positive = optional(positive)
 _BOOL_TEXT = {"true": True, "yes": True, "on": True, "1": True}
 _BOOL_TEXT |= {"false": False, "no": False, "off": False, "0": False}

@@ -26,6 +26,7 @@ from pgmux.proxy.config import (
     pgbouncer_settings,
     settings_table,
 )
+from pgmux.proxy.console.hosts import HOSTS_COLUMNS, HOSTS_SPEC, host_rows
 from pgmux.proxy.core.states import CLIENT_SHOWN, SERVER_SHOWN
 
 if TYPE_CHECKING:
@@ -499,6 +500,7 @@ SHOW: dict[str, ShowFunction] = {
     "config": show_config,
     "databases": show_databases,
     "help": show_help,
+    "hosts": lambda registry, now: table(HOSTS_SPEC, HOSTS_COLUMNS, host_rows(registry)),
     "lists": show_lists,
     "mem": show_mem,
     "pools": show_pools,

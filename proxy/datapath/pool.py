@@ -31,7 +31,7 @@ from pgmux.proxy.core.states import SERVER_CLEANING as _CLEANING
 from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
 from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
 from pgmux.proxy.core.states import ServerState
-from pgmux.proxy.datapath import cleanup, connect_failure, handover, server_login
+from pgmux.proxy.datapath import cleanup, connect_failure, handover, hosts
 from pgmux.proxy.datapath.logfields import server_log_fields
 from pgmux.proxy.datapath.server import (
     ServerConnection,
@@ -103,6 +103,7 @@ class Pool:
         self.backoff = LoginBackoff()
         self._retry_handle: asyncio.TimerHandle | None = None
         self.stats = PoolStats()
+        self.hosts = hosts.HostPlan()  # the order of the database's hosts (hosts.py)
         self.closed = False
         # with several workers: this pool's rows in the shared ledger
         self.shared_rows: tuple[int, int, int, int] | None = None
@@ -444,17 +445,10 @@ class Pool:
         self.grow()
 
     def _open_server(self) -> None:
-        server = ServerConnection(self, self.credentials)
+        attempts = self.hosts.attempts(self.database, self.credentials)
+        server = ServerConnection(self, attempts[0].credentials)
         self.add_server(server)
-        spawn(self._login_server(server))
-
-    async def _login_server(self, server: ServerConnection) -> None:
-        try:
-            await server_login.connect(server, self.credentials, self.timeouts.server_connect)
-        except (OSError, TimeoutError) as exc:
-            self._login_failed(server, exc)
-            return
-        await self.finish_login(server)
+        spawn(hosts.login(self, server, attempts))  # each host in turn (hosts.py)
 
     async def finish_login(self, server: ServerConnection) -> None:
         """The server is connected: wait for PostgreSQL's welcome, then release
@@ -462,7 +456,7 @@ class Pool:
         try:
             await server.wait_login(self.timeouts.server_connect)
         except (ServerLost, ServerError, ProtocolError) as exc:
-            self._login_failed(server, exc)
+            self.login_failed(server, exc)
             return
         if server not in self.servers:  # closed while logging in (reload, shutdown)
             server.close()
@@ -483,7 +477,7 @@ class Pool:
         )
         self.release(server)
 
-    def _login_failed(self, server: ServerConnection, exc: BaseException) -> None:
+    def login_failed(self, server: ServerConnection, exc: BaseException) -> None:
         where = server_log_fields(server)  # before abort() closes the socket
         self.forget(server)
         server.abort()

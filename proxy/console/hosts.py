@@ -1,0 +1,44 @@
+"""SHOW HOSTS: each host of every multi-host database, as this worker sees it.
+
+The state, role and last outcome come from the logins' host book
+(datapath/hostbook.py); a host no login has tried yet reads `unknown`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from pgmux.proxy.config import FALLBACK_DATABASE
+from pgmux.proxy.datapath.hostbook import BOOK, targets
+
+if TYPE_CHECKING:
+    from pgmux.proxy.registry import Registry
+
+HOSTS_SPEC = "ssississ"
+HOSTS_COLUMNS = (
+    "database", "host", "port", "state", "role", "failures", "last_check", "last_error",
+)  # fmt: skip
+
+
+def host_rows(registry: Registry) -> list[tuple[Any, ...]]:
+    rows = []
+    for name, database in registry.config.databases.items():
+        hosts = targets(database)
+        if name == FALLBACK_DATABASE or len(hosts) < 2:
+            continue
+        for where in hosts:
+            health = BOOK.entry(where)
+            rows.append(
+                (
+                    *(name, health.host, health.port, health.state, health.role),
+                    *(health.failures, _when(health.last_check), health.last_error),
+                )
+            )
+    return rows
+
+
+def _when(wall: float) -> str:
+    if not wall:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
