@@ -14,6 +14,7 @@ import signal
 import sys
 
 from pgmux import __version__
+from pgmux.build import build
 from pgmux.proxy.config import Config, ConfigError, read_config, unsupported_warning
 from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.config.userlist import load_users
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     if args.version:
-        print(f"pgmux {__version__}")
+        print(f"pgmux {__version__} ({build()})")  # compiled or pure: pgmux/build.py
         return 0
     path = args.config or args.config_file
     if not path:
