@@ -184,7 +184,7 @@ def python_of(tree: Path) -> str:
 def measure(tree: Path, cell: str, transactions: int, warmup: int) -> float:
     env = _clean_env()
     if tree.name.endswith(PURE):
-        tree = tree.with_name(tree.name.removesuffix(PURE))
+        tree = Path(str(tree).removesuffix(PURE))
         env["PGMUX_PURE"] = "1"
     command = [python_of(tree), str(Path(__file__).resolve()), "--worker", cell]
     command += ["--transactions", str(transactions), "--warmup", str(warmup)]
