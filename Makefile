@@ -4,12 +4,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Re-install whenever pyproject.toml (dependencies, entry points) changes.
+# Re-install whenever pyproject.toml (dependencies, entry points) or setup.py changes.
+# The install compiles the data path with Cython next to its .py files when it can
+# (setup.py, pgmux/build.py); PGMUX_PURE=1 at run time runs the .py files anyway.
 STAMP := $(VENV)/.installed
 CONFIG ?= conf/pgmux.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo run test test-pg18 bench bench-inproc lint format check pgbouncer-suite
+.PHONY: help venv compile demo run test test-pg18 bench bench-inproc lint format check pgbouncer-suite
 
 help:
 	@echo "make demo    four simulated hubs (151 clients) through pgmux to a throwaway PostgreSQL"
@@ -23,13 +25,19 @@ help:
 	@echo "make lint    ruff check + ruff format --check + mypy (tools/typecheck.py)"
 	@echo "make format  ruff format + ruff check --fix"
 	@echo "make venv    create $(VENV) and install pgmux with its test dependencies"
+	@echo "make compile  compile the data path with Cython (again after editing it); PGMUX_PURE=1 ignores it"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# Compile the data path with Cython (opt-in); a compiled module whose .py
+# changed since runs as pure Python until this runs again.
+compile: venv
+	PGMUX_COMPILE=1 $(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 
 demo: venv
 	$(PY) tools/demo.py

@@ -18,6 +18,7 @@ same code for every tree.
 
     python bench/inproc.py                      # this checkout
     python bench/inproc.py TREE_A TREE_B        # two checkouts, processes interleaved
+    python bench/inproc.py TREE TREE+pure       # compiled against PGMUX_PURE=1
 
 Each tree runs with its own .venv/bin/python (its own pgmux), this file's
 harness. A tree from before the move into floor packages (proxy/client.py
@@ -172,17 +173,22 @@ def worker(cell: str, transactions: int, warmup: int) -> None:
 # --- many processes, one or two trees -------------------------------------------
 
 
+PURE = "+pure"  # TREE+pure: that tree with PGMUX_PURE=1 (its .py modules, not the compiled)
+
+
 def python_of(tree: Path) -> str:
     venv = tree / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
 
 def measure(tree: Path, cell: str, transactions: int, warmup: int) -> float:
+    env = _clean_env()
+    if tree.name.endswith(PURE):
+        tree = Path(str(tree).removesuffix(PURE))
+        env["PGMUX_PURE"] = "1"
     command = [python_of(tree), str(Path(__file__).resolve()), "--worker", cell]
     command += ["--transactions", str(transactions), "--warmup", str(warmup)]
-    result = subprocess.run(
-        command, cwd=tree, capture_output=True, text=True, check=False, env=_clean_env()
-    )
+    result = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{tree}: {cell} failed:\n{result.stderr}")
     return float(result.stdout.strip().splitlines()[-1])
@@ -190,6 +196,7 @@ def measure(tree: Path, cell: str, transactions: int, warmup: int) -> float:
 
 def _clean_env() -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("PGMUX_PURE", None)
     env.pop("PYTHONPATH", None)  # each tree's own pgmux, from its venv
     return env
 

@@ -26,6 +26,7 @@ import pytest
 from helpers import PgmuxFactory, close_quietly, conftest_attr, connect_asyncpg
 
 from pgmux import __version__
+from pgmux.build import build
 from pgmux.proxy.daemon.logsetup import log_level
 from pgmux.tempgres import TempPostgres, free_port
 
@@ -230,7 +231,8 @@ async def test_cli_pidfile_option_and_version(
     version = subprocess.run(
         [sys.executable, "-m", "pgmux", "--version"], capture_output=True, text=True, timeout=30
     )
-    assert version.returncode == 0 and version.stdout.startswith(f"pgmux {__version__} ")
+    first = version.stdout.splitlines()[0]
+    assert version.returncode == 0 and first.startswith(f"pgmux {__version__} ({build()}")
 
     workdir = tmp_path_factory.mktemp("cli")
     pidfile = workdir / "run" / "pgmux.pid"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgmux import __version__
+from pgmux.build import build
 from pgmux.protocol.rows import INT4, INT8, NUMERIC, TEXT
 from pgmux.proxy.base.stats import PERIOD_FIELDS, PoolStats
 from pgmux.proxy.config import (
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 _CODES = {"s": TEXT, "i": INT4, "q": INT8, "N": NUMERIC, "T": TEXT}
 
 CONSOLE_DB = ADMIN_DATABASES[0]
-VERSION = f"pgmux {__version__} (PgBouncer 1.25.1 compatible)"
+VERSION = f"pgmux {__version__} ({build()}; PgBouncer 1.25.1 compatible)"
 
 HELP = """
 \tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION

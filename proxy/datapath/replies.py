@@ -30,6 +30,11 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.extended import command_tag
 from pgmux.proxy.base.log import get_logger
 
+try:  # compile-time declarations (setup.py); without Cython they change nothing
+    import cython
+except ImportError:
+    from pgmux.protocol import cyshim as cython
+
 log = get_logger("pgmux.server")
 
 # The longest reply held to be read whole (ErrorResponse, CommandComplete,
@@ -151,6 +156,14 @@ class ResponseFilter:
 
     # --- the server's replies --------------------------------------------
 
+    @cython.locals(
+        n=cython.Py_ssize_t,
+        pos=cython.Py_ssize_t,
+        run=cython.Py_ssize_t,
+        end=cython.Py_ssize_t,
+        length=cython.Py_ssize_t,
+        kind=cython.Py_ssize_t,
+    )
     def received(self, data: bytes, server: ServerConnection, client: ClientConnection) -> None:
         if self.hold:
             data = self.hold + data
