@@ -127,22 +127,29 @@ def start_pgbouncer(binary: str, pg: TempPostgres, port: int, peers: dict[int, i
     raise RuntimeError(f"pgbouncer did not start: {bouncer.logs()}")
 
 
-@pytest.fixture
-def pair(pg: TempPostgres, pgmux: Any) -> Iterator[tuple[Any, PgBouncer]]:
+@contextlib.contextmanager
+def peered_pair(
+    pg: TempPostgres, pgmux: Any, peers_extra: dict[str, Any] | None = None
+) -> Iterator[tuple[Any, PgBouncer]]:
     """pgmux (peer 1) and PgBouncer (peer 2), each listing both."""
     binary = pgbouncer_binary()
     mux_port, bouncer_port = free_port(), free_port()
     peers = {PGMUX_PEER: mux_port, PGBOUNCER_PEER: bouncer_port}
     members = [{"id": pid, "host": "127.0.0.1", "port": port} for pid, port in peers.items()]
-    mux = pgmux(
-        {"listen": {"port": mux_port}, "peers": {"peer_id": PGMUX_PEER, "members": members}}
-    )
+    mux_peers = {"peer_id": PGMUX_PEER, "members": members, **(peers_extra or {})}
+    mux = pgmux({"listen": {"port": mux_port}, "peers": mux_peers})
     bouncer = start_pgbouncer(binary, pg, bouncer_port, peers)
     try:
         yield mux, bouncer
     finally:
         bouncer.stop()
         shutil.rmtree(bouncer.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def pair(pg: TempPostgres, pgmux: Any) -> Iterator[tuple[Any, PgBouncer]]:
+    with peered_pair(pg, pgmux) as both:
+        yield both
 
 
 async def login(endpoint: Any) -> RawClient:
@@ -246,3 +253,25 @@ async def test_forged_keys_cancel_nothing_across(pair: tuple[Any, PgBouncer]) ->
             assert await cancelled_within(client, time.monotonic(), LIMIT * 3) is not None
         finally:
             await client.close()
+
+
+PROTOCOL_V3_2 = 196610
+
+
+async def test_protocol_32_clients_keep_short_keys_for_pgbouncer(
+    pg: TempPostgres, pgmux: Any
+) -> None:
+    """With `peers.short_keys` a protocol 3.2 client on pgmux gets an 8-byte
+    BackendKeyData, so its cancel still works when it lands on PgBouncer
+    (PgBouncer 1.25 drops a longer key as a bad cancel request)."""
+    with peered_pair(pg, pgmux, {"short_keys": True}) as (mux, bouncer):
+        client = await RawClient.open(mux)
+        try:
+            await client.login(APP_USER, APP_PASSWORD, APP_DB, protocol=PROTOCOL_V3_2)
+            assert client.backend_key is not None
+            assert len(client.backend_key[1]) == 4
+            latencies = [await cancel_across(client, bouncer, client.backend_key) for _ in range(3)]
+        finally:
+            await client.close()
+    assert None not in latencies, "the cancel sent to PgBouncer stopped nothing"
+    assert max(x for x in latencies if x is not None) < LIMIT
