@@ -164,6 +164,22 @@ def test_pgbouncer_ini_peers(tmp_path: Path) -> None:
         PeerConfig(id=2, host="/run/pgb-2", port=6432),
     )
     assert not [item for item in unsupported if "peer" in item.name]
+    assert peers.short_keys  # its peers may be PgBouncers
+
+
+def test_short_keys_give_protocol_32_clients_pgbouncers_key_length() -> None:
+    """PgBouncer 1.25 drops a CancelRequest whose key is not 4 bytes (client.c)."""
+    keys = peered(1, secret="s")
+    assert len(client(keys, protocol_minor=2).cancel_key) == 32
+    keys.fleet = PeersConfig(peer_id=1, members=keys.fleet.members, short_keys=True)
+    short = client(keys, protocol_minor=2)
+    assert len(short.cancel_key) == 4
+    assert fleetkeys.ttl_of(short.cancel_key) == fleetkeys.TTL_MASK
+    assert keys.owner(short.cancel_pid, short.cancel_key) is short
+    config = parse_config({"peers": {"peer_id": 1, "short_keys": True}})
+    assert config.peers.short_keys
+    with pytest.raises(ConfigError, match=r"peers\.short_keys"):
+        parse_config({"peers": {"peer_id": 1, "short_keys": "maybe"}})
 
 
 async def test_a_peer_on_a_unix_socket(tmp_path: Path) -> None:

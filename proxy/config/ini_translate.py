@@ -137,6 +137,8 @@ def _translate_peers(peers: dict[str, IniEntry], result: Translation) -> None:
             ) from None
     if members:
         result.put("peers.members", members, peers[next(iter(peers))].where, "[peers]")
+        # A pgbouncer.ini's peers may be PgBouncers, which take 8-byte keys only.
+        result.put("peers.short_keys", True)
 
 
 def _translate_settings(settings: dict[str, IniEntry], result: Translation) -> None:

@@ -209,6 +209,9 @@ class PeersConfig:
     peer_id: int = 0  # this instance; 0 = peering off
     members: tuple[PeerConfig, ...] = ()  # may include this instance (ignored)
     secret: str | None = field(default=None, repr=False)  # signs 3.2 keys when set
+    # Every client gets PgBouncer's 8-byte BackendKeyData, also under protocol
+    # 3.2: PgBouncer (1.25) drops a CancelRequest with a longer key.
+    short_keys: bool = False
 
     def peer(self, peer_id: int) -> PeerConfig | None:
         for member in self.members:

@@ -3,6 +3,7 @@
     peers:
       peer_id: 1                      # this instance, 1..16383; 0 = off
       secret: ${PGMUX_PEERS_SECRET}   # optional: signs protocol 3.2 cancel keys
+      short_keys: false               # true: 8-byte keys for all, when PgBouncer is a peer
       members:                        # every instance, this one may be listed too
         - {id: 1, host: 10.0.0.11, port: 6432}
         - {id: 2, host: /run/pgmux-2, port: 6432}   # a unix socket directory
@@ -18,12 +19,12 @@ from typing import Any
 
 from pgmux.proxy.config.errors import join_key, key_error
 from pgmux.proxy.config.model import MAX_PEER_ID, PeerConfig, PeersConfig
-from pgmux.proxy.config.values import expected_error, integer, port, secret, text
+from pgmux.proxy.config.values import boolean, expected_error, integer, port, secret, text
 
 peer_id = integer(0, MAX_PEER_ID, f"an integer from 0 to {MAX_PEER_ID}")
 _member_id = integer(1, MAX_PEER_ID, f"an integer from 1 to {MAX_PEER_ID}")
 _MEMBER_KEYS = ("id", "host", "port")
-_KEYS = ("peer_id", "secret", "members")
+_KEYS = ("peer_id", "secret", "short_keys", "members")
 
 
 def _mapping(value: Any, key: str) -> dict[Any, Any]:
@@ -66,7 +67,10 @@ def parse_peers(value: Any, key: str = "peers") -> PeersConfig:
     if members and not own:
         raise key_error(join_key(key, "peer_id"), "this instance's id is needed with members")
     return PeersConfig(
-        peer_id=own, members=members, secret=secret(entry.get("secret"), join_key(key, "secret"))
+        peer_id=own,
+        members=members,
+        secret=secret(entry.get("secret"), join_key(key, "secret")),
+        short_keys=boolean(entry.get("short_keys", False), join_key(key, "short_keys")),
     )
 
 

@@ -47,6 +47,7 @@ def settings_table(config: Config) -> list[tuple[str, str, str]]:
     peers = config.peers
     rows.append(("peers.peer_id", str(peers.peer_id), "0"))
     rows.append(("peers.secret", _show(secret, peers.secret), ""))
+    rows.append(("peers.short_keys", str(peers.short_keys).lower(), "false"))
     members = ", ".join(f"{m.id}={m.host}:{m.port}" for m in peers.members)
     rows.append(("peers.members", members, ""))
     for db in config.databases.values():

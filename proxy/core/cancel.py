@@ -67,14 +67,20 @@ class CancelKeys:
                 pid = fleetkeys.with_peer(pid, peer_id)  # bytes 1-2 name the instance
             if pid and pid not in self.keys:
                 break
-        # Protocol 3.2 allows up to 256 bytes; 32 is what PostgreSQL 18 hands out.
-        length = 32 if client.protocol_minor >= 2 else 4
+        length = self._key_length(client)
         if peer_id:
             key = fleetkeys.new_key(length, pid, self.fleet.secret)
         else:
             key = secrets.token_bytes(length)
         self.keys.setdefault(pid, []).append(client)
         return pid, key
+
+    def _key_length(self, client: ClientConnection) -> int:
+        """Protocol 3.2 allows 4 to 256 bytes; 32 is what PostgreSQL 18 hands out.
+        With a PgBouncer among the peers, every key keeps PgBouncer's 4 bytes."""
+        if client.protocol_minor >= 2 and not (self.fleet.peer_id and self.fleet.short_keys):
+            return 32
+        return 4
 
     def owner(self, pid: int, key: bytes) -> ClientConnection | None:
         """The client this (pid, key) was issued to; None if unknown or forged."""
