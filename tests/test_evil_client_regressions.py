@@ -15,8 +15,10 @@ from helpers import (
     APP_USER,
     PgmuxFactory,
     RawClient,
+    connect_asyncpg,
     error_fields,
     query_message,
+    wait_until,
 )
 
 from pgmux.protocol import messages
@@ -212,3 +214,52 @@ async def test_client_leaving_after_a_skipped_query_gets_its_server_synced(
     await asyncio.sleep(0.3)
     await raw.close()
     await asyncio.wait_for(assert_next_client_served(mux), 4)
+
+
+async def waiting_clients(mux: object) -> int:
+    console = await connect_asyncpg(mux, dbname="pgmux", user="admin", password="admin-secret")
+    try:
+        rows = await console.fetch("SHOW POOLS")
+        return sum(row["cl_waiting"] for row in rows if row["database"] == APP_DB)
+    finally:
+        await console.close()
+
+
+PARSE_A = messages.parse("a", "SELECT $1::int + 1")
+
+
+async def test_server_cleaned_after_a_client_goes_to_the_next_without_its_replies_owed(
+    pgmux: PgmuxFactory,
+) -> None:
+    """A client Parses a statement name twice (PostgreSQL's 42P05: it now skips
+    to a Sync) and leaves before the Sync, while the next client waits for the
+    only server. The cleanup synced the server and gave it straight to the
+    waiting client with the departed one's reply accounting: still skipping to
+    a Sync, so the new client's Query was taken as skipped and its extended
+    replies came "while nothing was asked" (the server was closed). Entries
+    left owed the same way were undone against the next client's replies and
+    dropped statements the server still had from pgmux's record (then
+    `prepared statement "pgmux_..." already exists`)."""
+    mux = pgmux({**CONFIG, "admin": {"users": ["admin"]}})
+    first = await login(mux)
+    await first.send(PARSE_A + PARSE_A + messages.flush())
+    replies = [await first.read_message(timeout=10) for _ in range(2)]
+    assert [r and r[0] for r in replies] == [b"1", b"E"], replies
+    second = await login(mux)
+    try:
+        await second.send(
+            query_message("SELECT 'next'")
+            + PARSE_A
+            + messages.bind("", "a", [b"41"])
+            + messages.execute("")
+            + messages.sync()
+        )
+        await wait_until(lambda: waiting_clients(mux), lambda n: n == 1, timeout=10)
+        await first.close()
+        simple = await second.read_until_ready(timeout=5)
+        extended = await second.read_until_ready(timeout=5)
+        assert [kind for kind, _ in simple] == [b"T", b"D", b"C", b"Z"], simple
+        assert [kind for kind, _ in extended] == [b"1", b"2", b"D", b"C", b"Z"], extended
+    finally:
+        await second.close()
+    await asyncio.wait_for(assert_next_client_served(mux), 3)

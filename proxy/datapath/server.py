@@ -406,6 +406,10 @@ class ServerConnection(asyncio.Protocol):
         """A client gets this server: its bytes flow on the hot path."""
         self.linked_at = now
         self._slow = False
+        # A server cleaned after a departed client comes here never unlinked: what
+        # that client was owed (entries, a skip to Sync) is not the new one's.
+        self.copy_in = False
+        self.responses.reset()
 
     def hand_on(self, now: float) -> None:
         """unlink() then link() in one step, for a server that goes straight
