@@ -31,7 +31,7 @@ def host_rows(registry: Registry) -> list[tuple[Any, ...]]:
             health = BOOK.entry(where)
             rows.append(
                 (
-                    *(name, health.host, health.port, health.state, health.role),
+                    *(name, health.host, health.port, health.status, health.role),
                     *(health.failures, _when(health.last_check), health.last_error),
                 )
             )

@@ -33,7 +33,7 @@ def targets(database: DatabaseConfig) -> list[tuple[str, int]]:
 class HostHealth:
     host: str
     port: int
-    state: str = UNKNOWN
+    status: str = UNKNOWN  # up, down or unknown (not a connection state)
     role: str = UNKNOWN  # primary or standby, as the last login saw it
     failures: int = 0  # failed logins in a row
     down_until: float = 0.0  # monotonic: tried last until then
@@ -54,11 +54,11 @@ class HostBook:
     def skipped(self, where: tuple[str, int], now: float) -> bool:
         """Down and not due for its recheck: tried only after the others."""
         health = self.hosts.get(where)
-        return health is not None and health.state == DOWN and now < health.down_until
+        return health is not None and health.status == DOWN and now < health.down_until
 
     def succeeded(self, where: tuple[str, int], role: str) -> None:
         health = self.entry(where)
-        health.state, health.role, health.failures = UP, role, 0
+        health.status, health.role, health.failures = UP, role, 0
         health.last_check, health.last_error = time.time(), ""
 
     def mismatched(self, where: tuple[str, int], role: str, error: str) -> None:
@@ -71,7 +71,7 @@ class HostBook:
         health.failures += 1
         health.last_check, health.last_error = time.time(), error
         if health.failures >= failures:
-            health.state = DOWN
+            health.status = DOWN
             health.down_until = time.monotonic() + interval
 
 

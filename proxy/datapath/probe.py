@@ -79,9 +79,9 @@ async def _probe(pool: Pool, creds: ServerCredentials) -> None:
         role = "standby"  # logged in; the statement failed: in recovery
     except (OSError, TimeoutError, ServerLost, ProtocolError) as exc:
         probe.abort()
-        was_down = BOOK.entry(where).state == DOWN
+        was_down = BOOK.entry(where).status == DOWN
         BOOK.failed(where, server_login.describe(exc), health.failures, health.interval)
-        if BOOK.entry(where).state == DOWN and not was_down:
+        if BOOK.entry(where).status == DOWN and not was_down:
             log.warning("host_down", host=creds.host, port=creds.port, error=str(exc))
             cut_servers(pool.registry, where)
         return
