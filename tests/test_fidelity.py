@@ -56,7 +56,8 @@ async def test_leaving_copy_to_stdout_cancels_it(pgmux: PgmuxFactory, mode: str)
     try:
         with pytest.raises(Stop):
             async with conn.cursor() as cur:
-                copy_sql = "COPY (SELECT generate_series(1, 1000000)) TO STDOUT"
+                # More rows than every socket buffer on the way holds, loaded or not.
+                copy_sql = "COPY (SELECT generate_series(1, 5000000)) TO STDOUT"
                 async with cur.copy(copy_sql) as copy:
                     async for _row in copy.rows():
                         raise Stop
