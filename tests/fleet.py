@@ -58,6 +58,17 @@ def haproxy_config(port: int, backends: list[tuple[int, int]]) -> str:
     )
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a child we started (by pid: Popen knows its own child), then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Balancer:
     """A running HAProxy: host and port are what clients connect to."""
@@ -67,13 +78,7 @@ class Balancer:
     host: str = "127.0.0.1"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # by pid: Popen knows its own child
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_haproxy(workdir: Path, backends: list[tuple[int, int]]) -> Balancer:

@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet import stop_process
 from helpers import APP_DB, APP_PASSWORD, APP_USER, RawClient, error_fields, query_message
 
 from pgmux.protocol import messages
@@ -68,13 +68,7 @@ class PgBouncer:
         return (self.workdir / "pgbouncer.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # by pid: Popen knows its own child
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def pgbouncer_ini(pg: TempPostgres, workdir: Path, port: int, peers: dict[int, int]) -> str:
