@@ -40,6 +40,7 @@ from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import GLOBAL, LATENCY_BUCKETS
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import FALLBACK_DATABASE
+from pgmux.proxy.console.hosts import HOSTS_COLUMNS, host_rows
 from pgmux.proxy.console.show import consoles, pool_counts
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ class PgmuxCollector:
         yield from self._counters(pools)
         yield from self._histograms(pools)
         yield from self._process(registry)
+        yield from _hosts(registry)
 
     def _gauges(self, pools: list[Pool], now: float) -> Iterator[Metric]:
         counts = [(pool, pool_counts(pool, now)) for pool in pools]
@@ -265,6 +267,33 @@ class PgmuxCollector:
         info = GaugeMetricFamily("pgmux_info", "pgmux version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+_HOST_LABELS = ["database", "host", "port"]
+_HOST_GAUGES = (  # (name, help, value from a SHOW HOSTS row as a dict)
+    ("pgmux_host_up", "1 if the host answered its last login or probe, 0 if marked down.",
+     lambda row: {"up": 1, "down": 0}.get(row["state"])),
+    ("pgmux_host_primary", "1 if the host was a primary at its last check, 0 a standby.",
+     lambda row: {"primary": 1, "standby": 0}.get(row["role"])),
+    ("pgmux_host_replica_lag_bytes", "WAL bytes a standby's replay is behind its primary.",
+     lambda row: row["replica_lag_bytes"]),
+    ("pgmux_host_replica_lag_seconds", "Seconds a standby's replay is behind (0: caught up).",
+     lambda row: None if row["replica_lag_seconds"] is None else float(row["replica_lag_seconds"])),
+    ("pgmux_host_in_rotation", "0 while max_replica_lag keeps the standby out of new logins.",
+     lambda row: row["in_rotation"]),
+)  # fmt: skip
+
+
+def _hosts(registry: Registry) -> Iterator[Metric]:
+    """Each host of the multi-host databases, as SHOW HOSTS lists them (this worker's view)."""
+    rows = [dict(zip(HOSTS_COLUMNS, row, strict=True)) for row in host_rows(registry)]
+    for name, help_text, value in _HOST_GAUGES:
+        family = GaugeMetricFamily(name, help_text, labels=_HOST_LABELS)
+        for row in rows:
+            number = value(row)
+            if number is not None:
+                family.add_metric([row["database"], row["host"], str(row["port"])], number)
+        yield family
 
 
 def _database_names(registry: Registry) -> list[str]:

@@ -25,7 +25,7 @@ from pgmux.tempgres import TempPostgres, free_port
 
 pytestmark = pytest.mark.timeout(90)
 
-CLIENTS = 24
+CLIENTS = 32
 RESUME_WITHIN = 5.0  # every client commits again within this of the promotion
 # How a transaction cut by the failover reaches asyncpg: pgmux's 08006 ("server
 # conn crashed?") or PostgreSQL's 57P01, then the closed connection under it.

@@ -149,6 +149,18 @@ TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", 
 LOAD_BALANCE_HOSTS = ("disable", "random", "round-robin")
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaLag:
+    """How far behind its primary a standby may be and stay in rotation:
+    WAL bytes not yet replayed, or seconds since its last replayed commit."""
+
+    bytes: int = 0  # 0: no byte limit
+    seconds: float = 0.0  # 0: no time limit
+
+    def __bool__(self) -> bool:
+        return bool(self.bytes or self.seconds)
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class DatabaseConfig:
     name: str  # the key in `databases:`; "*" is the fallback
@@ -166,6 +178,7 @@ class DatabaseConfig:
     port_list: tuple[int, ...] = ()
     target_session_attrs: str = "any"  # which server a login must reach (libpq's)
     load_balance_hosts: str = "disable"  # the order hosts are tried in
+    max_replica_lag: ReplicaLag = field(default_factory=ReplicaLag)  # off by default
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}

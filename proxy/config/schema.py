@@ -51,6 +51,7 @@ from pgmux.proxy.config.values import (
     port_list,
     positive,
     positive_duration,
+    replica_lag,
     secret,
     suggestion,
     text,
@@ -164,6 +165,7 @@ _DATABASE_OWN: dict[str, Converter] = {
     "application_name": optional_text,
     "target_session_attrs": one_of(*TARGET_SESSION_ATTRS),
     "load_balance_hosts": one_of(*LOAD_BALANCE_HOSTS),
+    "max_replica_lag": replica_lag,
 }
 # YAML key -> the DatabaseConfig field holding it (the others: the same name).
 _DATABASE_FIELDS = {"host": "host_list", "port": "port_list"}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pgmux.proxy.config.errors import ConfigError, key_error
-from pgmux.proxy.config.model import MAX_MESSAGE_SIZE
+from pgmux.proxy.config.model import MAX_MESSAGE_SIZE, ReplicaLag
 
 Converter = Callable[[Any, str], Any]
 
@@ -267,6 +267,19 @@ def parse_size(value: Any, key: str) -> int:
         if shift is not None:
             return int(match[1]) << shift
     raise expected_error(key, "a size like '512kB', '64MiB', '1GB' or a number of bytes", value)
+
+
+def replica_lag(value: Any, key: str) -> ReplicaLag:
+    """max_replica_lag: a size ("1MB", WAL bytes) or a duration ("10s"); 0 = off."""
+    if value == 0 or value == "0":
+        return ReplicaLag()
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value)):
+        unit = match[2].lower()  # a size ends in B: "1m" would be ambiguous
+        if unit in _SIZE_UNITS and unit.endswith("b"):
+            return ReplicaLag(bytes=parse_size(value, key))
+    if isinstance(value, str) and (match := _DURATION.fullmatch(value)) and match[2]:
+        return ReplicaLag(seconds=parse_duration(value, key))
+    raise expected_error(key, "WAL bytes like '1MB' or seconds like '10s' (0: off)", value)
 
 
 def format_size(size: int) -> str:

@@ -2,6 +2,9 @@
 
 The state, role and last outcome come from the logins' host book
 (datapath/hostbook.py); a host no login has tried yet reads `unknown`.
+A standby's replication lag is the health probe's last measure (empty when
+not known); `in_rotation` is 0 while the database's max_replica_lag keeps
+the host out of its new server logins.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pgmux.proxy.datapath.hostbook import BOOK, targets
 if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
 
-HOSTS_SPEC = "ssississ"
+HOSTS_SPEC = "ssississqsi"
 HOSTS_COLUMNS = (
     "database", "host", "port", "state", "role", "failures", "last_check", "last_error",
+    "replica_lag_bytes", "replica_lag_seconds", "in_rotation",
 )  # fmt: skip
 
 
@@ -33,6 +37,8 @@ def host_rows(registry: Registry) -> list[tuple[Any, ...]]:
                 (
                     *(name, health.host, health.port, health.status, health.role),
                     *(health.failures, _when(health.last_check), health.last_error),
+                    *(health.lag_bytes, _seconds(health.lag_seconds)),
+                    int(not health.lagging(database.max_replica_lag)),
                 )
             )
     return rows
@@ -42,3 +48,7 @@ def _when(wall: float) -> str:
     if not wall:
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
+
+
+def _seconds(lag: float | None) -> str | None:
+    return None if lag is None else f"{lag:.3f}"

@@ -31,6 +31,7 @@ from pgmux.proxy.console.hosts import HOSTS_COLUMNS, HOSTS_SPEC, host_rows
 from pgmux.proxy.core.states import CLIENT_SHOWN, SERVER_SHOWN
 
 if TYPE_CHECKING:
+    from pgmux.proxy.config import DatabaseConfig
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.datapath.server import ServerConnection
@@ -258,13 +259,19 @@ def show_databases(registry: Registry, now: float) -> Result:
             continue
         paused = registry.paused or name in registry.paused_databases
         rows.append((
-            name, db.host, db.port, db.dbname or name, db.user, db.pool.size, db.pool.min_size,
-            db.pool.reserve_size, int(db.timeouts.server_lifetime), db.pool.mode, None,
+            name, _hosts_text(db), db.port, db.dbname or name, db.user, db.pool.size,
+            db.pool.min_size, db.pool.reserve_size, int(db.timeouts.server_lifetime),
+            db.pool.mode, db.load_balance_hosts if len(db.host_list) > 1 else None,
             db.pool.max_db_connections, registry.db_server_count[name],
             db.pool.max_db_client_connections, clients.get(name, 0),
             int(paused), int(registry.is_disabled(name)),
         ))  # fmt: skip
     return table("ssissiiiissiiiiii", DATABASES_COLUMNS, rows)
+
+
+def _hosts_text(db: DatabaseConfig) -> str:
+    """The host list as PgBouncer shows it (its `host=a,b`); one host: that host."""
+    return ",".join(db.host_list) if len(db.host_list) > 1 else db.host
 
 
 def _counted_clients(registry: Registry, by: str) -> dict[str, int]:

@@ -80,6 +80,7 @@ class HostPlan:
             hosts = hosts[start:] + hosts[:start]
         now = time.monotonic()  # hosts marked down go last (hostbook.py)
         hosts.sort(key=lambda where: BOOK.skipped(where, now))
+        hosts = in_rotation(database, hosts)
         attrs = database.target_session_attrs
         passes = ["standby", "any"] if attrs == "prefer-standby" else [attrs]
         return [
@@ -87,6 +88,16 @@ class HostPlan:
             for want in passes
             for host, port in hosts
         ]
+
+
+def in_rotation(database: DatabaseConfig, hosts: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """HOSTS without the standbys lagging over max_replica_lag, unless that
+    leaves none (a lagging standby serves better than no server)."""
+    limit = database.max_replica_lag
+    if not limit:
+        return hosts
+    current = [where for where in hosts if not BOOK.lagging(where, limit)]
+    return current or hosts
 
 
 async def login(pool: Pool, server: ServerConnection, attempts: list[Attempt]) -> None:
@@ -192,12 +203,27 @@ def _found(pool: Pool, attempt: Attempt) -> None:
     retire(pool, previous)
 
 
-def retire(pool: Pool, where: tuple[str, int]) -> None:
+def drop_unlisted(pool: Pool, previous: DatabaseConfig) -> None:
+    """A reload changed the host list: servers to the hosts no longer listed
+    drain (idle ones close now, the others when released); new logins use
+    the new list (attempts() reads it each time)."""
+    listed = set(targets(pool.database))
+    gone = [where for where in targets(previous) if where not in listed]
+    if pool.hosts.primary in gone:
+        pool.hosts.primary = None
+    for where in gone:
+        log.info(
+            "server_host_unlisted", db=pool.dbname, user=pool.user, host=where[0], port=where[1]
+        )
+        retire(pool, where, "host unlisted")
+
+
+def retire(pool: Pool, where: tuple[str, int], reason: str = "primary moved") -> None:
     """Servers of POOL to WHERE close: idle ones now, the others once released."""
     for server in list(pool.servers):
         if (server.credentials.host, server.credentials.port) != where:
             continue
         if server.state is SERVER_IDLE:
-            pool.close_server(server, "primary moved")
+            pool.close_server(server, reason)
         else:
             server.close_when_released = True

@@ -529,8 +529,9 @@ class Pool:
         their client releases them, and new ones open with the new values.
         """
         replace = credentials != self.credentials or settings != self.settings
-        self.database = database
+        previous, self.database = self.database, database
         self.timeouts = database.timeouts
+        hosts.drop_unlisted(self, previous)  # a host left the list: its servers drain
         if not replace:
             return
         if credentials != self.credentials:

@@ -8,6 +8,14 @@ servers with it: idle ones close, and a linked one is cut, so its client gets
 08006 now instead of waiting on a server that will never answer. New logins
 try that host last until it answers again.
 
+The probe's one statement also reads each host's WAL position: the
+primary's current LSN, a standby's replay and receive LSNs and the time of
+its last replayed commit. From a round's answers, each standby's lag (WAL
+bytes behind the primary it follows, seconds behind) goes into the host book;
+a database's `max_replica_lag` takes a standby lagging more out of rotation:
+new logins skip it and its idle servers of that database close (linked ones
+once released), until a round finds it caught up.
+
 The probe logs in as a pool of that database does (its credentials), with a
 server connection that never joins the pool.
 """
@@ -16,14 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.core.states import SERVER_IDLE
-from pgmux.proxy.datapath import server_login
-from pgmux.proxy.datapath.hostbook import BOOK, DOWN, targets
+from pgmux.proxy.datapath import replication, server_login
+from pgmux.proxy.datapath.hostbook import BOOK, DOWN, UNKNOWN, targets
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
 
 if TYPE_CHECKING:
@@ -33,8 +43,48 @@ if TYPE_CHECKING:
 
 log = get_logger("pgmux.health")
 
-_ROLE_SQL = "SELECT 1 / pg_is_in_recovery()::int"  # fails on a primary
+# What the probe asks each host, in one round trip. The server connection
+# reads no rows (server.py skips them), so the answer comes back in the error
+# of a failing cast: `invalid input syntax for type integer: "probe|..."`.
+# Fields: in recovery; the primary's current or the standby's replay LSN and
+# its receive LSN (bytes from 0/0); seconds since the last replayed commit.
+_REPORT_SQL = (
+    "SELECT format('probe|%s|%s|%s|%s', pg_is_in_recovery(),"
+    " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn,"
+    " pg_last_wal_receive_lsn() - '0/0'::pg_lsn,"
+    " extract(epoch FROM now() - pg_last_xact_replay_timestamp()))::int"
+)
+_REPORT = re.compile(r'"probe\|([tf])\|([\d.]*)\|([\d.]*)\|(-?[\d.e+-]*)"')
 _running: set[int] = set()  # id() of the registries whose probe loop runs
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One host's answer: its role and where its WAL is."""
+
+    role: str
+    lsn: int | None = None  # a primary's current LSN, a standby's replay LSN
+    received: int | None = None  # a standby's receive LSN
+    replay_age: float | None = None  # seconds since the last replayed commit
+
+
+def parse_report(message: str) -> Report:
+    match = _REPORT.search(message)
+    if match is None:
+        return Report(UNKNOWN)
+    standby, lsn, received, age = match.groups()
+
+    def number(text: str) -> float | None:
+        return float(text) if text else None
+
+    lsn_value, received_value = number(lsn), number(received)
+    return Report(
+        "standby" if standby == "t" else "primary",
+        None if lsn_value is None else int(lsn_value),
+        None if received_value is None else int(received_value),
+        number(age),
+    )
 
 
 def ensure_running(registry: Registry) -> None:
@@ -50,7 +100,10 @@ async def _loop(registry: Registry) -> None:
         while not registry.shutting_down:
             health = registry.config.health
             await asyncio.sleep(health.interval)
-            await asyncio.gather(*(_probe(pool, creds) for pool, creds in _hosts(registry)))
+            hosts = _hosts(registry)
+            reports = await asyncio.gather(*(_probe(pool, creds) for pool, creds in hosts))
+            found = {(c.host, c.port): r for (_, c), r in zip(hosts, reports, strict=True) if r}
+            replication.note_lags(registry, found)
     finally:
         _running.discard(id(registry))
 
@@ -68,15 +121,16 @@ def _hosts(registry: Registry) -> list[tuple[Pool, ServerCredentials]]:
     return list(found.values())
 
 
-async def _probe(pool: Pool, creds: ServerCredentials) -> None:
+async def _probe(pool: Pool, creds: ServerCredentials) -> Report | None:
+    """Log in to one host and ask for its report; None if it did not answer."""
     where = (creds.host, creds.port)
     health = pool.registry.config.health
     probe = ServerConnection(pool, creds)  # never in pool.servers: the pool ignores it
     try:
         await asyncio.wait_for(_login_and_ask(probe, creds, health.timeout), health.timeout)
-        role = "primary"
-    except ServerError:
-        role = "standby"  # logged in; the statement failed: in recovery
+        report = Report(UNKNOWN)  # the cast cannot succeed; kept for the type
+    except ServerError as exc:
+        report = parse_report(str(exc))  # logged in; the answer is in the error
     except (OSError, TimeoutError, ServerLost, ProtocolError) as exc:
         probe.abort()
         was_down = BOOK.entry(where).status == DOWN
@@ -84,15 +138,16 @@ async def _probe(pool: Pool, creds: ServerCredentials) -> None:
         if BOOK.entry(where).status == DOWN and not was_down:
             log.warning("host_down", host=creds.host, port=creds.port, error=str(exc))
             cut_servers(pool.registry, where)
-        return
+        return None
     probe.close()
-    BOOK.succeeded(where, role)
+    BOOK.succeeded(where, report.role)
+    return report
 
 
 async def _login_and_ask(probe: ServerConnection, creds: ServerCredentials, timeout: float) -> None:
     await server_login.connect(probe, creds, timeout)
     await probe.wait_login(timeout)
-    await probe.query(_ROLE_SQL, timeout)
+    await probe.query(_REPORT_SQL, timeout)
 
 
 def cut_servers(registry: Registry, where: tuple[str, int]) -> None:
