@@ -122,6 +122,7 @@ class ClientLogin:
         self._auth: ClientAuth | None = None
         self._tls_early: list[bytes] | None = None  # decrypted before start_tls returned
         self._own_user = False  # the daemon's OS user on the unix socket, to the console
+        self._unknown_database = False  # told after the password (auth.pgbouncer_rules)
 
     @property
     def _gone(self) -> bool:
@@ -198,7 +199,11 @@ class ClientLogin:
         console = client.dbname in ADMIN_DATABASES
         database = None if console else self.config.database(client.dbname)
         if database is None and not console:
-            raise ProtocolError(f"no such database: {client.dbname}", sqlstate.INVALID_CATALOG_NAME)
+            if not self.config.auth.pgbouncer_rules:
+                raise self._no_such_database()
+            # PgBouncer asks for the password first: which databases exist is
+            # told only to a client that could log in.
+            self._unknown_database = True
         try:
             ignore = frozenset(p.lower() for p in self.config.ignore_startup_parameters)
             client.startup_gucs = varcache.startup_gucs(params, ignore)
@@ -366,8 +371,14 @@ class ClientLogin:
 
     # --- authentication -------------------------------------------------------
 
+    def _no_such_database(self) -> ProtocolError:
+        message = f"no such database: {self.client.dbname}"
+        return ProtocolError(message, sqlstate.INVALID_CATALOG_NAME)
+
     def _start_auth(self, method: str, secret: str | None, *, from_auth_query: bool) -> None:
         client = self.client
+        if method == "trust" and secret is None and self._trust_needs_user():
+            raise ProtocolError('"trust" authentication failed', sqlstate.INVALID_AUTHORIZATION)
         self._auth = ClientAuth(
             method,
             client.user,
@@ -381,6 +392,12 @@ class ClientLogin:
             self._authenticated()
         else:
             client.send(first)
+
+    def _trust_needs_user(self) -> bool:
+        """PgBouncer's trust still wants the user known: in the users file, from
+        auth_query, or the auth_user itself."""
+        auth = self.config.auth
+        return auth.pgbouncer_rules and self.client.user != auth.query_user
 
     async def _auth_query(self, method: str, database: DatabaseConfig) -> None:
         """Ask PostgreSQL for the user's secret (auth.query), then authenticate."""
@@ -449,6 +466,8 @@ class ClientLogin:
 
     def _authenticated(self) -> None:
         client = self.client
+        if self._unknown_database:
+            raise self._no_such_database()
         console = client.dbname in ADMIN_DATABASES
         self._take_client_slot()
         client.send(messages.authentication_ok())

@@ -113,6 +113,7 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
         raise ConfigError(path, "", "the [pgbouncer] section is missing")
     _translate_settings(settings, result)
     result.put("logging.format", "pgbouncer")  # PgBouncer's lines for PgBouncer's users
+    result.put("auth.pgbouncer_rules", True)  # and PgBouncer's login rules
     socket_dir = _socket_dir(settings)
     for name, entry in databases.items():
         _translate_database(name, entry, result, socket_dir)

@@ -80,6 +80,10 @@ class AuthConfig:
     query_password: str | None = field(default=None, repr=False)  # else the users file's
     query_cache_ttl: float = 10.0  # seconds an auth_query answer is reused
     hba_file: str | None = None  # absolute, like users_file
+    # PgBouncer's login rules (set for a pgbouncer.ini): trust admits only the
+    # users the users file or auth_query knows, a failed SCRAM exchange is
+    # "SASL authentication failed", an unknown database is told after the password.
+    pgbouncer_rules: bool = False
 
 
 @dataclass(frozen=True, slots=True)

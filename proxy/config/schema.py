@@ -103,6 +103,7 @@ _AUTH: dict[str, Converter] = {
     "query_password": secret,
     "query_cache_ttl": parse_duration,
     "hba_file": optional_text,
+    "pgbouncer_rules": boolean,
 }
 _HTTP: dict[str, Converter] = {"address": text, "port": optional_port}
 _ADMIN: dict[str, Converter] = {
