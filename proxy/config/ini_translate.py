@@ -172,10 +172,8 @@ def _translate_settings(settings: dict[str, IniEntry], result: Translation) -> N
         else:
             result.put(setting.target, value, entry.where, setting.name)
     _translate_hba(settings, result)
-    # PgBouncer runs auth_query only for auth_user; pgmux wants both or neither.
-    if "auth.query_user" not in result.explicit:
-        result.data["auth"]["query"] = None
-        result.explicit.discard("auth.query")
+    # auth_query keeps PgBouncer's default: it runs for whichever auth_user
+    # applies (global, per database, or one SET later on the console).
 
 
 def _translate_hba(settings: dict[str, IniEntry], result: Translation) -> None:
