@@ -246,11 +246,11 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, code: str, message: str, severity: str = "FATAL") -> None:
         """Send an ErrorResponse and close this client (nobody else notices)."""
-        if self.state is not _CLOSED:
-            self.closed(message)  # logged first: whoever reads the error finds the line
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(messages.error_response(code, message, severity=severity))
             self.transport.close()
+        if self.state is not _CLOSED:
+            self.closed(message)
 
     def become_console(self, session: AdminSession) -> None:
         """An admin console session takes over this connection's bytes."""
@@ -551,6 +551,7 @@ class ClientConnection(asyncio.Protocol):
         """The pool gave up finding a server for this client (query_wait_timeout...)."""
         self._set_state(_IDLE_STATE)
         log.info("wait_failed", error=message, **self.log_fields())
+        self.closed(message)  # logged before the error leaves: its reader finds the line
         self.fail(code, message)
 
     # --- joining the pool and the welcome -----------------------------------
