@@ -40,6 +40,8 @@ from pgmux.proxy.config.tls import ALPN_PROTOCOL, ClientTls, peer_common_name
 from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.auth import ClientAuth
+from pgmux.proxy.datapath.authdb import lookup_for
+from pgmux.proxy.datapath.authquery import Lookup
 from pgmux.proxy.datapath.client import ClientConnection
 from pgmux.proxy.datapath.logfields import replication_kind, tls_description
 from pgmux.proxy.datapath.translator import Translator
@@ -47,7 +49,6 @@ from pgmux.proxy.datapath.translator import Translator
 if TYPE_CHECKING:
     import ssl
 
-    from pgmux.proxy.config import DatabaseConfig
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.registry import Registry
 
@@ -122,6 +123,8 @@ class ClientLogin:
         self._auth: ClientAuth | None = None
         self._tls_early: list[bytes] | None = None  # decrypted before start_tls returned
         self._own_user = False  # the daemon's OS user on the unix socket, to the console
+        self._unknown_database = False  # told after the password (auth.pgbouncer_rules)
+        self._lookup: Lookup | None = None  # the auth_query this login ran
 
     @property
     def _gone(self) -> bool:
@@ -198,7 +201,11 @@ class ClientLogin:
         console = client.dbname in ADMIN_DATABASES
         database = None if console else self.config.database(client.dbname)
         if database is None and not console:
-            raise ProtocolError(f"no such database: {client.dbname}", sqlstate.INVALID_CATALOG_NAME)
+            if not self.config.auth.pgbouncer_rules:
+                raise self._no_such_database()
+            # PgBouncer asks for the password first: which databases exist is
+            # told only to a client that could log in.
+            self._unknown_database = True
         try:
             ignore = frozenset(p.lower() for p in self.config.ignore_startup_parameters)
             client.startup_gucs = varcache.startup_gucs(params, ignore)
@@ -225,9 +232,14 @@ class ClientLogin:
             else MessageReader(MAX_AUTH_MESSAGE, "the authentication limit")
         )
         secret = self.registry.auth.users.get(client.user)
-        if secret is None and database is not None and self.registry.auth_query.enabled:
+        lookup = None
+        if secret is None and not self._unknown_database:  # PgBouncer: no query for a fake db
+            lookup = lookup_for(
+                self.config, self.registry.flags, client.dbname, database, client.log_fields()
+            )
+        if lookup is not None:
             client.transport.pause_reading()  # nothing to read until we ask
-            spawn(self._auth_query(method, database))
+            spawn(self._auth_query(method, lookup))
             return
         self._start_auth(method, secret, from_auth_query=False)
 
@@ -366,8 +378,14 @@ class ClientLogin:
 
     # --- authentication -------------------------------------------------------
 
+    def _no_such_database(self) -> ProtocolError:
+        message = f"no such database: {self.client.dbname}"
+        return ProtocolError(message, sqlstate.INVALID_CATALOG_NAME)
+
     def _start_auth(self, method: str, secret: str | None, *, from_auth_query: bool) -> None:
         client = self.client
+        if method == "trust" and secret is None and self._trust_needs_user():
+            raise ProtocolError('"trust" authentication failed', sqlstate.INVALID_AUTHORIZATION)
         self._auth = ClientAuth(
             method,
             client.user,
@@ -382,10 +400,23 @@ class ClientLogin:
         else:
             client.send(first)
 
-    async def _auth_query(self, method: str, database: DatabaseConfig) -> None:
+    def _trust_needs_user(self) -> bool:
+        """PgBouncer's trust still wants the user known: in the users file, from
+        auth_query, or the auth_user itself."""
+        auth, database = self.config.auth, self.client.database
+        auth_user = (database.auth_user if database is not None else None) or auth.query_user
+        return auth.pgbouncer_rules and self.client.user != auth_user
+
+    async def _auth_query(self, method: str, lookup: Lookup) -> None:
         """Ask PostgreSQL for the user's secret (auth.query), then authenticate."""
         client = self.client
-        secret = await self.registry.auth_query.secret(client.dbname, database, client.user)
+        self._lookup = lookup
+        try:
+            secret = await self.registry.auth_query.secret(lookup, client.user)
+        except ProtocolError as exc:
+            if not self._gone:
+                self._failed(exc)
+            return
         if self._gone:
             return  # gone meanwhile (client_login timeout, disconnect)
         try:
@@ -415,9 +446,9 @@ class ClientLogin:
                 reply, finished = self._auth.handle(body)
             except AuthError:
                 client = self.client
-                if self._auth.from_auth_query and client.database is not None:
+                if self._auth.from_auth_query and self._lookup is not None:
                     # Maybe the password changed: ask again next time.
-                    self.registry.auth_query.forget(client.dbname, client.database, client.user)
+                    self.registry.auth_query.forget(self._lookup, client.user)
                 raise
             if reply is not None:
                 self.client.send(reply)
@@ -449,6 +480,8 @@ class ClientLogin:
 
     def _authenticated(self) -> None:
         client = self.client
+        if self._unknown_database:
+            raise self._no_such_database()
         console = client.dbname in ADMIN_DATABASES
         self._take_client_slot()
         client.send(messages.authentication_ok())

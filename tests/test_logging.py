@@ -68,12 +68,13 @@ class IniStarter:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         databases: str = "",
+        users: dict[str, str] | None = None,
     ) -> Any:
         workdir = self.factory.mktemp("log")
         port = free_port()
         ini = workdir / "pgbouncer.ini"
         ini.write_text(ini_text(self.pg, workdir, port, extra, databases))
-        users = {"app": APP_PASSWORD, "admin": "admin-secret"}
+        users = {"app": APP_PASSWORD, "admin": "admin-secret", **(users or {})}
         self.conftest("write_users_file")(workdir / "userlist.txt", users)
         stderr_path = workdir / "stderr.log"
         with open(stderr_path, "ab") as out:

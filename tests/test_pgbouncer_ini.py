@@ -78,7 +78,7 @@ def test_absent_settings_take_pgbouncer_defaults(tmp_path: Path) -> None:
     assert config.timeouts.cancel_wait == 10.0
     assert config.timeouts.server_lifetime == 3600.0
     assert config.auth.type == "md5"
-    assert config.auth.query is None  # no auth_user: auth_query is never run
+    assert config.auth.query == DEFAULT_AUTH_QUERY and config.auth.query_user is None  # never run
     assert config.tls.server.mode == "prefer"
     assert config.tls.client.mode == "disable"
     assert config.limits.max_packet_size == 2147483647

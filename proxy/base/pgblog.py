@@ -194,6 +194,10 @@ def _process_up(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     ]
 
 
+def _login_config_error(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    return [(logging.ERROR, client_prefix(f) + str(f.get("detail", "")))]
+
+
 def _unsupported(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return [(logging.WARNING, f"{f.get('config')}: {f.get('detail')}")]
 
@@ -242,6 +246,7 @@ EVENTS: dict[str, Renderer] = {
     "stats": _stats,
     "process_up": _process_up,
     "unsupported_settings": _unsupported,
+    "login_config_error": _login_config_error,
 }
 
 

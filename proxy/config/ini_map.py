@@ -91,6 +91,12 @@ def _auth_type(text: str) -> str:
     )
 
 
+def _auth_dbname(text: str) -> str | None:
+    if text == "pgbouncer":  # PgBouncer's cf_set_authdb
+        raise ValueError('cannot use the reserved "pgbouncer" database as an auth_dbname')
+    return text or None
+
+
 def _flag(text: str) -> bool:
     """PgBouncer's integer switches: anything but 0 is on."""
     return c_int(text) != 0
@@ -237,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_file", "", "auth.users_file", _path_or_none),
     Setting("auth_user", "", "auth.query_user", text_or_none),
     Setting("auth_query", DEFAULT_AUTH_QUERY, "auth.query", text_or_none, _show_auth_query),
-    Setting("auth_dbname", ""),
+    Setting("auth_dbname", "", "auth.dbname", _auth_dbname),
     Setting("auth_ldap_options", ""),
     # logging
     Setting("syslog", "0", "logging.syslog", _flag),
@@ -394,9 +400,9 @@ DATABASE_PARAMETERS: Mapping[str, ConnKey] = {
     "datestyle": ConnKey(None, note=_SERVER_PARAMETER),
     "timezone": ConnKey(None, note=_SERVER_PARAMETER),
     "connect_query": ConnKey(None, note=_SERVER_PARAMETER),
-    "auth_user": ConnKey(None, note="only the global auth_user is supported"),
-    "auth_query": ConnKey(None, note="only the global auth_query is supported"),
-    "auth_dbname": ConnKey(None),
+    "auth_user": ConnKey("auth_user"),
+    "auth_query": ConnKey("auth_query"),
+    "auth_dbname": ConnKey("auth_dbname"),
     "max_db_client_connections": ConnKey("max_db_client_connections", _decimal),
     "load_balance_hosts": ConnKey("load_balance_hosts", str.lower),
     "target_session_attrs": ConnKey("target_session_attrs", str.lower),

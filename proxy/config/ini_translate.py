@@ -113,6 +113,7 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
         raise ConfigError(path, "", "the [pgbouncer] section is missing")
     _translate_settings(settings, result)
     result.put("logging.format", "pgbouncer")  # PgBouncer's lines for PgBouncer's users
+    result.put("auth.pgbouncer_rules", True)  # and PgBouncer's login rules
     socket_dir = _socket_dir(settings)
     for name, entry in databases.items():
         _translate_database(name, entry, result, socket_dir)
@@ -171,10 +172,8 @@ def _translate_settings(settings: dict[str, IniEntry], result: Translation) -> N
         else:
             result.put(setting.target, value, entry.where, setting.name)
     _translate_hba(settings, result)
-    # PgBouncer runs auth_query only for auth_user; pgmux wants both or neither.
-    if "auth.query_user" not in result.explicit:
-        result.data["auth"]["query"] = None
-        result.explicit.discard("auth.query")
+    # auth_query keeps PgBouncer's default: it runs for whichever auth_user
+    # applies (global, per database, or one SET later on the console).
 
 
 def _translate_hba(settings: dict[str, IniEntry], result: Translation) -> None:

@@ -80,6 +80,11 @@ class AuthConfig:
     query_password: str | None = field(default=None, repr=False)  # else the users file's
     query_cache_ttl: float = 10.0  # seconds an auth_query answer is reused
     hba_file: str | None = None  # absolute, like users_file
+    dbname: str | None = None  # where auth_query runs (PgBouncer's auth_dbname); None: the client's
+    # PgBouncer's login rules (set for a pgbouncer.ini): trust admits only the
+    # users the users file or auth_query knows, a failed SCRAM exchange is
+    # "SASL authentication failed", an unknown database is told after the password.
+    pgbouncer_rules: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +184,11 @@ class DatabaseConfig:
     target_session_attrs: str = "any"  # which server a login must reach (libpq's)
     load_balance_hosts: str = "disable"  # the order hosts are tried in
     max_replica_lag: ReplicaLag = field(default_factory=ReplicaLag)  # off by default
+    # auth_query for this database's clients, over the auth section's (PgBouncer's
+    # per-database auth_user, auth_query, auth_dbname); None: the global one.
+    auth_user: str | None = None
+    auth_query: str | None = None
+    auth_dbname: str | None = None
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}

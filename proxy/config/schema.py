@@ -104,6 +104,8 @@ _AUTH: dict[str, Converter] = {
     "query_password": secret,
     "query_cache_ttl": parse_duration,
     "hba_file": optional_text,
+    "pgbouncer_rules": boolean,
+    "dbname": optional_text,
 }
 _HTTP: dict[str, Converter] = {"address": text, "port": optional_port}
 _ADMIN: dict[str, Converter] = {
@@ -166,6 +168,7 @@ _DATABASE_OWN: dict[str, Converter] = {
     "target_session_attrs": one_of(*TARGET_SESSION_ATTRS),
     "load_balance_hosts": one_of(*LOAD_BALANCE_HOSTS),
     "max_replica_lag": replica_lag,
+    **dict.fromkeys(("auth_user", "auth_query", "auth_dbname"), optional_text),
 }
 # YAML key -> the DatabaseConfig field holding it (the others: the same name).
 _DATABASE_FIELDS = {"host": "host_list", "port": "port_list"}
@@ -228,6 +231,7 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
     # Read at each login: the next client sees the new value.
     "auth.type": _AUTH["type"],
     "auth.query_user": _AUTH["query_user"],
+    "auth.dbname": _AUTH["dbname"],
     "admin.users": names,
     "admin.stats_users": names,
     # The TLS contexts are rebuilt from the new files at once (console/settings.py).

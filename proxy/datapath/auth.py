@@ -115,7 +115,7 @@ class ClientAuth:
         try:
             final = self._scram.handle_client_final(body)  # SASLResponse: raw bytes
         except AuthError:
-            raise self._failed() from None
+            raise self._scram_failed() from None
         self._learn_scram()
         return messages.authentication_sasl_final(final), True
 
@@ -161,6 +161,11 @@ class ClientAuth:
             ok = hmac.compare_digest(password.encode(), secret.encode())
         if not ok:
             raise self._failed()
+
+    def _scram_failed(self) -> AuthError:
+        if self.state.config.auth.pgbouncer_rules:
+            return AuthError("SASL authentication failed", "28P01")  # PgBouncer's words
+        return self._failed()
 
     def _failed(self) -> AuthError:
         return AuthError(f'password authentication failed for user "{self.user}"', "28P01")

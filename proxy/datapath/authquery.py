@@ -7,9 +7,16 @@ user's secret (plain, md5 hash or SCRAM secret). Answers are cached for
 `auth.query_cache_ttl` so a burst of logins costs one query, and concurrent
 logins of one user share a single lookup.
 
+Which user, query and database a lookup uses (PgBouncer's per-database
+auth_user / auth_query / auth_dbname over the global ones) is a ``Lookup``,
+chosen by authdb.py.
+
 A lookup that fails (PostgreSQL down, wrong query, bad query_user password)
 is logged and treated as "no such user": the client gets the ordinary
-password failure (28P01), never a crash and never the reason. The query user
+password failure (28P01), never a crash and never the reason. Under
+PgBouncer's rules (`auth.pgbouncer_rules`) the client hears what PgBouncer
+says instead: PostgreSQL's refusal of the auth_user's login in its own words,
+"bouncer config error" for a query PostgreSQL rejects. The query user
 itself is never looked up, so it cannot log in through its own query.
 """
 
@@ -18,15 +25,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import asyncpg
 
+from pgmux.protocol import sqlstate
+from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.config.userlist import secret_kind
 
 if TYPE_CHECKING:
-    from pgmux.proxy.config import DatabaseConfig
     from pgmux.proxy.core.authstate import AuthState
 
 log = get_logger("pgmux.authquery")
@@ -35,26 +43,39 @@ MAX_CONNECTIONS = 8  # asyncpg connections kept, one per upstream database
 MAX_CACHED = 10_000  # cached answers; the oldest go first
 
 
+class Lookup(NamedTuple):
+    """Where and as whom one auth_query runs."""
+
+    host: str
+    port: int
+    dbname: str  # the upstream database
+    user: str  # the auth_user
+    query: str
+
+    @property
+    def server(self) -> tuple[str, int, str, str]:
+        return self.host, self.port, self.dbname, self.user
+
+
+class _ConnectRefused(Exception):
+    """PostgreSQL refused the auth_user's login (its ErrorResponse as cause)."""
+
+
 class AuthQuery:
     """Cached, concurrency-safe auth_query lookups for one daemon."""
 
     def __init__(self, state: AuthState) -> None:
         self.state = state  # config (auth.*, timeouts), the users file, TLS to PostgreSQL
-        self._cache: OrderedDict[tuple[Any, str], tuple[float, str | None]] = OrderedDict()
-        self._inflight: dict[tuple[Any, str], asyncio.Future[str | None]] = {}
-        self._conns: OrderedDict[tuple[str, int, str], asyncpg.Connection] = OrderedDict()
-        self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        self._cache: OrderedDict[tuple[Lookup, str], tuple[float, str | None]] = OrderedDict()
+        self._inflight: dict[tuple[Lookup, str], asyncio.Future[str | None]] = {}
+        self._conns: OrderedDict[tuple[str, int, str, str], asyncpg.Connection] = OrderedDict()
+        self._locks: dict[tuple[str, int, str, str], asyncio.Lock] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.state.config.auth.query)
-
-    async def secret(self, dbname: str, database: DatabaseConfig, user: str) -> str | None:
-        """The user's secret, or None when unknown or when the lookup failed."""
-        auth = self.state.config.auth
-        if not auth.query or user == self._query_user():
+    async def secret(self, target: Lookup, user: str) -> str | None:
+        """The user's secret, or None when unknown or when the lookup failed
+        (a ProtocolError for the client under PgBouncer's rules)."""
+        if user == target.user:
             return None
-        target = (database.host, database.port, database.dbname or dbname)
         key = (target, user)
         cached = self._cache.get(key)
         if cached is not None and cached[0] > time.monotonic():
@@ -67,19 +88,22 @@ class AuthQuery:
         return await asyncio.shield(task)
 
     async def _lookup_and_remember(
-        self, key: tuple[Any, str], target: tuple[str, int, str], user: str
+        self, key: tuple[Lookup, str], target: Lookup, user: str
     ) -> str | None:
         try:
             result = await self._lookup(target, user)
         except Exception as exc:  # any failure is "no such user" for the client
-            log.warning("auth_query_failed", db=target[2], user=user, error=_describe(exc))
+            cause = exc.__cause__ if isinstance(exc, _ConnectRefused) else exc
+            log.warning("auth_query_failed", db=target.dbname, user=user, error=_describe(cause))
+            if self.state.config.auth.pgbouncer_rules:
+                _raise_as_pgbouncer(exc)
             return None
         self._remember(key, result)
         return result
 
-    def forget(self, dbname: str, database: DatabaseConfig, user: str) -> None:
+    def forget(self, target: Lookup, user: str) -> None:
         """Drop a cached answer (a login failed with it: the password may have changed)."""
-        self._cache.pop(((database.host, database.port, database.dbname or dbname), user), None)
+        self._cache.pop((target, user), None)
 
     def close(self) -> None:
         for conn in self._conns.values():
@@ -88,11 +112,7 @@ class AuthQuery:
 
     # --- internals ------------------------------------------------------------
 
-    def _query_user(self) -> str:
-        auth = self.state.config.auth
-        return auth.query_user or ""
-
-    def _remember(self, key: tuple[Any, str], secret: str | None) -> None:
+    def _remember(self, key: tuple[Lookup, str], secret: str | None) -> None:
         ttl = self.state.config.auth.query_cache_ttl
         if not ttl:
             return
@@ -101,55 +121,56 @@ class AuthQuery:
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, target: tuple[str, int, str], user: str) -> str | None:
-        lock = self._locks.setdefault(target, asyncio.Lock())
+    async def _lookup(self, target: Lookup, user: str) -> str | None:
+        lock = self._locks.setdefault(target.server, asyncio.Lock())
         timeout = self.state.config.timeouts.server_connect or None
         async with lock:  # one asyncpg connection runs one query at a time
-            conn = await self._connection(target, timeout)
             try:
-                row = await conn.fetchrow(self.state.config.auth.query, user, timeout=timeout)
+                conn = await self._connection(target, timeout)
+            except asyncpg.PostgresError as exc:
+                raise _ConnectRefused() from exc
+            try:
+                row = await conn.fetchrow(target.query, user, timeout=timeout)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError):
-                self._drop(target)
+                self._drop(target.server)
                 raise
         if row is None or len(row) < 2 or row[1] is None:
             return None
         return str(row[1])
 
-    async def _connection(
-        self, target: tuple[str, int, str], timeout: float | None
-    ) -> asyncpg.Connection:
-        conn = self._conns.get(target)
+    async def _connection(self, target: Lookup, timeout: float | None) -> asyncpg.Connection:
+        server = target.server
+        conn = self._conns.get(server)
         if conn is not None and not conn.is_closed():
-            self._conns.move_to_end(target)
+            self._conns.move_to_end(server)
             return conn
-        host, port, dbname = target
         conn = await asyncpg.connect(
-            host=host,
-            port=port,
-            database=dbname,
-            user=self._query_user(),
-            password=self._password(),
+            host=target.host,
+            port=target.port,
+            database=target.dbname,
+            user=target.user,
+            password=self._password(target.user),
             ssl=self._ssl(),
             timeout=timeout or 60,
             statement_cache_size=0,
             server_settings={"application_name": "pgmux auth_query"},
         )
-        self._conns[target] = conn
+        self._conns[server] = conn
         while len(self._conns) > MAX_CONNECTIONS:
             _, oldest = self._conns.popitem(last=False)
             oldest.terminate()
         return conn
 
-    def _drop(self, target: tuple[str, int, str]) -> None:
-        conn = self._conns.pop(target, None)
+    def _drop(self, server: tuple[str, int, str, str]) -> None:
+        conn = self._conns.pop(server, None)
         if conn is not None:
             conn.terminate()
 
-    def _password(self) -> str | None:
+    def _password(self, query_user: str) -> str | None:
         auth = self.state.config.auth
-        if auth.query_password is not None:
+        if auth.query_password is not None and query_user == auth.query_user:
             return auth.query_password
-        secret = self.state.users.get(self._query_user())
+        secret = self.state.users.get(query_user)
         # asyncpg needs the plain password; a hash in the users file cannot log in.
         if secret is None or secret_kind(secret) != "plain":
             return None
@@ -164,7 +185,18 @@ class AuthQuery:
         return "prefer"
 
 
-def _describe(exc: BaseException) -> str:
+def _raise_as_pgbouncer(exc: Exception) -> None:
+    """PgBouncer's answer to a failed auth_query: a refused login in
+    PostgreSQL's words, a rejected query as a configuration error."""
+    cause = exc.__cause__ if isinstance(exc, _ConnectRefused) else None
+    if isinstance(cause, asyncpg.PostgresError):
+        code = cause.sqlstate or sqlstate.INVALID_AUTHORIZATION
+        raise ProtocolError(str(cause), code) from None
+    if isinstance(exc, asyncpg.PostgresError):
+        raise ProtocolError("bouncer config error", sqlstate.CONFIG_FILE_ERROR) from None
+
+
+def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, asyncpg.PostgresError):
         return f"{exc.sqlstate} {exc}"  # PostgreSQL's message never holds the password
     if isinstance(exc, TimeoutError):

@@ -551,6 +551,7 @@ class ClientConnection(asyncio.Protocol):
         """The pool gave up finding a server for this client (query_wait_timeout...)."""
         self._set_state(_IDLE_STATE)
         log.info("wait_failed", error=message, **self.log_fields())
+        self.closed(message)  # logged before the error leaves: its reader finds the line
         self.fail(code, message)
 
     # --- joining the pool and the welcome -----------------------------------

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 log = get_logger("pgmux.pool")
 
 
+def waiting_error(exc: ServerError) -> str:
+    """What the waiting clients hear: PostgreSQL's own words, as a direct
+    connection (and PgBouncer) would give them; pgmux's refusals say so."""
+    return f"server login failed: {exc}" if exc.own else str(exc)
+
+
 def record(pool: Pool, exc: BaseException, where: dict[str, object] | None = None) -> None:
     """POOL's login failed with EXC (WHERE: the server's log fields, if any)."""
     reason = server_login.describe(exc)
@@ -42,7 +48,7 @@ def record(pool: Pool, exc: BaseException, where: dict[str, object] | None = Non
         pool.retry_at = now + limit
         pool.backoff.refused(pool.retry_at)
         if isinstance(exc, ServerError):  # PostgreSQL said no: waiters hear why now
-            pool.fail_waiting(exc.sqlstate, f"server login failed: {exc}")
+            pool.fail_waiting(exc.sqlstate, waiting_error(exc))
         elif pool.waiting:
             pool.schedule_retry(limit)
     elif pool.backoff.failed(now, limit, streak):  # down, or starting up: soon again

@@ -38,10 +38,12 @@ class ServerCredentials:
 
 
 class ServerError(Exception):
-    """PostgreSQL answered with an ErrorResponse (fields by their one-letter code)."""
+    """PostgreSQL answered with an ErrorResponse (fields by their one-letter code);
+    OWN: pgmux itself refused the login on the server's behalf."""
 
-    def __init__(self, fields: dict[str, str]) -> None:
+    def __init__(self, fields: dict[str, str], *, own: bool = False) -> None:
         self.fields = fields
+        self.own = own
         self.sqlstate = fields.get("C", sqlstate.INTERNAL_ERROR)
         self.severity = fields.get("S", "ERROR")
         super().__init__(fields.get("M", "server error"))
@@ -117,7 +119,7 @@ class ServerAuth:
                 return b""
             except AuthError as exc:
                 raise ServerError(
-                    {"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": exc.message}
+                    {"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": exc.message}, own=True
                 ) from None
         raise ProtocolError(f"unsupported server authentication request {code}")
 
@@ -147,7 +149,9 @@ class ServerAuth:
 
     def _no_password(self, method: str) -> ServerError:
         user = self.credentials.user
-        message = f'no password known for server login as user "{user}" ({method})'
+        # "wrong password type" is PgBouncer's phrase, which log parsers look for
+        message = f'wrong password type: no password known for server login as user "{user}"'
+        message += f" ({method})"
         if method == "scram-sha-256" and self.auth.users.get(user, "").startswith("SCRAM-SHA-256$"):
             message += "; a client must log in with SCRAM first (passthrough)"
-        return ServerError({"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": message})
+        return ServerError({"S": "FATAL", "C": sqlstate.INVALID_PASSWORD, "M": message}, own=True)
