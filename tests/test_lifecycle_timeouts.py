@@ -289,3 +289,35 @@ async def test_query_timeout_times_each_pipelined_query(
     finally:
         await raw.close()
     assert "query_timeout" not in mux.logs()
+
+
+async def test_transaction_timeout_ends_busy_transaction_and_cleans(
+    pg: TempPostgres, pgmux: PgmuxFactory
+) -> None:
+    """timeouts.transaction (PgBouncer's transaction_timeout) counts a
+    transaction's whole time, even while it keeps sending statements; the
+    user's value overrides the global one."""
+    dbname = fresh_database(pg)
+    mux = pgmux(
+        {
+            "timeouts": {"transaction": "60s"},
+            "users": {APP_USER: {"transaction": "2s"}},
+            "pool": {"size": 1},
+        }
+    )
+    raw = await raw_login(mux, dbname)
+    try:
+        assert (await raw.query("BEGIN")).status == "T"
+        await raw.query("SELECT pg_advisory_xact_lock(43)")
+        for _ in range(3):  # never idle for long: idle_transaction would not fire
+            await asyncio.sleep(0.5)
+            assert (await raw.query("SELECT 1")).status == "T"
+        error = await expect_fatal(raw)
+        assert (error["C"], error["M"]) == (
+            "25P04",
+            "terminating connection due to transaction timeout",
+        )
+    finally:
+        await raw.close()
+    await assert_clean(pg, dbname)
+    assert "transaction_timeout" in mux.logs()

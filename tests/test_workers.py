@@ -185,8 +185,9 @@ def test_connection_ids_of_workers_never_collide() -> None:
     try:
         for index in range(3):
             ids.configure(index, 3)
-            numbered.append([ids.next_client_id() for _ in range(4)])
-            assert [ids.next_server_id() for _ in range(2)] == numbered[-1][:2]
+            numbered.append([ids.next_client_id() for _ in range(2)])
+            # clients and servers share the sequence (PgBouncer's socket ids)
+            numbered[-1] += [ids.next_server_id() for _ in range(2)]
     finally:
         ids.configure(0, 1)
     assert numbered[1] == [2, 5, 8, 11]

@@ -41,9 +41,10 @@ class LogEvents:
 CLIENT_REASONS = {
     "client sent Terminate": "client close request",
     "client closed the connection": "client unexpected eof",
-    "terminating connection due to client_idle timeout": "client_idle_timeout",
+    "terminating connection due to client_idle_timeout": "client_idle_timeout",
     "terminating connection due to idle_transaction timeout": "idle transaction timeout",
     "canceling statement due to query timeout": "query timeout",
+    "terminating connection due to transaction timeout": "transaction timeout",
     "terminating connection due to administrator command": "server shutting down",
 }
 
@@ -229,6 +230,29 @@ def _signal(event: str) -> Renderer:
     return lines
 
 
+def _query_timeout(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    return [
+        (
+            logging.INFO,
+            client_prefix(f) + f"query timeout: canceling the statement (after={f.get('after')}s)",
+        )
+    ]
+
+
+def _pool_idle_removed(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    return [
+        (
+            logging.INFO,
+            f"cleaning up idle pool for user {f.get('user')} on db {f.get('db')} "
+            f"because: pool idle timeout (age= {f.get('age')}s)",
+        )
+    ]
+
+
+def _reserve_pool_taken(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    return [(logging.WARNING, client_prefix(f) + "taking connection from reserve_pool")]
+
+
 def _drop(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return []
 
@@ -244,6 +268,9 @@ EVENTS: dict[str, Renderer] = {
     "pool_shrink": _server_closing,
     "server_connect_failed": _server_login_failed,
     "stats": _stats,
+    "reserve_pool_taken": _reserve_pool_taken,
+    "query_timeout": _query_timeout,
+    "pool_idle_removed": _pool_idle_removed,
     "process_up": _process_up,
     "unsupported_settings": _unsupported,
     "login_config_error": _login_config_error,

@@ -274,7 +274,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server_login_retry", "15", "timeouts.server_login_retry", seconds),
     Setting("client_login_timeout", "60", "timeouts.client_login", seconds),
     Setting("autodb_idle_timeout", "3600"),
-    Setting("pool_idle_timeout", "0"),
+    Setting("pool_idle_timeout", "0", "timeouts.pool_idle", seconds),
     Setting("dns_max_ttl", "15"),
     Setting("dns_nxdomain_ttl", "15"),
     Setting("dns_zone_check_period", "0"),
@@ -328,7 +328,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cancel_wait_timeout", "10", "timeouts.cancel_wait", seconds),
     Setting("client_idle_timeout", "0", "timeouts.client_idle", seconds),
     Setting("idle_transaction_timeout", "0", "timeouts.idle_transaction", seconds),
-    Setting("transaction_timeout", "0"),
+    Setting("transaction_timeout", "0", "timeouts.transaction", seconds),
     # low-level network
     Setting("pkt_buf", "4096", note="pgmux sizes its buffers itself"),
     Setting("max_packet_size", "2147483647", "limits.max_packet_size", c_int),
@@ -415,7 +415,7 @@ USER_PARAMETERS: Mapping[str, ConnKey] = {
     "query_timeout": ConnKey("query", _optional_seconds),
     "query_wait_timeout": ConnKey("query_wait", _optional_seconds),
     "idle_transaction_timeout": ConnKey("idle_transaction", _optional_seconds),
-    "transaction_timeout": ConnKey(None),
+    "transaction_timeout": ConnKey("transaction", _optional_seconds),
     "client_idle_timeout": ConnKey("client_idle", _optional_seconds),
     "max_user_client_connections": ConnKey("max_user_client_connections", _decimal),
 }

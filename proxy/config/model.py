@@ -65,8 +65,10 @@ class Timeouts:
     message: float = 60.0  # a client's message must arrive whole within this
     client_idle: float = 0.0
     idle_transaction: float = 0.0
+    transaction: float = 0.0  # a transaction's whole time, idle or running
     query: float = 0.0
     query_wait: float = 20.0
+    pool_idle: float = 0.0  # a pool with no client and no server this long is removed
     cancel_wait: float = 10.0
     shutdown_grace: float = 30.0
 
@@ -210,6 +212,7 @@ class UserConfig:
     query_wait: float | None = None
     client_idle: float | None = None
     idle_transaction: float | None = None
+    transaction: float | None = None
 
 
 MAX_PEER_ID = 16383  # PgBouncer's limit: the id travels in two bytes of the cancel key

@@ -185,7 +185,7 @@ DATABASE_KEYS: dict[str, tuple[str, str, Converter]] = {
     **{key: ("timeouts", key, convert) for key, convert in TIMEOUTS.items()},
 }
 # The timeouts a [users] entry may set for its own pools (PgBouncer 1.24).
-USER_TIMEOUTS = ("query", "query_wait", "client_idle", "idle_transaction")
+USER_TIMEOUTS = ("query", "query_wait", "client_idle", "idle_transaction", "transaction")
 USER_KEYS: dict[str, Converter] = {
     "pool_mode": optional(one_of(*POOL_MODES)),
     "max_user_connections": non_negative,

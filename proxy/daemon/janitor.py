@@ -45,6 +45,7 @@ class Janitor:
         self.timeouts: Counter[str] = Counter()  # every timeout that fired, by name
         # pools whose database a reload removed: their clients finish, then close
         self.draining: set[Pool] = set()
+        self._unused_since: dict[Pool, float] = {}  # pools with no client and no server
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -69,6 +70,8 @@ class Janitor:
                 pool.grow()  # reserve_size may apply now, or a slot was freed
             pool.ensure_min_size()
             self._expire_clients(pool, now)
+            if pool.timeouts.pool_idle:
+                self._expire_pool(pool, now)
         for pool in list(self.draining):
             self._drain(pool, now)
         self._expire_logins(now)
@@ -90,12 +93,30 @@ class Janitor:
             self.draining.discard(pool)
             log.info("pool_removed", db=pool.dbname, user=pool.user)
 
+    def _expire_pool(self, pool: Pool, now: float) -> None:
+        """pool_idle: forget a pool nobody used for that long (PgBouncer's
+        cleanup_inactive_pools); the next client creates it again."""
+        kept = pool.settings.min_size and pool.database.user  # min_size keeps it busy
+        if pool.clients or pool.servers or kept or pool.shared_rows is not None:
+            self._unused_since.pop(pool, None)
+            return
+        since = self._unused_since.setdefault(pool, now)
+        if now - since < pool.timeouts.pool_idle:
+            return
+        del self._unused_since[pool]
+        if self.registry.pools.get((pool.dbname, pool.user)) is pool:
+            del self.registry.pools[(pool.dbname, pool.user)]
+        pool.close()
+        log.info("pool_idle_removed", db=pool.dbname, user=pool.user, age=round(now - since))
+
     # --- client timeouts ----------------------------------------------------
 
     def _expire_clients(self, pool: Pool, now: float) -> None:
         """client_idle, idle_transaction, query and message, with this pool's values."""
         limits = pool.timeouts
-        if not (limits.client_idle or limits.idle_transaction or limits.query):
+        if not (
+            limits.client_idle or limits.idle_transaction or limits.query or limits.transaction
+        ):
             if limits.message:  # the default: only clients mid-message can expire
                 for client in [c for c in pool.clients if c.partial_since]:
                     if client.state in READY:
@@ -105,6 +126,8 @@ class Janitor:
             if client.state not in READY:
                 continue
             if client.partial_since and self._check_message(pool, client, now):
+                continue
+            if limits.transaction and self._check_transaction(pool, client, now):
                 continue
             if client.running and not client.stalled:  # stalled: idle since its last byte
                 if limits.query and client.expect_rfq > 0:
@@ -128,7 +151,7 @@ class Janitor:
                 self._fire(pool, client, "client_idle", idle)
                 client.fail(
                     sqlstate.IDLE_SESSION_TIMEOUT,
-                    "terminating connection due to client_idle timeout",
+                    "terminating connection due to client_idle_timeout",
                 )
 
     def _check_message(self, pool: Pool, client: ClientConnection, now: float) -> bool:
@@ -140,6 +163,18 @@ class Janitor:
         client.fail(
             sqlstate.PROTOCOL_VIOLATION,
             "terminating connection: incomplete message for longer than timeouts.message",
+        )
+        return True
+
+    def _check_transaction(self, pool: Pool, client: ClientConnection, now: float) -> bool:
+        """End a client whose transaction (running or idle) is older than timeouts.transaction."""
+        started = client.xact_started
+        if not started or client.server is None or now - started < pool.timeouts.transaction:
+            return False
+        # FATAL, as PostgreSQL 17's transaction_timeout; the pool rolls the server back.
+        self._fire(pool, client, "transaction", now - started)
+        client.fail(
+            sqlstate.TRANSACTION_TIMEOUT, "terminating connection due to transaction timeout"
         )
         return True
 

@@ -411,6 +411,9 @@ class Pool:
         """Open servers for waiting clients, within every limit."""
         wanted = len(self.waiting) - self.connecting
         while wanted > 0 and self._may_connect():
+            if len(self.servers) >= self.settings.size and self.waiting:
+                # PgBouncer's warning, on the client that waited longest
+                log.warning("reserve_pool_taken", **self.waiting[0].log_fields())
             self._open_server()
             wanted -= 1
 
@@ -489,9 +492,16 @@ class Pool:
     # --- janitor ----------------------------------------------------------
 
     def expire_waiting(self, now: float) -> None:
-        limit = self.timeouts.query_wait
-        if not limit:
-            return
+        # query_timeout bounds a query's whole time, its wait included (PgBouncer)
+        limit, name = min(
+            (value, name)
+            for value, name in (
+                (self.timeouts.query_wait, "query_wait_timeout"),
+                (self.timeouts.query, "query_timeout"),
+                (float("inf"), ""),
+            )
+            if value
+        )
         while self.waiting and now - self.waiting[0].wait_started >= limit:
             client = self.waiting.popleft()
             self.waiting_changed()
@@ -499,11 +509,10 @@ class Pool:
             if self.last_connect_error:
                 client.wait_failed(
                     sqlstate.CONNECTION_FAILURE,
-                    f"query_wait_timeout: pgmux cannot connect to server "
-                    f"({self.last_connect_error})",
+                    f"{name}: pgmux cannot connect to server ({self.last_connect_error})",
                 )
             else:
-                client.wait_failed(sqlstate.PROTOCOL_VIOLATION, "query_wait_timeout")
+                client.wait_failed(sqlstate.PROTOCOL_VIOLATION, name)
 
     def expire_servers(self, now: float) -> None:
         """Close idle servers past server_idle (down to min_size) or server_lifetime."""

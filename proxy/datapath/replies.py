@@ -265,8 +265,14 @@ class ResponseFilter:
                 except ProtocolError as exc:
                     self._refuse(server, client, out, data[run:pos], exc.message)
                     return
-                if action == _ERROR and self._error(out, data, run, pos, end, client):
-                    run = end
+                if action == _ERROR:
+                    timed_out = _timeout_cancel(data[pos + 5 : end], client, server)
+                    if self._error(out, data, run, pos, end, client):
+                        run = end
+                    elif timed_out:
+                        out.append(data[run:pos])
+                        out.append(timed_out)
+                        run = end
             elif action == _EMPTY:
                 if entries and entries[0].op != QUERY:
                     entries.popleft()  # EmptyQueryResponse ends an Execute
@@ -355,6 +361,17 @@ class ResponseFilter:
         if not entries:
             self.skipping = True
         return replaced
+
+
+def _timeout_cancel(body: bytes, client: ClientConnection, server: ServerConnection) -> bytes:
+    """PostgreSQL answers the cancel query_timeout sent with "user request": the
+    ErrorResponse that says the statement's real reason, or b"" for any other error."""
+    if not client.query_cancelled or b"C57014\x00" not in body:
+        return b""
+    if client.query_cancelled != max(client.query_started, client.query_mark, server.linked_at):
+        return b""  # the cancelled query is over: this is another one's error
+    body = body.replace(b"due to user request", b"due to query timeout")
+    return b"E" + _PACK_LENGTH(len(body) + 4) + body
 
 
 def _renamed(body: bytes, server_name: bytes, client_name: bytes) -> bytes:
