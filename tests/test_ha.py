@@ -35,6 +35,9 @@ CONNECTION_CUT = (
     "server conn crashed?",
     "terminating connection due to administrator command",
     "the underlying connection is closed",
+    "connection was closed in the middle of operation",
+    # asyncpg still consuming the 08006 when its transaction block sends ROLLBACK
+    "cannot switch to state 15; another operation (2) is in progress",
 )
 
 

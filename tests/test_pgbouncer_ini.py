@@ -331,13 +331,13 @@ bob = transaction_timeout=5
     )
     names = [item.name for item in loaded.unsupported]
     # Left at PgBouncer's default (syslog = 0, DISCARD ALL): no effect, not reported;
-    # log_connections is honoured (logging.connections), so not reported either.
+    # log_connections is honoured (logging.connections), so not reported either;
+    # neither is a per-user transaction_timeout (timeouts.transaction).
     assert names == [
         "so_reuseport",
         "server_check_query",
         "[databases] appdb: connect_query",
         "[databases] appdb: timezone",
-        "[users] bob: transaction_timeout",
     ]
     warning = unsupported_warning(loaded.unsupported)
     assert warning is not None and "so_reuseport" in warning

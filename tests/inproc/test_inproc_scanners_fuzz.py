@@ -240,6 +240,7 @@ class _Client:
         self.in_batch = False
         self.transport = _Transport()
         self.released = 0
+        self.query_cancelled = 0.0  # no query_timeout cancel in flight
         self.translator = None  # the filter asks a translator whether it streams a message
 
     def stats_query_done(self, now: float) -> None:
