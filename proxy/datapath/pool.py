@@ -101,7 +101,8 @@ class Pool:
         self.last_connect_error: str | None = None
         self.retry_at = 0.0  # no server login before this (waiting clients: see backoff)
         self.backoff = LoginBackoff()
-        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_handle: asyncio.Handle | None = None
+        self._retry_due = 0.0  # loop time of the planned retry
         self.stats = PoolStats()
         self.hosts = hosts.HostPlan()  # the order of the database's hosts (hosts.py)
         self.closed = False
@@ -437,10 +438,13 @@ class Pool:
 
     def schedule_retry(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
+        due = loop.time() + delay
         if (handle := self._retry_handle) is not None:
-            if handle.when() <= loop.time() + delay:
+            if self._retry_due <= due:
                 return  # an earlier retry is already planned
             handle.cancel()
+        # uvloop returns a plain Handle (no when()) for a delay <= 0
+        self._retry_due = due
         self._retry_handle = loop.call_later(delay, self._retry)
 
     def _retry(self) -> None:

@@ -131,3 +131,21 @@ async def test_a_server_breaking_the_protocol_at_login_is_not_retried_quickly(
     assert pool.stats.connect_errors == 1, "a server speaking garbage was asked again at once"
     assert not waiter.failed  # it still waits (query_wait), as before
     pool.waiting.clear()
+
+
+def test_a_retry_due_now_is_planned_on_uvloop_too() -> None:
+    """uvloop answers call_later(0) with a Handle that has no when(): the pool
+    keeps the due time itself, so a later plan keeps the earlier retry."""
+    import uvloop
+
+    async def plan() -> None:
+        pool = make_pool()
+        pool.schedule_retry(0.0)
+        first = pool._retry_handle
+        pool.schedule_retry(0.5)  # later than the planned retry: kept
+        assert pool._retry_handle is first
+        pool.schedule_retry(-0.1)  # earlier: replaces it
+        assert pool._retry_handle is not first
+        pool._retry_handle.cancel()  # type: ignore[union-attr]
+
+    uvloop.run(plan())
