@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pgmux.protocol import messages
 from pgmux.proxy.base.tasks import spawn
-from pgmux.proxy.datapath import rollbacks, session_state
+from pgmux.proxy.datapath import pending, rollbacks, session_state
 from pgmux.proxy.datapath.server import ServerError, ServerLost
 
 if TYPE_CHECKING:
@@ -78,9 +78,11 @@ async def _finish_abandoned(
     timeout = pool.timeouts.cancel_wait or 10.0
     try:
         await server.await_ready_for_query(owed, timeout)
-        if not server.clean_for_release:
+        rolled_back = not server.clean_for_release
+        if rolled_back:
             await server.query("ROLLBACK", timeout)
             rollbacks.rolled_back(server)  # its statements may refer to what is gone
+        pending.abandoned(server, rolled_back, pool.settings.session_state)
         await reset_session_state(pool, server, timeout)
         if pool.mode == "session":
             await server.query("DISCARD ALL", timeout)

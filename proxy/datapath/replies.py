@@ -29,6 +29,7 @@ from pgmux.protocol.backend import ASKED, HELD_LIMIT, UNASKED, check_notice_fiel
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.extended import command_tag
 from pgmux.proxy.base.log import get_logger
+from pgmux.proxy.datapath import pending
 
 try:  # compile-time declarations (setup.py); without Cython they change nothing
     import cython
@@ -207,6 +208,8 @@ class ResponseFilter:
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
+                if status == _IDLE and server.pending.changes:
+                    pending.transaction_ended(client, server)  # before the release rule
                 if not now:
                     now = monotonic()
                 client.stats_query_done(now)
@@ -266,6 +269,8 @@ class ResponseFilter:
                     self._refuse(server, client, out, data[run:pos], exc.message)
                     return
                 if action == _ERROR:
+                    if server.pending.changes:
+                        server.pending.failed = True  # ends an implicit transaction in error
                     timed_out = _timeout_cancel(data[pos + 5 : end], client, server)
                     if self._error(out, data, run, pos, end, client):
                         run = end

@@ -47,7 +47,7 @@ from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.core.peers import ServerSnapshot
 from pgmux.proxy.core.states import ServerState
-from pgmux.proxy.datapath import varcache
+from pgmux.proxy.datapath import pending, session_state, varcache
 from pgmux.proxy.datapath.replies import ResponseFilter
 from pgmux.proxy.datapath.server_login import (
     ServerAuth,
@@ -118,6 +118,7 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_owner: Translator | None = None  # whose unnamed statement it holds
         self.unnamed_gen = 0
         self.dirty: set[str] = set()  # session state to reset on release
+        self.pending = pending.PendingChanges()  # ... once its transaction commits
         # hot-path scan state: bytes of a message still to pass, bytes held back
         self._skip = 0
         self._hold = b""
@@ -399,6 +400,8 @@ class ServerConnection(asyncio.Protocol):
         self.params[name] = value
         if client is not None:
             client.server_parameter(name, value)
+            if name == "session_authorization" and client.translator is not None:
+                session_state.identity_reported(client, self, value)
 
     # --- link / unlink (the pool's transitions call these) ------------------
 

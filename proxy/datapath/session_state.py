@@ -16,6 +16,12 @@ regular expression over that statement's text says what the tag cannot
 
 A multi-statement simple Query is judged as a whole: a session SET anywhere
 in it counts, even next to a SET LOCAL.
+
+State that PostgreSQL rolls back with its transaction (SET, SET ROLE,
+set_config(..., false), LISTEN, WITH HOLD cursors, temporary tables, and the
+statements that clear them) counts only once that transaction commits
+(pending.py). SET SESSION AUTHORIZATION is seen in the session_authorization
+ParameterStatus, which tells the value in force at each ReadyForQuery.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from pgmux.proxy.datapath import rollbacks
+from pgmux.proxy.datapath import pending, rollbacks
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -35,9 +41,17 @@ LISTEN = "listen"
 HOLD_CURSOR = "hold_cursor"
 TEMP_TABLE = "temp_table"
 PREPARE = "prepare"
+ROLE = "role"  # SET ROLE (RESET ALL leaves it)
+SESSION_AUTHORIZATION = "session_authorization"  # SET SESSION AUTHORIZATION (likewise)
 
-# What `reset` runs on release for each kind of state.
+# Kinds whose making and clearing PostgreSQL rolls back with the transaction.
+TRANSACTIONAL = frozenset({SET, LISTEN, HOLD_CURSOR, TEMP_TABLE, ROLE})
+
+# What `reset` runs on release for each kind of state; the identity first, so
+# the others run as the pool's user.
 RESET_SQL = {
+    SESSION_AUTHORIZATION: "SET SESSION AUTHORIZATION DEFAULT",
+    ROLE: "RESET ROLE",
     SET: "RESET ALL",
     ADVISORY_LOCK: "SELECT pg_advisory_unlock_all()",
     LISTEN: "UNLISTEN *",
@@ -54,14 +68,29 @@ _ADVICE = {
     HOLD_CURSOR: "use a cursor without WITH HOLD inside a transaction",
     TEMP_TABLE: "use CREATE TEMP TABLE ... ON COMMIT DROP inside a transaction",
     PREPARE: "use protocol-level prepared statements (Parse/Bind), which pgmux keeps per client",
+    ROLE: "use SET LOCAL ROLE inside a transaction, or a pool per role",
+    SESSION_AUTHORIZATION: "use SET LOCAL SESSION AUTHORIZATION inside a transaction,"
+    " or a pool per user",
 }
 
 _F = re.IGNORECASE | re.DOTALL
 _SET = re.compile(
-    rb"(?:^|;)\s*set\s+(?!local\b)(?:session\s+)?(?!transaction\b|constraints\b)"
+    rb"(?:^|;)\s*set\s+(?!local\b)(?:session\s+)?"
+    rb"(?!transaction\b|constraints\b|role\b|(?:session\s+)?authorization\b)"
     rb"(\"[^\"]+\"|[\w.]+)",
     _F,
 )
+_SET_ROLE = re.compile(rb"(?:^|;)\s*set\s+(?:session\s+)?role\s+(?!none\b)", _F)
+_ROLE_NONE = re.compile(rb"(?:^|;)\s*(?:reset\s+role\b|set\s+(?:session\s+)?role\s+none\b)", _F)
+_SET_AUTHORIZATION = re.compile(
+    rb"(?:^|;)\s*set\s+(?:session\s+)?session\s+authorization\s+(?!default\b)", _F
+)
+_SET_CONFIG = re.compile(rb"\bset_config\s*\(", _F)
+_ROLLBACK_TO = re.compile(
+    rb"\brollback\s+(?:work\s+|transaction\s+)?to\s+(?:savepoint\s+)?(\"[^\"]+\"|\w+)", _F
+)
+_SAVEPOINT = re.compile(rb"^\s*savepoint\s+(\"[^\"]+\"|\w+)", _F)
+_RELEASE = re.compile(rb"^\s*release\s+(?:savepoint\s+)?(\"[^\"]+\"|\w+)", _F)
 _ADVISORY_LOCK = re.compile(rb"pg_(?:try_)?advisory_lock(?:_shared)?\s*\(", _F)
 _ADVISORY_UNLOCK_ALL = re.compile(rb"pg_advisory_unlock_all\s*\(", _F)
 _LISTEN = re.compile(rb"(?:^|;)\s*listen\s", _F)
@@ -80,7 +109,21 @@ _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(\"[^\"]+\"|\w+)\s*;
 def needs_text(text: bytes) -> bool:
     """Whether detect() needs this statement's text (a cheap pre-filter)."""
     low = text.lower().decode("latin-1")
-    return "set" in low or "temp" in low or "hold" in low or "listen" in low or "advisory" in low
+    return (
+        "set" in low  # also set_config and RESET
+        or "temp" in low
+        or "hold" in low
+        or "listen" in low
+        or "advisory" in low
+        or "rollback" in low
+        or "release" in low
+        or "savepoint" in low
+    )
+
+
+Change = tuple[str, bool]  # (kind, made: True, or cleared: False)
+_NONE: list[Change] = []
+_TRUE = frozenset({b"true", b"'true'", b"'t'", b"'on'", b"'yes'", b"'1'"})
 
 
 def _session_set(text: bytes, reported: dict[str, str]) -> bool:
@@ -97,43 +140,107 @@ def _session_set(text: bytes, reported: dict[str, str]) -> bool:
     return False
 
 
-def detect(tag: bytes, text: bytes, reported: dict[str, str]) -> tuple[str | None, str | None]:
-    """(state created, state cleared) by a statement with this tag and text."""
+def _call_args(text: bytes, start: int) -> list[bytes]:
+    """The top-level arguments of a call whose '(' ends just before START."""
+    args: list[bytes] = []
+    depth, quote, begin = 0, 0, start
+    for index in range(start, len(text)):
+        char = text[index]
+        if quote:
+            quote = 0 if char == quote else quote  # '' reopens at once: still inside
+        elif char in b"'\"":
+            quote = char
+        elif char == 0x28:  # (
+            depth += 1
+        elif char == 0x29:  # )
+            if not depth:
+                args.append(text[begin:index].strip())
+                return args
+            depth -= 1
+        elif char == 0x2C and not depth:  # ,
+            args.append(text[begin:index].strip())
+            begin = index + 1
+    return args  # unterminated: as far as it goes
+
+
+def _set_config_kinds(text: bytes, reported: dict[str, str]) -> list[str]:
+    """What set_config(name, value, is_local) calls leave for the session."""
+    known = {name.lower() for name in reported}
+    kinds = []
+    for match in _SET_CONFIG.finditer(text):
+        args = _call_args(text, match.end())
+        if len(args) == 3 and args[2].lower() in _TRUE:
+            continue  # is_local: ends with the transaction
+        literal = args[0] if args else b""
+        name = literal[1:-1].decode("utf-8", "replace").lower() if literal[:1] == b"'" else ""
+        if name == "role":
+            kinds.append(ROLE)
+        elif name not in known:  # reported ones follow the client; a non-literal may be any
+            kinds.append(SET)
+    return kinds
+
+
+def _set_changes(text: bytes, reported: dict[str, str]) -> list[Change]:
+    changes: list[Change] = []
+    if _SET_ROLE.search(text):
+        changes.append((ROLE, True))
+    elif _ROLE_NONE.search(text):
+        changes.append((ROLE, False))
+    if _session_set(text, reported):
+        changes.append((SET, True))
+    return changes
+
+
+def detect(tag: bytes, text: bytes, reported: dict[str, str]) -> list[Change]:
+    """The session state a statement with this tag and text made or cleared."""
     first = tag[:1]
     if first == b"S":
         if tag.startswith(b"SELECT"):
+            changes: list[Change] = []
             if _ADVISORY_UNLOCK_ALL.search(text):
-                return None, ADVISORY_LOCK
-            if _ADVISORY_LOCK.search(text):
-                return ADVISORY_LOCK, None
-        elif tag == b"SET" and _session_set(text, reported):
-            return SET, None
-        return None, None
+                changes.append((ADVISORY_LOCK, False))
+            elif _ADVISORY_LOCK.search(text):
+                changes.append((ADVISORY_LOCK, True))
+            if _SET_CONFIG.search(text):
+                changes += [(kind, True) for kind in _set_config_kinds(text, reported)]
+            return changes
+        if tag == b"SET":
+            return _set_changes(text, reported)
+        return _NONE
     if tag == b"LISTEN":
-        return LISTEN, None
+        return [(LISTEN, True)]
     if tag == b"UNLISTEN":
-        return (None, LISTEN) if b"*" in text else (None, None)
+        return [(LISTEN, False)] if b"*" in text else _NONE
     if tag == b"PREPARE":
-        return PREPARE, None
+        return [(PREPARE, True)]
     if tag == b"DEALLOCATE ALL":
-        return None, PREPARE
+        return [(PREPARE, False)]
     if tag == b"DECLARE CURSOR":
-        return (HOLD_CURSOR, None) if _WITH_HOLD.search(text) else (None, None)
+        return [(HOLD_CURSOR, True)] if _WITH_HOLD.search(text) else _NONE
     if tag == b"CLOSE CURSOR ALL":
-        return None, HOLD_CURSOR
+        return [(HOLD_CURSOR, False)]
     if tag.startswith(b"CREATE") and _TEMP.search(text) and not _ON_COMMIT_DROP.search(text):
-        return TEMP_TABLE, None
+        return [(TEMP_TABLE, True)]
     if tag == b"DISCARD TEMP":
-        return None, TEMP_TABLE
-    if tag == b"RESET" and _RESET_ALL.search(text):
-        return None, SET
-    return None, None
+        return [(TEMP_TABLE, False)]
+    if tag == b"RESET":
+        if _RESET_ALL.search(text):
+            return [(SET, False)]  # not the role: RESET ALL leaves it
+        if _ROLE_NONE.search(text):
+            return [(ROLE, False)]
+    return _NONE
 
 
 def refusal(text: bytes, reported: dict[str, str]) -> str | None:
     """For `session_state: error`: why this statement is refused, or None."""
     kind = None
     if _SET.search(text) and _session_set(text, reported):
+        kind = SET
+    elif _SET_ROLE.search(text):
+        kind = ROLE
+    elif _SET_AUTHORIZATION.search(text):
+        kind = SESSION_AUTHORIZATION
+    elif _SET_CONFIG.search(text) and _set_config_kinds(text, reported):
         kind = SET
     elif _ADVISORY_LOCK.search(text):
         kind = ADVISORY_LOCK
@@ -160,6 +267,8 @@ _DESCRIPTION = {
     HOLD_CURSOR: "a WITH HOLD cursor",
     TEMP_TABLE: "a temporary table",
     PREPARE: "an SQL PREPARE",
+    ROLE: "SET ROLE",
+    SESSION_AUTHORIZATION: "SET SESSION AUTHORIZATION",
 }
 
 
@@ -176,44 +285,81 @@ def deallocated_name(text: bytes) -> bytes | None:
     return name.lower()
 
 
+def _identifier(name: bytes) -> bytes:
+    return name[1:-1] if name.startswith(b'"') else name.lower()
+
+
+def _one_statement(text: bytes) -> bool:
+    """Whether TEXT holds a single statement (a ';' inside a literal counts as two)."""
+    return b";" not in text.strip().rstrip(b";")
+
+
+def _savepoint_name(pattern: re.Pattern[bytes], text: bytes) -> bytes:
+    """The savepoint a SAVEPOINT, RELEASE or ROLLBACK TO names, when it can be told."""
+    match = pattern.search(text) if _one_statement(text) else None
+    return _identifier(match.group(1)) if match is not None else pending.UNKNOWN
+
+
+def _transaction_control(server: ServerConnection, tag: bytes, text: bytes) -> list[Change]:
+    """COMMIT, ROLLBACK [TO], SAVEPOINT, RELEASE: what the transaction's notes
+    now say for the session (what a COMMIT made final)."""
+    notes = server.pending
+    if tag == b"COMMIT":
+        rollbacks.committed(server)
+        return notes.take()
+    if tag == b"ROLLBACK":  # also ROLLBACK TO SAVEPOINT, and COMMIT of a failed transaction
+        rollbacks.rolled_back(server)
+        if _ROLLBACK_TO.search(text):
+            notes.rollback_to(_savepoint_name(_ROLLBACK_TO, text))
+        else:
+            notes.clear()
+    elif tag == b"SAVEPOINT":
+        notes.savepoint(_savepoint_name(_SAVEPOINT, text))
+    elif tag == b"RELEASE":
+        notes.release(_savepoint_name(_RELEASE, text))
+    return _NONE
+
+
+_CONTROL_TAGS = frozenset({b"COMMIT", b"ROLLBACK", b"SAVEPOINT", b"RELEASE"})
+
+
 def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text: bytes) -> None:
     """A statement of the client completed on the server: track what it left behind."""
     if tag == b"DISCARD ALL":
         forget_all(client, server)
+        return
+    if tag in _CONTROL_TAGS:
+        pending.apply(client, server, _transaction_control(server, tag, text))
         return
     if tag == b"DEALLOCATE ALL":
         server.prepared.clear()
         rollbacks.deallocated(server)
         if client.translator is not None:
             client.translator.statements.clear()
-    elif tag == b"ROLLBACK":  # also ROLLBACK TO SAVEPOINT, and COMMIT of a failed transaction
-        rollbacks.rolled_back(server)
-    elif tag == b"COMMIT":
-        rollbacks.committed(server)
-    created, cleared = detect(tag, text, server.params)
-    if created is not None:
-        _created(client, server, created)
-    elif cleared is not None:
-        client.pinned.discard(cleared)
-        server.dirty.discard(cleared)
+    for kind, made in detect(tag, text, server.params):
+        if kind in TRANSACTIONAL:
+            server.pending.note(kind, made)  # counts once its transaction commits
+        elif made:
+            pending.created(client, server, kind)
+        else:
+            pending.cleared(client, server, kind)
 
 
-def _created(client: ClientConnection, server: ServerConnection, kind: str) -> None:
-    pool = client.pool
-    mode = pool.settings.session_state if pool is not None else "ignore"
-    if mode == "ignore":
-        return
-    if mode == "pin":
-        client.pinned.add(kind)
-    # Cleaned on release: at once for reset (and whatever slipped past error's
-    # refusal), or when a pinned client leaves without clearing it.
-    server.dirty.add(kind)
+def identity_reported(client: ClientConnection, server: ServerConnection, value: str) -> None:
+    """The server reported session_authorization (at each change, before the
+    ReadyForQuery that follows it, also after a rollback undid it): the
+    session is someone else's while it is not the user pgmux logged in as."""
+    if value == server.credentials.user:
+        pending.cleared(client, server, SESSION_AUTHORIZATION)
+    else:
+        pending.created(client, server, SESSION_AUTHORIZATION)
 
 
 def forget_all(client: ClientConnection, server: ServerConnection) -> None:
     """DISCARD ALL: the session is as new, and so are pgmux's records of it."""
     client.pinned.clear()
     server.dirty.clear()
+    server.pending.clear()
     server.applied = {}
     server.prepared.clear()
     rollbacks.deallocated(server)
@@ -222,5 +368,8 @@ def forget_all(client: ClientConnection, server: ServerConnection) -> None:
         client.translator.statements.clear()
 
 
+_RESET_ORDER = list(RESET_SQL)
+
+
 def reset_statements(kinds: set[str]) -> list[str]:
-    return [RESET_SQL[kind] for kind in sorted(kinds)]
+    return [RESET_SQL[kind] for kind in _RESET_ORDER if kind in kinds]

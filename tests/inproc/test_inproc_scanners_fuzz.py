@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from pgmux.protocol import msgtypes as mt
 from pgmux.protocol.accounting import LinkAccounting
 from pgmux.protocol.backend import ASYNC
+from pgmux.proxy.datapath.pending import PendingChanges
 from pgmux.proxy.datapath.replies import (
     BIND,
     CLOSE,
@@ -258,6 +259,7 @@ class _Server:
     def __init__(self) -> None:
         self.tx_status = mt.TX_IDLE
         self.copy_in = False
+        self.pending = PendingChanges()
 
     def parameter_status(self, body: bytes, client: object) -> None:
         pass
