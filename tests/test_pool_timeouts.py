@@ -243,3 +243,33 @@ async def test_query_timeout_ends_client_waiting_for_a_server(
         assert (row["in_xact"], row["active"]) == (0, 0)
     finally:
         await close_quietly(conn)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="query_timeout restarts at the link to a server (janitor._check_query takes "
+    "server.linked_at): a query's wait is not counted once it gets a server",
+)
+async def test_query_timeout_counts_the_wait_for_a_server(
+    pg: TempPostgres, pgmux: PgmuxFactory
+) -> None:
+    """PgBouncer times a query from its arrival (request_time), so the wait
+    counts: 1.2s queued plus 1.5s running is over query=2s and is cancelled
+    while it runs, although neither part alone reaches 2s."""
+    dbname = fresh_database(pg)
+    mux = pgmux({"pool": {"size": 1}, "timeouts": {"query": "2s", "query_wait": "10s"}})
+    holder = await connect_asyncpg(mux, dbname)
+    waiter = await connect_asyncpg(mux, dbname)
+    try:
+        tx = await hold_transaction(holder)
+        start = time.monotonic()
+        query = asyncio.create_task(waiter.execute("SELECT pg_sleep(1.5)"))
+        await asyncio.sleep(1.2)
+        await tx.commit()  # the server goes to the waiter
+        with pytest.raises(asyncpg.QueryCanceledError) as info:
+            await asyncio.wait_for(query, 10)
+        assert info.value.sqlstate == "57014"
+        assert time.monotonic() - start < 2.6
+        assert await waiter.fetchval("SELECT 1") == 1  # cancelled, not disconnected
+    finally:
+        await close_quietly(holder, waiter)
