@@ -245,11 +245,6 @@ async def test_query_timeout_ends_client_waiting_for_a_server(
         await close_quietly(conn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="query_timeout restarts at the link to a server (janitor._check_query takes "
-    "server.linked_at): a query's wait is not counted once it gets a server",
-)
 async def test_query_timeout_counts_the_wait_for_a_server(
     pg: TempPostgres, pgmux: PgmuxFactory
 ) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import sqlstate
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import READY, ClientState
+from pgmux.proxy.datapath.replies import query_clock
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -183,9 +184,7 @@ class Janitor:
         if server is None:
             return  # still waiting for a server: query_wait covers that
         limits = pool.timeouts
-        # The oldest request still running began at its send, at the previous
-        # ReadyForQuery (pipelines) or when the server was linked, the latest.
-        started = max(client.query_started, client.query_mark, server.linked_at)
+        started = query_clock(client, server)
         if now - started < limits.query:
             return
         if client.query_cancelled != started:

@@ -368,12 +368,22 @@ class ResponseFilter:
         return replaced
 
 
+def query_clock(client: ClientConnection, server: ServerConnection) -> float:
+    """When the oldest request still running began, for query_timeout: at its
+    arrival, so the wait for a server counts (as PgBouncer's query_start), or
+    at the previous ReadyForQuery (pipelines, session mode)."""
+    mark = client.query_mark
+    if mark == server.linked_at:  # no ReadyForQuery yet: the request that got this server
+        return client.query_started or mark
+    return max(client.query_started, mark)
+
+
 def _timeout_cancel(body: bytes, client: ClientConnection, server: ServerConnection) -> bytes:
     """PostgreSQL answers the cancel query_timeout sent with "user request": the
     ErrorResponse that says the statement's real reason, or b"" for any other error."""
     if not client.query_cancelled or b"C57014\x00" not in body:
         return b""
-    if client.query_cancelled != max(client.query_started, client.query_mark, server.linked_at):
+    if client.query_cancelled != query_clock(client, server):
         return b""  # the cancelled query is over: this is another one's error
     body = body.replace(b"due to user request", b"due to query timeout")
     return b"E" + _PACK_LENGTH(len(body) + 4) + body
