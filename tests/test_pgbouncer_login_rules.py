@@ -8,6 +8,7 @@ waiting clients in PostgreSQL's own words (src/client.c, objects.c).
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import asyncpg
@@ -74,3 +75,30 @@ async def test_refused_server_login_reaches_clients_in_postgresql_words(
         logfile(mux), r'closing because: database "no_such_database_here" does not exist'
     )
     assert re.search(r'server login failed: FATAL database "no_such_database_here"', text)
+
+
+async def test_server_lifetime_zero_uses_each_server_once(ini_pgmux: IniStarter) -> None:
+    """PgBouncer's server_lifetime = 0: a server serves one client, then is
+    closed; so each new client gets a new backend and the next two socket ids
+    (the client's, then its server's), as PgBouncer numbers them."""
+    mux = ini_pgmux.start("pool_mode = session\nserver_lifetime = 0\nadmin_users = admin\n")
+    admin = await asyncpg.connect(url(mux, "pgbouncer", "admin", "admin-secret"))
+    try:
+        config = await admin.fetch("SHOW CONFIG")
+        lifetime = [row["value"] for row in config if row["key"] == "server_lifetime"]
+        assert lifetime == ["0"], lifetime
+        pids, ids = [], []
+        for _ in range(3):
+            conn = await asyncpg.connect(url(mux, "appdb"))
+            try:
+                pids.append(await conn.fetchval("SELECT pg_backend_pid()"))
+                rows = await admin.fetch("SHOW SOCKETS")
+                ids.append(sorted(row["id"] for row in rows if row["database"] == "appdb"))
+            finally:
+                await conn.close()
+        assert len(set(pids)) == 3, pids  # a new backend each time
+        assert [b - a for a, b in ids] == [1, 1, 1], ids  # the client's id, then its server's
+        firsts = [pair[0] for pair in ids]
+        assert [b - a for a, b in itertools.pairwise(firsts)] == [2, 2], ids
+    finally:
+        await admin.close()

@@ -54,6 +54,20 @@ def seconds(text: str) -> float:
     return value
 
 
+# PgBouncer's server_lifetime = 0 uses each server once, then closes it; pgmux's
+# 0 turns the limit off, so the ini's 0 becomes the shortest lifetime there is.
+USED_ONCE = 1e-6
+
+
+def lifetime_seconds(text: str) -> float:
+    return seconds(text) or USED_ONCE
+
+
+def _show_lifetime(config: Config) -> str:
+    lifetime = config.timeouts.server_lifetime
+    return "0" if lifetime == USED_ONCE else _format(lifetime)
+
+
 def text_or_none(text: str) -> str | None:
     return text or None
 
@@ -268,7 +282,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server_check_delay", "30"),
     Setting("server_check_query", "<empty>"),
     Setting("server_fast_close", "0"),
-    Setting("server_lifetime", "3600", "timeouts.server_lifetime", seconds),
+    Setting(
+        "server_lifetime", "3600", "timeouts.server_lifetime", lifetime_seconds, _show_lifetime
+    ),
     Setting("server_idle_timeout", "600", "timeouts.server_idle", seconds),
     Setting("server_connect_timeout", "15", "timeouts.server_connect", seconds),
     Setting("server_login_retry", "15", "timeouts.server_login_retry", seconds),
@@ -393,7 +409,7 @@ DATABASE_PARAMETERS: Mapping[str, ConnKey] = {
     "reserve_pool_size": ConnKey("reserve_size", _decimal),
     "max_db_connections": ConnKey("max_db_connections", _decimal),
     "pool_mode": ConnKey("pool_mode", str.lower),
-    "server_lifetime": ConnKey("server_lifetime", lambda text: float(_decimal(text))),
+    "server_lifetime": ConnKey("server_lifetime", lambda text: float(_decimal(text)) or USED_ONCE),
     "query_wait_timeout": ConnKey("query_wait", _optional_seconds),
     "application_name": ConnKey("application_name"),
     "client_encoding": ConnKey(None, note=_SERVER_PARAMETER),

@@ -294,7 +294,11 @@ class Pool:
         if server.close_when_released or self.closed:
             return True
         lifetime = self.timeouts.server_lifetime
-        return bool(lifetime) and now - server.connected_at >= lifetime
+        # A server fresh from its login is not past its lifetime until it has
+        # served a client: a lifetime shorter than a login must not close every
+        # new server before its first use (PgBouncer's server_lifetime = 0).
+        used = server.linked_at > 0.0
+        return bool(lifetime) and used and now - server.connected_at >= lifetime
 
     def close_server(self, server: ServerConnection, reason: str) -> None:
         known = server in self.servers
