@@ -29,6 +29,7 @@ from pgmux.proxy.config.model import (
 from pgmux.proxy.config.peers import parse_peers
 from pgmux.proxy.config.schema import (
     DATABASE_KEYS,
+    ERROR_CODES,
     POOL_SECTION,
     SECTIONS,
     TOP_LEVEL,
@@ -37,7 +38,7 @@ from pgmux.proxy.config.schema import (
     mapping,
     reject_unknown,
 )
-from pgmux.proxy.config.values import names, optional_text
+from pgmux.proxy.config.values import names, one_of, optional_text
 
 
 def parse_config(
@@ -84,6 +85,7 @@ def _build(data: Any, path: str | None, env: Mapping[str, str], base_dir: str) -
             root.get("ignore_startup_parameters"), "ignore_startup_parameters"
         ),
         pidfile=optional_text(root.get("pidfile"), "pidfile"),
+        error_codes=one_of(*ERROR_CODES)(root.get("error_codes", "postgres"), "error_codes"),
         peers=parse_peers(root.get("peers")),
         **parts,
     )

@@ -264,6 +264,10 @@ class Config:
     users: Mapping[str, UserConfig] = field(default_factory=lambda: MappingProxyType({}))
     ignore_startup_parameters: tuple[str, ...] = ()
     pidfile: str | None = None
+    # The SQLSTATE of pgmux's own errors: "postgres", the code PostgreSQL uses
+    # for the same condition; "pgbouncer" (a pgbouncer.ini), 08P01 with
+    # PgBouncer's texts for console errors and transaction timeouts.
+    error_codes: str = "postgres"
 
     def database(self, name: str) -> DatabaseConfig | None:
         """The entry for NAME, else the "*" fallback renamed to NAME, else None.

@@ -156,8 +156,9 @@ SECTIONS: dict[str, Section] = {
 }
 TOP_LEVEL = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),
-    *("peers", "databases", "users", "ignore_startup_parameters", "pidfile"),
+    *("peers", "databases", "users", "ignore_startup_parameters", "pidfile", "error_codes"),
 )
+ERROR_CODES = ("postgres", "pgbouncer")
 _DATABASE_OWN: dict[str, Converter] = {
     "host": host_list,
     "port": port_list,

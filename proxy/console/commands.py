@@ -236,7 +236,11 @@ class Commands:
     async def cmd_kill_client(self, arg: str) -> Result:
         self._need_admin()
         if not arg.isdigit():
-            raise ConsoleError(sqlstate.INVALID_PARAMETER_VALUE, "invalid client id supplied")
+            raise ConsoleError(
+                sqlstate.INVALID_PARAMETER_VALUE,
+                "invalid client id supplied",
+                "invalid client pointer supplied",
+            )
         target = int(arg)
         for client in list(self.registry.clients):
             if client.id == target and client.console is None and client.pool is not None:

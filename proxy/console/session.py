@@ -145,7 +145,13 @@ class AdminSession:
             await self._extended(tag, body)
         except ConsoleError as exc:
             self._skip_to_sync = True
-            self.send(messages.error_response(exc.code, exc.message))
+            self.send(self._error(exc))
+
+    def _error(self, exc: ConsoleError) -> bytes:
+        """PgBouncer sends 08P01 for every console error (error_codes: pgbouncer)."""
+        if self.client.registry.config.error_codes == "pgbouncer":
+            return messages.error_response(sqlstate.PROTOCOL_VIOLATION, exc.pgbouncer_message)
+        return messages.error_response(exc.code, exc.message)
 
     def _terminate(self) -> None:
         transport = self.client.transport
@@ -163,7 +169,7 @@ class AdminSession:
             try:
                 result = await self.commands.execute(statement)
             except ConsoleError as exc:
-                out.append(messages.error_response(exc.code, exc.message))
+                out.append(self._error(exc))
                 break
             out.append(_encode_result(result, [], describe=True))
             if result.after is not None:
