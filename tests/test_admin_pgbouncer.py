@@ -16,7 +16,14 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from helpers import PgmuxFactory, close_quietly, connect_asyncpg, wait_until
+from helpers import (
+    PgmuxFactory,
+    close_quietly,
+    conftest_attr,
+    connect_asyncpg,
+    connect_psycopg,
+    wait_until,
+)
 from test_admin_console import STATS_USER, admin_psycopg, console_config, row_for, show
 
 pytestmark = pytest.mark.timeout(90)
@@ -314,3 +321,38 @@ async def test_a_set_value_lasts_until_reload_as_in_pgbouncer(pgmux: PgmuxFactor
         assert config_rows(await show(console, "CONFIG"))["default_pool_size"][0] == "4"
     finally:
         await close_quietly(console)
+
+
+@pytest.mark.parametrize("error_codes", ["postgres", "pgbouncer"])
+async def test_console_errors_carry_the_chosen_sqlstates(
+    pgmux: PgmuxFactory, request: pytest.FixtureRequest, error_codes: str
+) -> None:
+    """error_codes: pgbouncer (a pgbouncer.ini's) answers every console error
+    with PgBouncer's 08P01 and texts, but a failed RELOAD's F0000; postgres
+    keeps the SQLSTATE of what went wrong. The console's pool is listed under
+    the name its clients used, as PgBouncer lists "pgbouncer"."""
+    no_fallback = {"databases": {"*": conftest_attr(request.config, "REMOVE")}}
+    mux = pgmux({**console_config(), "error_codes": error_codes, **no_fallback})
+    conn = await connect_psycopg(mux, dbname="pgbouncer", user="admin", password="admin-secret")
+    try:
+        pools = await show(conn, "POOLS")
+        assert (pools[0]["database"], pools[0]["user"]) == ("pgbouncer", "pgbouncer"), pools
+        expected = {
+            "KILL nosuchdb": ("3D000", "no such database: nosuchdb"),
+            "KILL_CLIENT 999999": ("42704", "client not found"),
+            "KILL_CLIENT x": ("22023", "invalid client id supplied"),
+        }
+        for command, (code, text) in expected.items():
+            with pytest.raises(psycopg.Error) as caught:
+                await conn.execute(command)
+            if error_codes == "pgbouncer":
+                code = "08P01"
+                text = text.replace("client id", "client pointer")
+            assert caught.value.sqlstate == code, command
+            assert caught.value.diag.message_primary == text, command
+        mux.config_path.write_text("listen: [unbalanced\n")
+        with pytest.raises(psycopg.Error) as caught:
+            await conn.execute("RELOAD")
+        assert caught.value.sqlstate == "F0000"
+    finally:
+        await close_quietly(conn)

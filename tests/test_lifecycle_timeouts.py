@@ -321,3 +321,24 @@ async def test_transaction_timeout_ends_busy_transaction_and_cleans(
         await raw.close()
     await assert_clean(pg, dbname)
     assert "transaction_timeout" in mux.logs()
+
+
+@pytest.mark.parametrize(
+    ("timeout", "text"),
+    [("idle_transaction", "idle transaction timeout"), ("transaction", "transaction timeout")],
+)
+async def test_pgbouncer_error_codes_end_transactions_with_08p01(
+    pg: TempPostgres, pgmux: PgmuxFactory, timeout: str, text: str
+) -> None:
+    """error_codes: pgbouncer (a pgbouncer.ini's): the client is ended with
+    PgBouncer's FATAL 08P01 and text, which drivers raise as a connection error."""
+    dbname = fresh_database(pg)
+    mux = pgmux({"timeouts": {timeout: "1s"}, "pool": {"size": 1}, "error_codes": "pgbouncer"})
+    raw = await raw_login(mux, dbname)
+    try:
+        assert (await raw.query("BEGIN")).status == "T"
+        error = await expect_fatal(raw)
+        assert (error["C"], error["M"]) == ("08P01", text), error
+    finally:
+        await raw.close()
+    await assert_clean(pg, dbname)

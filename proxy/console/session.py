@@ -148,8 +148,10 @@ class AdminSession:
             self.send(self._error(exc))
 
     def _error(self, exc: ConsoleError) -> bytes:
-        """PgBouncer sends 08P01 for every console error (error_codes: pgbouncer)."""
-        if self.client.registry.config.error_codes == "pgbouncer":
+        """PgBouncer sends 08P01 for every console error but a failed RELOAD's
+        F0000 (error_codes: pgbouncer)."""
+        pgbouncer = self.client.registry.config.error_codes == "pgbouncer"
+        if pgbouncer and exc.code != sqlstate.CONFIG_FILE_ERROR:
             return messages.error_response(sqlstate.PROTOCOL_VIOLATION, exc.pgbouncer_message)
         return messages.error_response(exc.code, exc.message)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -150,9 +151,9 @@ def pool_counts(pool: Pool, now: float) -> dict[str, int]:
 
 def show_pools(registry: Registry, now: float) -> Result:
     rows: list[Sequence[Any]] = []
-    console_count = len(consoles(registry))
-    if console_count:
-        rows.append((CONSOLE_DB, CONSOLE_DB, console_count, *([0] * 12), "statement", None))
+    # The console's pool, as PgBouncer's admin pool: under the name its clients used.
+    for name, count in sorted(Counter(c.dbname for c in consoles(registry)).items()):
+        rows.append((name, name, count, *([0] * 12), "statement", None))
     for pool in registry.pools.values():
         c = pool_counts(pool, now)
         wait_us = c["maxwait_us_total"]
