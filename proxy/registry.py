@@ -288,6 +288,11 @@ class Registry:
             self.control.config = config
         for pool, database, settings, timeouts in pools:
             pool.apply_settings(database, settings, timeouts)
+            # As PgBouncer's: a new statement cap applies to connected clients at
+            # their next statement (0: names pass through from then on).
+            for client in pool.clients:
+                if client.translator is not None:
+                    client.translator.limit = settings.max_prepared_statements
 
     # --- clients ----------------------------------------------------------
 

@@ -421,3 +421,40 @@ async def test_show_stats_counts_prepared_statements(pgmux: PgmuxFactory) -> Non
         await a.close()
         await b.close()
         await console.close()
+
+
+async def test_console_set_of_the_cap_reaches_connected_clients(pgmux: PgmuxFactory) -> None:
+    """SET max_prepared_statements on the console applies to a client already
+    connected, at its next statement, as in PgBouncer: a smaller cap evicts at
+    the next Sync past it, a larger one keeps more, 0 passes names through
+    (the client's own name is unknown to PostgreSQL) without closing anything."""
+    mux = pgmux({"pool": {"size": 1}, "admin": {"users": ["admin"]}})
+    admin = await connect_psycopg(mux, dbname="pgmux", user="admin", password="admin-secret")
+    conn = await connect_psycopg(mux, prepare_threshold=5)  # psycopg's default
+
+    async def count() -> int:
+        cur = await conn.execute("SELECT count(*) FROM pg_prepared_statements")
+        return (await cur.fetchone())[0]
+
+    async def prepare(numbers: range) -> None:
+        for i in numbers:
+            cur = await conn.execute(f"SELECT '{i}'".encode(), prepare=True)
+            assert (await cur.fetchone())[0] == str(i)
+
+    try:
+        await admin.execute("SET max_prepared_statements = 1")
+        await prepare(range(5))
+        assert await count() == 1
+        await admin.execute("SET max_prepared_statements = 5")
+        await prepare(range(5, 10))
+        assert await count() == 5
+        await admin.execute("SET max_prepared_statements = 2")
+        assert await count() == 5  # evicted only when a statement is added
+        await prepare(range(10, 11))
+        assert await count() == 2
+        await admin.execute("SET max_prepared_statements = 0")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            await conn.execute(b"SELECT '10'", prepare=True)
+        assert await count() == 2
+    finally:
+        await close_quietly(conn, admin)
