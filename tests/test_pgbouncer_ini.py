@@ -318,7 +318,7 @@ def test_unsupported_settings_are_collected_by_name(tmp_path: Path) -> None:
     loaded = read(
         tmp_path,
         MAIN
-        + """so_reuseport = 1
+        + """server_round_robin = 1
 syslog = 0
 server_reset_query = DISCARD ALL
 server_check_query = select 1
@@ -334,23 +334,23 @@ bob = transaction_timeout=5
     # log_connections is honoured (logging.connections), so not reported either;
     # neither is a per-user transaction_timeout (timeouts.transaction).
     assert names == [
-        "so_reuseport",
+        "server_round_robin",
         "server_check_query",
         "[databases] appdb: connect_query",
         "[databases] appdb: timezone",
     ]
     warning = unsupported_warning(loaded.unsupported)
-    assert warning is not None and "so_reuseport" in warning
+    assert warning is not None and "server_round_robin" in warning
 
 
 def test_check_warns_and_strict_rejects(tmp_path: Path) -> None:
-    write(tmp_path / "p.ini", MAIN + "so_reuseport = 1\n")
+    write(tmp_path / "p.ini", MAIN + "server_round_robin = 1\n")
     checked = pgmux_cli("--check", "-c", "p.ini", cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert "warning" in checked.stderr and "so_reuseport" in checked.stderr
+    assert "warning" in checked.stderr and "server_round_robin" in checked.stderr
     strict = pgmux_cli("--check", "--strict", "-c", "p.ini", cwd=tmp_path)
     assert strict.returncode == 1
-    assert "so_reuseport" in strict.stderr
+    assert "server_round_robin" in strict.stderr
     write(tmp_path / "clean.ini", MAIN)
     assert pgmux_cli("--check", "--strict", "-c", "clean.ini", cwd=tmp_path).returncode == 0
 
@@ -398,7 +398,7 @@ query_wait_timeout = 90
 auth_type = scram-sha-256
 auth_file = users.txt
 admin_users = admin
-so_reuseport = 1
+server_round_robin = 1
 """
 
 
@@ -406,7 +406,7 @@ def test_convert_yields_the_same_configuration(tmp_path: Path) -> None:
     ini = write(tmp_path / "pgbouncer.ini", RICH_INI)
     text, _ = convert_file(str(ini))
     assert "# [default_pool_size]" in text
-    assert "so_reuseport" in text  # named in the "not converted" comment
+    assert "server_round_robin" in text  # named in the "not converted" comment
     assert "approximated: min_pool_size 9 capped at 5" in text
     yaml.safe_load(text)  # plain YAML
     converted = write(tmp_path / "pgmux.yaml", text)
@@ -424,7 +424,7 @@ def test_convert_command(tmp_path: Path) -> None:
     write(tmp_path / "users.txt", '"admin" "secret"\n')
     result = pgmux_cli("convert", "pgbouncer.ini", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "so_reuseport" in result.stderr
+    assert "server_round_robin" in result.stderr
     write(tmp_path / "out.yaml", result.stdout)
     checked = pgmux_cli("--check", "-c", "out.yaml", cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
@@ -450,7 +450,7 @@ def test_pgbouncer_settings_show_effective_values_under_pgbouncer_names(
     assert rows["auth_type"][0] == "scram-sha-256"
     assert rows["admin_users"][0] == "admin"
     assert rows["max_client_conn"] == ("100", "100", "yes")
-    assert "so_reuseport" not in rows  # not supported, so not shown
+    assert "server_round_robin" not in rows  # not supported, so not shown
     # Works for a YAML config as well: pgmux's values under PgBouncer's names.
     yaml_loaded = read_config(write(tmp_path / "x.yaml", "pool:\n  size: 3\n"))
     assert yaml_loaded.unsupported == ()  # only an ini has settings pgmux ignores

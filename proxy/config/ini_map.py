@@ -350,7 +350,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_packet_size", "2147483647", "limits.max_packet_size", c_int),
     Setting("listen_backlog", "128", "listen.backlog", c_int),
     Setting("sbuf_loopcnt", "5", note="pgmux sizes its buffers itself"),
-    Setting("so_reuseport", "0", note="use listen.workers"),
+    Setting("so_reuseport", "0", "listen.reuse_port", boolean),
     Setting("tcp_defer_accept", "1"),
     Setting("tcp_socket_buffer", ""),
     Setting("tcp_keepalive", "1"),

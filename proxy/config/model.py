@@ -33,6 +33,9 @@ class ListenConfig:
     max_client_conn: int = 2000
     workers: int = 1
     backlog: int = 1024
+    # SO_REUSEPORT on the TCP sockets: several pgmux (or PgBouncer) processes
+    # on one port, e.g. a peer group on one machine (PgBouncer's so_reuseport).
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)

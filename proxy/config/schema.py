@@ -78,6 +78,7 @@ LISTEN: dict[str, Converter] = {
     "max_client_conn": positive,
     "workers": workers,
     "backlog": positive,
+    "reuse_port": boolean,
 }
 POOL: dict[str, Converter] = {
     "mode": one_of(*POOL_MODES),

@@ -55,7 +55,12 @@ class Listener:
         for address in listen.addresses:
             host = None if address == "*" else address
             server = await loop.create_server(
-                factory, host, listen.port, reuse_address=True, backlog=listen.backlog
+                factory,
+                host,
+                listen.port,
+                reuse_address=True,
+                reuse_port=listen.reuse_port or None,
+                backlog=listen.backlog,
             )
             self.servers.append(server)
         if listen.unix_socket_dir:
