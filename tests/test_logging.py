@@ -385,8 +385,11 @@ async def test_server_login_failures(ini_pgmux: IniStarter, pg: TempPostgres) ->
         re.M,
     ), text
     assert re.search(
-        rf" LOG S-{PTR}: nosuchdb/app@[^ ]+ closing because: login failed \(age=\d+s\)$", text, re.M
-    )
+        rf" LOG S-{PTR}: nosuchdb/app@[^ ]+ closing because: "
+        r'database "no_such_database_here" does not exist \(age=\d+s\)$',
+        text,
+        re.M,
+    ), text  # PostgreSQL's words, as PgBouncer closes the server
     assert re.search(
         rf" LOG S-{PTR}: deaddb/app@127\.0\.0\.1:{dead} "
         r"closing because: connect failed \(age=\d+s\)$",

@@ -160,7 +160,7 @@ def _server_login_failed(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     if "severity" in f:  # PostgreSQL said why
         message = _SQLSTATE.sub("", error)
         out = [(logging.WARNING, f"server login failed: {f['severity']} {message}")]
-        reason = "login failed"
+        reason = message  # PgBouncer closes the server with PostgreSQL's words
     elif "timeout" in error:
         out, reason = [], "connect timeout"
     else:  # PgBouncer's words in the closing line, the socket's error before it
