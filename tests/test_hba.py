@@ -66,6 +66,10 @@ def test_databases_and_users() -> None:
     # A quoted keyword is just a name.
     assert method('host "all" all all md5\n', tcp("appdb")) is None
     assert method('host "all" all all md5\n', tcp("all")) == "md5"
+    # Spaces around a comma keep the list going, as PgBouncer reads it.
+    spaced = "host tmp1,all user1,user2 , user3 all md5\n"
+    assert method(spaced, tcp("appdb", "user3")) == "md5"
+    assert method(spaced, tcp("appdb", "user4")) is None
 
 
 def test_addresses() -> None:

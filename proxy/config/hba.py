@@ -278,7 +278,9 @@ def _fields(line: str, path: str | None, number: int) -> list[list[Token]]:
             raise ConfigError(path, "", "unterminated quoted string", line=number)
         if comma is not None:
             if not current:
-                raise ConfigError(path, "", "empty item in a comma-separated list", line=number)
+                if not fields:
+                    raise ConfigError(path, "", "empty item in a comma-separated list", line=number)
+                current = fields.pop()  # "a , b": the space did not end the list (PgBouncer)
             after_comma = True
         elif space is not None:
             if current and not after_comma:
