@@ -97,6 +97,8 @@ OpenConsole = Callable[[ClientConnection, bytes, bool], None]
 # (PgBouncer's admin_pre_login: "pgbouncer"; pgmux's own name too).
 OWN_USER_NAMES = frozenset({"pgbouncer", "pgmux"})
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+NO_SUCH_USER = "no such user"  # PgBouncer's words when auth_query finds nobody
+_AUTH_LIMIT = "the authentication limit"  # MAX_AUTH_MESSAGE, named in its error
 
 
 def new_client(registry: Registry, open_console: OpenConsole) -> ClientConnection:
@@ -229,7 +231,7 @@ class ClientLogin:
         self._reader = (
             MessageReader(packet)
             if packet <= MAX_AUTH_MESSAGE
-            else MessageReader(MAX_AUTH_MESSAGE, "the authentication limit")
+            else MessageReader(MAX_AUTH_MESSAGE, _AUTH_LIMIT)
         )
         secret = self.registry.auth.users.get(client.user)
         lookup = None
@@ -241,7 +243,7 @@ class ClientLogin:
             client.transport.pause_reading()  # nothing to read until we ask
             spawn(self._auth_query(method, lookup))
             return
-        self._start_auth(method, secret, from_auth_query=False)
+        self._start_auth(method, secret, from_auth_query=False, known=secret is not None)
 
     # --- TLS and hba ----------------------------------------------------------
 
@@ -382,9 +384,13 @@ class ClientLogin:
         message = f"no such database: {self.client.dbname}"
         return ProtocolError(message, sqlstate.INVALID_CATALOG_NAME)
 
-    def _start_auth(self, method: str, secret: str | None, *, from_auth_query: bool) -> None:
+    def _start_auth(
+        self, method: str, secret: str | None, *, from_auth_query: bool, known: bool
+    ) -> None:
+        """KNOWN: the users file or auth_query has the user (its SECRET may be None:
+        auth_query's NULL password, which trust lets in and no password matches)."""
         client = self.client
-        if method == "trust" and secret is None and self._trust_needs_user():
+        if method == "trust" and not known and self._trust_needs_user():
             raise ProtocolError('"trust" authentication failed', sqlstate.INVALID_AUTHORIZATION)
         self._auth = ClientAuth(
             method,
@@ -412,15 +418,19 @@ class ClientLogin:
         client = self.client
         self._lookup = lookup
         try:
-            secret = await self.registry.auth_query.secret(lookup, client.user)
+            found = await self.registry.auth_query.secret(lookup, client.user)
         except ProtocolError as exc:
             if not self._gone:
                 self._failed(exc)
             return
         if self._gone:
             return  # gone meanwhile (client_login timeout, disconnect)
+        secret = found.secret if found is not None else None
         try:
-            self._start_auth(method, secret, from_auth_query=secret is not None)
+            if found is None and self._told_no_such_user(lookup):
+                raise ProtocolError(NO_SUCH_USER, sqlstate.INVALID_AUTHORIZATION)
+            known = found is not None
+            self._start_auth(method, secret, from_auth_query=secret is not None, known=known)
             if not self._gone:
                 self._auth_received(b"")
         except ProtocolError as exc:
@@ -429,11 +439,20 @@ class ClientLogin:
         if client.transport is not None and not client.transport.is_closing():
             client.transport.resume_reading()
 
+    def _told_no_such_user(self, lookup: Lookup) -> bool:
+        """PgBouncer tells a client that auth_query found nobody for "no such
+        user" before any password (the TODO in its handle_auth_query_response);
+        the auth_user itself is never looked up, so it is not told that."""
+        return self.config.auth.pgbouncer_rules and self.client.user != lookup.user
+
     def _auth_received(self, data: bytes) -> None:
         assert self._reader is not None and self._auth is not None
         self._reader.feed(data)
         while not self._gone:
-            message = self._reader.next_message()
+            try:
+                message = self._reader.next_message()
+            except ProtocolError as exc:
+                raise self._oversized(exc) from None
             if message is None:
                 return
             kind, body = message
@@ -445,15 +464,32 @@ class ClientLogin:
             try:
                 reply, finished = self._auth.handle(body)
             except AuthError:
-                client = self.client
-                if self._auth.from_auth_query and self._lookup is not None:
-                    # Maybe the password changed: ask again next time.
-                    self.registry.auth_query.forget(self._lookup, client.user)
+                self._forget_answer()
                 raise
             if reply is not None:
                 self.client.send(reply)
             if finished:
                 self._authenticated()
+
+    def _oversized(self, exc: ProtocolError) -> ProtocolError:
+        """Under PgBouncer's rules a password message over the authentication
+        limit is a failed password: PgBouncer keeps no password that long
+        (MAX_PASSWORD, 65531 bytes), so it could never match. pgmux still
+        refuses it at its header, never buffering it."""
+        assert self._reader is not None and self._auth is not None
+        over_limit = exc.sqlstate == sqlstate.PROGRAM_LIMIT_EXCEEDED
+        if not (over_limit and self._reader.limit_name == _AUTH_LIMIT):
+            return exc
+        if not self.config.auth.pgbouncer_rules:
+            return exc
+        self._forget_answer()
+        return self._auth.failure()
+
+    def _forget_answer(self) -> None:
+        """A login with auth_query's answer failed: maybe the password changed
+        (or an expired one was renewed), so ask again next time."""
+        if self._lookup is not None:
+            self.registry.auth_query.forget(self._lookup, self.client.user)
 
     def _take_client_slot(self) -> None:
         """max_db_client_connections / max_user_client_connections (PgBouncer

@@ -169,3 +169,16 @@ async def test_users_file_wins_over_auth_query(
     finally:
         await close_quietly(conn)
     assert await login_and_query(mux, "asyncpg", "aq_scram", "scram-pass") == "aq_scram"
+
+
+async def test_refused_query_user_login_is_logged_as_a_server_login(
+    pgmux: PgmuxFactory, lookup_pg: TempPostgres
+) -> None:
+    """PostgreSQL refusing the query user's login is a failed server login, logged
+    with PostgreSQL's severity and SQLSTATE (PgBouncer's "server login failed")."""
+    mux = pgmux(config(lookup_pg, query_password="wrong-password"))
+    await assert_password_failure(mux, "asyncpg", "aq_scram", "scram-pass")
+    lines = [line for line in mux.logs().splitlines() if "server_connect_failed" in line]
+    assert lines, mux.logs()
+    assert "auth_query" in lines[0] and "FATAL" in lines[0] and "28P01" in lines[0], lines
+    assert "wrong-password" not in mux.logs()

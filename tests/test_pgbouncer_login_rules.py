@@ -102,3 +102,99 @@ async def test_server_lifetime_zero_uses_each_server_once(ini_pgmux: IniStarter)
         assert [b - a for a, b in itertools.pairwise(firsts)] == [2, 2], ids
     finally:
         await admin.close()
+
+
+# -- auth_query under PgBouncer's rules ---------------------------------------------
+
+AUTH_USER, AUTH_PASSWORD = "lr_auth", "lr-auth-secret"  # a superuser: the default query
+
+
+@pytest.fixture
+def auth_pg(pg: TempPostgres) -> TempPostgres:
+    """Roles for PgBouncer's default auth_query (pg_authid): a user without a
+    password and one whose password expired (both give NULL), and a known one."""
+    pg.create_role(AUTH_USER, AUTH_PASSWORD, superuser=True)
+    pg.create_role("lr_known", "lr-known-pass")
+    pg.sql("DROP ROLE IF EXISTS lr_nopass; CREATE ROLE lr_nopass LOGIN")
+    pg.create_role("lr_expired", "lr-expired-pass")
+    pg.sql("ALTER ROLE lr_expired VALID UNTIL '1999-01-01'")
+    return pg
+
+
+def start_with_auth_user(
+    ini_pgmux: IniStarter, auth_type: str = "md5", databases: str = ""
+) -> object:
+    settings = f"auth_type = {auth_type}\nauth_user = {AUTH_USER}\n"
+    return ini_pgmux.start(settings, databases=databases, users={AUTH_USER: AUTH_PASSWORD})
+
+
+async def logs_in_as(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn, timeout=20)
+    try:
+        return str(await conn.fetchval("SELECT current_user"))
+    finally:
+        await conn.close()
+
+
+async def test_auth_query_finding_nobody_is_no_such_user(
+    ini_pgmux: IniStarter, auth_pg: TempPostgres
+) -> None:
+    """PgBouncer tells a client auth_query found no row for "no such user", before
+    any password; a NULL password (expired) is an ordinary failed password."""
+    mux = start_with_auth_user(ini_pgmux)
+    error = await login_error(url(mux, "appdb", user="lr_nobody", password="whatever"))
+    assert error.sqlstate == "28000" and str(error) == "no such user", error
+    await wait_for_log(logfile(mux), r"closing because: no such user \(age=")
+    expired = await login_error(url(mux, "appdb", user="lr_expired", password="lr-expired-pass"))
+    assert expired.sqlstate == "28P01", expired
+    assert await logs_in_as(url(mux, "appdb", "lr_known", "lr-known-pass")) == "lr_known"
+    # Renewing the expired password is seen at once: the failed login dropped the answer.
+    auth_pg.sql("ALTER ROLE lr_expired VALID UNTIL 'infinity'")
+    dsn = url(mux, "appdb", user="lr_expired", password="lr-expired-pass")
+    assert await logs_in_as(dsn) == "lr_expired"
+
+
+async def test_trust_lets_in_a_user_found_with_a_null_password(
+    ini_pgmux: IniStarter, auth_pg: TempPostgres
+) -> None:
+    """auth_query's row with a NULL password is a known user: trust lets it in
+    (PgBouncer's "md5" placeholder password), while nobody found is refused."""
+    forced = f"forced = host={auth_pg.host} port={auth_pg.port} dbname=appdb user=app\n"
+    mux = start_with_auth_user(ini_pgmux, "trust", databases=forced)
+    assert await logs_in_as(url(mux, "forced", user="lr_nopass", password="x")) == "app"
+    error = await login_error(url(mux, "forced", user="lr_nobody", password="x"))
+    assert error.sqlstate == "28000" and str(error) == "no such user", error
+
+
+async def test_refused_auth_query_login_is_logged_as_a_server_login(
+    ini_pgmux: IniStarter, auth_pg: TempPostgres
+) -> None:
+    """An automatic database PostgreSQL does not have: the auth_user's login is
+    refused, logged as PgBouncer logs a failed server login."""
+    auto = f"* = host={auth_pg.host} port={auth_pg.port}\n"
+    mux = start_with_auth_user(ini_pgmux, databases=auto)
+    error = await login_error(url(mux, "lr_nosuchdb", user="lr_nobody"))
+    assert str(error) == 'database "lr_nosuchdb" does not exist', error
+    text = await wait_for_log(
+        logfile(mux), r'closing because: database "lr_nosuchdb" does not exist'
+    )
+    assert re.search(r'server login failed: FATAL database "lr_nosuchdb" does not exist', text)
+
+
+LONGEST_PASSWORD = "a" * 65530  # PgBouncer's MAX_PASSWORD - 1, and the authentication limit
+
+
+async def test_oversized_password_is_a_failed_password(ini_pgmux: IniStarter) -> None:
+    """A password longer than the authentication limit could never match (PgBouncer
+    keeps none that long): a failed password, refused without reading it."""
+    forced = "longdb = host={h} port={p} dbname=appdb user=app\n"
+    pg = ini_pgmux.pg
+    mux = ini_pgmux.start(
+        "auth_type = plain\n",
+        databases=forced.format(h=pg.host, p=pg.port),
+        users={"longpass": LONGEST_PASSWORD},
+    )
+    assert await logs_in_as(url(mux, "longdb", "longpass", LONGEST_PASSWORD)) == "app"
+    error = await login_error(url(mux, "longdb", "longpass", "X" + LONGEST_PASSWORD))
+    assert error.sqlstate == "28P01", error
+    assert str(error) == 'password authentication failed for user "longpass"', error

@@ -162,6 +162,12 @@ class ClientAuth:
         if not ok:
             raise self._failed()
 
+    def failure(self) -> AuthError:
+        """How this exchange fails, for a password refused before it was read."""
+        if self.method in ("password", "md5"):
+            return self._failed()
+        return self._scram_failed()
+
     def _scram_failed(self) -> AuthError:
         if self.state.config.auth.pgbouncer_rules:
             return AuthError("SASL authentication failed", "28P01")  # PgBouncer's words

@@ -3,7 +3,10 @@
 PgBouncer's auth_query. `auth.query` (e.g. `SELECT usename, passwd FROM
 pg_shadow WHERE usename = $1`) runs as `auth.query_user` in the database the
 client asked for, through asyncpg; the second column of the first row is the
-user's secret (plain, md5 hash or SCRAM secret). Answers are cached for
+user's secret (plain, md5 hash or SCRAM secret). A row whose secret is NULL
+(PgBouncer's default query gives one for an expired password) is a user that
+exists but whose password never matches; no row at all is no such user.
+Answers are cached for
 `auth.query_cache_ttl` so a burst of logins costs one query, and concurrent
 logins of one user share a single lookup.
 
@@ -16,8 +19,9 @@ is logged and treated as "no such user": the client gets the ordinary
 password failure (28P01), never a crash and never the reason. Under
 PgBouncer's rules (`auth.pgbouncer_rules`) the client hears what PgBouncer
 says instead: PostgreSQL's refusal of the auth_user's login in its own words,
-"bouncer config error" for a query PostgreSQL rejects. The query user
-itself is never looked up, so it cannot log in through its own query.
+"bouncer config error" for a query PostgreSQL rejects; PostgreSQL refusing
+the auth_user's login is also logged as the server login that failed. The
+query user itself is never looked up, so it cannot log in through its own query.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ class Lookup(NamedTuple):
         return self.host, self.port, self.dbname, self.user
 
 
+class Found(NamedTuple):
+    """auth_query found the user: its secret, None when the query gave NULL
+    (no password matches it, but the user exists: trust lets it in)."""
+
+    secret: str | None
+
+
 class _ConnectRefused(Exception):
     """PostgreSQL refused the auth_user's login (its ErrorResponse as cause)."""
 
@@ -66,14 +77,15 @@ class AuthQuery:
 
     def __init__(self, state: AuthState) -> None:
         self.state = state  # config (auth.*, timeouts), the users file, TLS to PostgreSQL
-        self._cache: OrderedDict[tuple[Lookup, str], tuple[float, str | None]] = OrderedDict()
-        self._inflight: dict[tuple[Lookup, str], asyncio.Future[str | None]] = {}
+        self._cache: OrderedDict[tuple[Lookup, str], tuple[float, Found | None]] = OrderedDict()
+        self._inflight: dict[tuple[Lookup, str], asyncio.Future[Found | None]] = {}
         self._conns: OrderedDict[tuple[str, int, str, str], asyncpg.Connection] = OrderedDict()
         self._locks: dict[tuple[str, int, str, str], asyncio.Lock] = {}
 
-    async def secret(self, target: Lookup, user: str) -> str | None:
-        """The user's secret, or None when unknown or when the lookup failed
-        (a ProtocolError for the client under PgBouncer's rules)."""
+    async def secret(self, target: Lookup, user: str) -> Found | None:
+        """What the query found for USER; None when it found no row, when USER
+        is the query user, or when the lookup failed (a ProtocolError for the
+        client under PgBouncer's rules)."""
         if user == target.user:
             return None
         key = (target, user)
@@ -89,11 +101,13 @@ class AuthQuery:
 
     async def _lookup_and_remember(
         self, key: tuple[Lookup, str], target: Lookup, user: str
-    ) -> str | None:
+    ) -> Found | None:
         try:
             result = await self._lookup(target, user)
         except Exception as exc:  # any failure is "no such user" for the client
             cause = exc.__cause__ if isinstance(exc, _ConnectRefused) else exc
+            if isinstance(exc, _ConnectRefused):
+                _log_refused_login(target, cause)
             log.warning("auth_query_failed", db=target.dbname, user=user, error=_describe(cause))
             if self.state.config.auth.pgbouncer_rules:
                 _raise_as_pgbouncer(exc)
@@ -112,7 +126,7 @@ class AuthQuery:
 
     # --- internals ------------------------------------------------------------
 
-    def _remember(self, key: tuple[Lookup, str], secret: str | None) -> None:
+    def _remember(self, key: tuple[Lookup, str], secret: Found | None) -> None:
         ttl = self.state.config.auth.query_cache_ttl
         if not ttl:
             return
@@ -121,7 +135,7 @@ class AuthQuery:
         while len(self._cache) > MAX_CACHED:
             self._cache.popitem(last=False)
 
-    async def _lookup(self, target: Lookup, user: str) -> str | None:
+    async def _lookup(self, target: Lookup, user: str) -> Found | None:
         lock = self._locks.setdefault(target.server, asyncio.Lock())
         timeout = self.state.config.timeouts.server_connect or None
         async with lock:  # one asyncpg connection runs one query at a time
@@ -134,9 +148,9 @@ class AuthQuery:
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError):
                 self._drop(target.server)
                 raise
-        if row is None or len(row) < 2 or row[1] is None:
+        if row is None or len(row) < 2:
             return None
-        return str(row[1])
+        return Found(None if row[1] is None else str(row[1]))
 
     async def _connection(self, target: Lookup, timeout: float | None) -> asyncpg.Connection:
         server = target.server
@@ -183,6 +197,22 @@ class AuthQuery:
         if tls.required:
             return tls.context
         return "prefer"
+
+
+def _log_refused_login(target: Lookup, cause: BaseException | None) -> None:
+    """PostgreSQL refused the auth_user's login: the same event as a pool's
+    refused server login (PgBouncer runs auth_query on a pool's server)."""
+    if not isinstance(cause, asyncpg.PostgresError):
+        return
+    severity = getattr(cause, "severity", None) or "FATAL"
+    log.warning(
+        "server_connect_failed",
+        db=target.dbname,
+        user=target.user,
+        error=_describe(cause),
+        severity=severity,
+        purpose="auth_query",
+    )
 
 
 def _raise_as_pgbouncer(exc: Exception) -> None:
