@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = get_logger("pgmux.registry")
 
+# Why servers close when the tls.server settings change (PgBouncer: obsolete connection).
+TLS_CHANGED = "tls.server changed"
+
 
 class Registry:
     """The pools by (database, user) and the clients, with the parts they share."""
@@ -339,7 +342,14 @@ class Registry:
 
     @tls.setter
     def tls(self, tls: TlsContexts) -> None:
+        """New contexts (reload, SET). Changed tls.server settings replace every
+        server, as in PgBouncer: idle ones close now, the others when released,
+        so no connection keeps older, maybe weaker, TLS settings."""
+        changed = not self.auth.tls.server.same_settings(tls.server)
         self.auth.tls = tls
+        if changed:
+            for pool in self.pools.values():
+                pool.replace_servers(TLS_CHANGED)
 
     @property
     def hba(self) -> Hba | None:

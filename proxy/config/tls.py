@@ -17,6 +17,7 @@ reload, so replaced certificate files take effect for new connections.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -65,10 +66,20 @@ class ServerTls:
 
     mode: str = "disable"
     context: ssl.SSLContext | None = None
+    # The settings the context was built from: a reload or SET that changes
+    # them replaces the servers (PgBouncer's tls_change_requires_reconnect).
+    source: TlsSideConfig | None = None
 
     @property
     def required(self) -> bool:
         return self.mode in REQUIRED_MODES
+
+    def same_settings(self, other: ServerTls) -> bool:
+        """OTHER was built from the same tls.server settings as this one
+        (TLS off on both sides counts as the same, whatever else differs)."""
+        if self.mode == other.mode == "disable":
+            return True
+        return self.mode == other.mode and self.source == other.source
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +88,17 @@ class TlsContexts:
     server: ServerTls = ServerTls()
 
 
+class TlsSetupError(ConfigError):
+    """The TLS contexts could not be built from the files the settings name
+    (PgBouncer's "TLS setup failed"); the running ones stay."""
+
+
 def load_tls(config: TlsConfig, path: str | None = None) -> TlsContexts:
-    """Both sides' contexts; ConfigError names the key and the problem."""
+    """Both sides' contexts; TlsSetupError names the key and the problem."""
     try:
         return TlsContexts(client=_client_tls(config.client), server=_server_tls(config.server))
     except ConfigError as exc:
-        exc.path = exc.path or path
-        raise
+        raise TlsSetupError(exc.path or path, exc.key, exc.message, line=exc.line) from None
 
 
 def _context(protocol: ssl._SSLMethod, side: TlsSideConfig, key: str) -> ssl.SSLContext:
@@ -116,7 +131,7 @@ def _client_tls(side: TlsSideConfig) -> ClientTls:
 
 def _server_tls(side: TlsSideConfig) -> ServerTls:
     if side.mode == "disable":
-        return ServerTls()
+        return ServerTls(source=side)
     key = "tls.server"
     context = _context(ssl.PROTOCOL_TLS_CLIENT, side, key)
     verify = side.mode.startswith("verify-")
@@ -126,9 +141,11 @@ def _server_tls(side: TlsSideConfig) -> ServerTls:
         _verify_locations(context, side.ca, f"{key}.ca")
     elif verify:
         context.load_default_certs()
-    if side.cert is not None or side.key is not None:
+    if side.cert is not None and side.key is not None:
         _cert_chain(context, side, key)  # a client certificate for PostgreSQL
-    return ServerTls(side.mode, context)
+    # One of the two alone sends no certificate, as in PgBouncer: SET sets
+    # them one at a time.
+    return ServerTls(side.mode, context, side)
 
 
 def _cert_chain(context: ssl.SSLContext, side: TlsSideConfig, key: str) -> None:
@@ -137,8 +154,12 @@ def _cert_chain(context: ssl.SSLContext, side: TlsSideConfig, key: str) -> None:
         raise ConfigError(None, f"{key}.{missing}", "cert and key go together")
     try:
         context.load_cert_chain(side.cert, side.key)
-    except FileNotFoundError as exc:
-        raise ConfigError(None, f"{key}.cert", f"cannot read {exc.filename}") from None
+    except FileNotFoundError:
+        # OpenSSL does not say which of the two is missing
+        missing = side.cert if not os.path.exists(side.cert) else side.key
+        name = "cert" if missing == side.cert else "key"
+        message = f"cannot read {missing}: No such file or directory"
+        raise ConfigError(None, f"{key}.{name}", message) from None
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
         message = f"cannot load the certificate and key ({reason})"
