@@ -10,19 +10,24 @@ server without TLS when the mode requires it.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 from helpers import (
     APP_PASSWORD,
+    Endpoint,
+    Mux,
     PgmuxFactory,
     RawClient,
     close_quietly,
@@ -32,7 +37,14 @@ from helpers import (
     startup_packet,
 )
 
-from pgmux.proxy.config.tls import signature_oid, tls_server_end_point
+from pgmux.proxy.base import pgblog
+from pgmux.proxy.config.model import TlsConfig, TlsSideConfig
+from pgmux.proxy.config.tls import (
+    TlsSetupError,
+    load_tls,
+    signature_oid,
+    tls_server_end_point,
+)
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
@@ -356,10 +368,12 @@ async def test_server_side_require_refuses_plain_server(pgmux: PgmuxFactory) -> 
 async def test_server_side_verify_full_with_wrong_ca(
     pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
 ) -> None:
+    """The client waits (query_wait) and then hears why no server came."""
     mux = pgmux(
         {
             "tls": {"server": {"mode": "verify-full", "ca": str(certs / "ca2.pem")}},
             "databases": {"*": {"host": ssl_pg.host, "port": ssl_pg.port}},
+            "timeouts": {"query_wait": "2s"},
         }
     )
     with pytest.raises(asyncpg.PostgresError) as info:
@@ -369,3 +383,124 @@ async def test_server_side_verify_full_with_wrong_ca(
         finally:
             await close_quietly(conn)
     assert "certificate verify failed" in str(info.value)
+
+
+# -- server side: what a change of tls.server does ------------------------------
+
+ADMIN = ("admin", "admin-secret")
+BACKEND = "SELECT pid, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+def ssl_pg_config(ssl_pg: TempPostgres, certs: Path, **server: str) -> dict:
+    return {
+        "tls": {"server": {"mode": "require", "ca": str(certs / "ca.pem"), **server}},
+        "databases": {"*": {"host": ssl_pg.host, "port": ssl_pg.port}},
+        "admin": {"users": [ADMIN[0]]},
+        "timeouts": {"server_login_retry": "0.5s"},
+    }
+
+
+async def backend(mux: Endpoint) -> tuple[int, bool]:
+    """(backend pid, TLS in use) of the server a new client gets."""
+    conn = await connect_asyncpg(mux)
+    try:
+        row = await conn.fetchrow(BACKEND)
+    finally:
+        await close_quietly(conn)
+    assert row is not None
+    return row["pid"], row["ssl"]
+
+
+async def console(mux: Endpoint, sql: str) -> None:
+    conn = await connect_asyncpg(mux, dbname="pgmux", user=ADMIN[0], password=ADMIN[1])
+    try:
+        await conn.execute(sql)
+    finally:
+        await close_quietly(conn)
+
+
+async def wait_for_log(mux: Mux, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in mux.logs():
+        assert time.monotonic() < deadline, f"{text!r} not logged"
+        await asyncio.sleep(0.1)
+
+
+RELOADED = re.compile(r"\] reload\s")
+
+
+async def reload(mux: Any) -> None:
+    """SIGHUP, and wait until the reload is logged."""
+    before = len(RELOADED.findall(mux.logs()))
+    mux.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while len(RELOADED.findall(mux.logs())) == before:
+        assert time.monotonic() < deadline, "no reload logged"
+        await asyncio.sleep(0.1)
+
+
+async def test_reload_with_changed_server_tls_replaces_servers(
+    pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
+) -> None:
+    """As PgBouncer: no server keeps older TLS settings after a reload that
+    changes them; a reload that changes nothing keeps the servers."""
+    mux = pgmux(ssl_pg_config(ssl_pg, certs))
+    first, tls = await backend(mux)
+    assert tls is True
+    mux.write_config(ssl_pg_config(ssl_pg, certs))
+    await reload(mux)
+    assert (await backend(mux))[0] == first  # nothing changed: same server
+    mux.write_config(ssl_pg_config(ssl_pg, certs, protocols="tlsv1.3"))
+    await reload(mux)
+    second, tls = await backend(mux)
+    assert second != first and tls is True
+    assert "tls.server changed" in mux.logs()
+
+
+async def test_set_server_tls_mode_replaces_servers(
+    pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
+) -> None:
+    mux = pgmux(ssl_pg_config(ssl_pg, certs))
+    first, tls = await backend(mux)
+    assert tls is True
+    await console(mux, "SET server_tls_sslmode = disable")
+    second, tls = await backend(mux)
+    assert second != first and tls is False
+
+
+async def test_clients_wait_while_server_certificate_does_not_verify(
+    pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
+) -> None:
+    """A failed TLS negotiation is not PostgreSQL's answer: as in PgBouncer the
+    client waits while pgmux retries; fixing the CA lets it in."""
+    config = ssl_pg_config(ssl_pg, certs, mode="verify-full", ca=str(certs / "ca2.pem"))
+    config["timeouts"]["query_wait"] = "30s"
+    mux = pgmux(config)
+    waiting = asyncio.ensure_future(backend(mux))
+    try:
+        await wait_for_log(mux, "certificate verify failed")
+        await asyncio.sleep(1)  # a retry or two later, still waiting
+        assert not waiting.done()
+        await console(mux, f"SET server_tls_ca_file = '{certs / 'ca.pem'}'")
+        _pid, tls = await asyncio.wait_for(waiting, 15)
+        assert tls is True
+    finally:
+        waiting.cancel()
+
+
+def test_server_key_without_certificate_sends_none(certs: Path) -> None:
+    """SET sets server_tls_key_file and _cert_file one at a time: the key
+    alone is accepted, as PgBouncer does, and no client certificate is sent."""
+    side = TlsSideConfig(mode="verify-full", ca=str(certs / "ca.pem"), key=str(certs / "alice.key"))
+    tls = load_tls(TlsConfig(server=side))
+    assert tls.server.context is not None and tls.server.source == side
+
+
+def test_missing_certificate_is_a_tls_setup_error(certs: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "dummy.crt"
+    side = TlsSideConfig(mode="require", key=str(certs / "server.key"), cert=str(missing))
+    with pytest.raises(TlsSetupError) as info:
+        load_tls(TlsConfig(client=side), "pgbouncer.ini")
+    assert f"cannot read {missing}: No such file or directory" in str(info.value)
+    lines = pgblog.render("tls_setup_failed", 40, {"error": str(info.value)}, pgblog.LogEvents())
+    assert lines[0][1].startswith("TLS setup failed: pgbouncer.ini: tls.client.cert: cannot read")
