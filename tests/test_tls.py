@@ -38,9 +38,10 @@ from helpers import (
 )
 
 from pgmux.proxy.base import pgblog
-from pgmux.proxy.config.model import TlsConfig, TlsSideConfig
+from pgmux.proxy.config.model import AuthConfig, Config, TlsConfig, TlsSideConfig
 from pgmux.proxy.config.tls import (
     TlsSetupError,
+    load_security,
     load_tls,
     signature_oid,
     tls_server_end_point,
@@ -227,6 +228,34 @@ def test_verify_full_client_certificate(pgmux: PgmuxFactory, certs: Path) -> Non
     assert good.returncode == 0, good.stderr
     without = psql(mux.port, "host=127.0.0.1 sslmode=require")
     assert without.returncode != 0
+
+
+@needs_tools
+def test_auth_type_cert(pgmux: PgmuxFactory, certs: Path) -> None:
+    """auth.type cert (PgBouncer's auth_type = cert): the verified certificate
+    naming the user logs it in, no password asked; no certificate, no login."""
+    config = tls_config(certs, mode="verify-full", ca=str(certs / "ca.pem"))
+    mux = pgmux({**config, "auth": {"type": "cert"}})
+    client_cert = f"sslcert={certs / 'alice.pem'} sslkey={certs / 'alice.key'}"
+    good = psql(mux.port, f"host=127.0.0.1 sslmode=require password=wrong {client_cert}")
+    assert good.returncode == 0, good.stderr
+    without = psql(mux.port, "host=127.0.0.1 sslmode=require")
+    assert without.returncode != 0
+    plain = psql(mux.port, "host=127.0.0.1 sslmode=disable")
+    assert plain.returncode != 0
+
+
+def test_auth_type_cert_needs_verify_full(certs: Path) -> None:
+    config = Config(
+        auth=AuthConfig(type="cert"),
+        tls=TlsConfig(
+            client=TlsSideConfig(
+                mode="require", cert=str(certs / "server.pem"), key=str(certs / "server.key")
+            )
+        ),
+    )
+    with pytest.raises(TlsSetupError, match=re.escape("cert requires tls.client.mode verify-full")):
+        load_security(config)
 
 
 @needs_tools

@@ -281,6 +281,29 @@ def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | 
     return None
 
 
+def peer_names(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> set[str]:
+    """The names a verified client certificate carries: its CN and DNS
+    subjectAltNames (PgBouncer's tls_peer_cert_contains_name)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return set()
+    alt_names = cast("tuple[tuple[str, str], ...]", cert.get("subjectAltName", ()))
+    names = {str(value) for kind, value in alt_names if kind == "DNS"}
+    common = peer_common_name(ssl_object)
+    return names | {common} if common is not None else names
+
+
+def _check_cert_auth(config: Config) -> None:
+    """auth.type cert needs certificates that were verified against a CA."""
+    if config.auth.type != "cert":
+        return
+    client = config.tls.client
+    if client.mode != "verify-full":
+        raise TlsSetupError(config.path, "auth.type", "cert requires tls.client.mode verify-full")
+    if client.ca is None:
+        raise TlsSetupError(config.path, "auth.type", "cert requires tls.client.ca")
+
+
 def load_security(config: Config) -> tuple[TlsContexts, Hba | None]:
     """TLS contexts and the hba rules of a configuration, read from their files.
 
@@ -289,4 +312,5 @@ def load_security(config: Config) -> tuple[TlsContexts, Hba | None]:
     running ones (and names the problem).
     """
     hba = load_hba(config.auth.hba_file) if config.auth.hba_file else None
+    _check_cert_auth(config)
     return load_tls(config.tls, config.path), hba
