@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -533,3 +535,37 @@ def test_missing_certificate_is_a_tls_setup_error(certs: Path, tmp_path: Path) -
     assert f"cannot read {missing}: No such file or directory" in str(info.value)
     lines = pgblog.render("tls_setup_failed", 40, {"error": str(info.value)}, pgblog.LogEvents())
     assert lines[0][1].startswith("TLS setup failed: pgbouncer.ini: tls.client.cert: cannot read")
+
+
+# -- TLSv1.3 cipher suites ------------------------------------------------------
+
+
+def negotiated_cipher(port: int) -> tuple[str, str]:
+    """(TLS version, cipher) pgmux agrees to after an SSLRequest."""
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # SSLRequest
+        assert sock.recv(1) == b"S"
+        with client.wrap_socket(sock) as tls:
+            cipher, version, _bits = tls.cipher()  # type: ignore[misc]
+            return version, cipher
+
+
+@pytest.mark.parametrize("suite", ["TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"])
+def test_client_tls13_ciphers(pgmux: PgmuxFactory, certs: Path, suite: str) -> None:
+    """PgBouncer's client_tls13_ciphers: the TLSv1.3 suites pgmux offers."""
+    mux = pgmux(tls_config(certs, protocols="tlsv1.3", tls13_ciphers=suite))
+    assert negotiated_cipher(mux.port) == ("TLSv1.3", suite)
+
+
+def test_unknown_tls13_cipher_is_a_tls_setup_error(certs: Path) -> None:
+    side = TlsSideConfig(
+        mode="require",
+        cert=str(certs / "server.pem"),
+        key=str(certs / "server.key"),
+        tls13_ciphers="unknown",
+    )
+    with pytest.raises(TlsSetupError, match=r"failed to set the TLSv1\.3 cipher suites"):
+        load_tls(TlsConfig(client=side))

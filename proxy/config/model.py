@@ -111,6 +111,7 @@ class TlsSideConfig:
     ca: str | None = None
     protocols: str | None = None
     ciphers: str | None = None
+    tls13_ciphers: str | None = None  # TLSv1.3 suites, colon-separated; None: OpenSSL's
 
 
 @dataclass(frozen=True, slots=True)

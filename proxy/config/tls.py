@@ -16,6 +16,8 @@ reload, so replaced certificate files take effect for new connections.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import hashlib
 import os
 import re
@@ -106,6 +108,8 @@ def _context(protocol: ssl._SSLMethod, side: TlsSideConfig, key: str) -> ssl.SSL
     context = ssl.SSLContext(protocol)
     _versions(context, side.protocols, f"{key}.protocols")
     _ciphers(context, side.ciphers, f"{key}.ciphers")
+    if side.tls13_ciphers is not None:
+        _tls13_ciphers(context, side.tls13_ciphers, f"{key}.tls13_ciphers")
     return context
 
 
@@ -198,6 +202,40 @@ def _ciphers(context: ssl.SSLContext, ciphers: str | None, key: str) -> None:
         context.set_ciphers(ciphers)
     except ssl.SSLError:
         raise ConfigError(None, key, f"no cipher matches {ciphers!r}") from None
+
+
+def _tls13_ciphers(context: ssl.SSLContext, suites: str, key: str) -> None:
+    """OpenSSL's SSL_CTX_set_ciphersuites, which Python's ssl does not wrap
+    (set_ciphers is TLSv1.2 and older only): called through ctypes on the
+    SSL_CTX the SSLContext holds, once its address is confirmed."""
+    ctx = _ssl_ctx(context)
+    if ctx is None:
+        raise ConfigError(None, key, "this Python cannot set the TLSv1.3 cipher suites")
+    if _LIBSSL.SSL_CTX_set_ciphersuites(ctx, suites.encode()) != 1:
+        raise ConfigError(None, key, f"failed to set the TLSv1.3 cipher suites: {suites!r}")
+
+
+_LIBSSL = ctypes.CDLL(_ssl.__file__)  # its symbols resolve in the libssl it links
+_LIBSSL.SSL_CTX_set_ciphersuites.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+_LIBSSL.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+_LIBSSL.SSL_CTX_get_options.argtypes = (ctypes.c_void_p,)
+_LIBSSL.SSL_CTX_get_options.restype = ctypes.c_uint64
+
+
+def _ssl_ctx(context: ssl.SSLContext) -> int | None:
+    """The SSL_CTX pointer of CONTEXT: CPython's PySSLContext has it right
+    after the object header. Checked against the options the context reports
+    (one bit flipped too), so another layout is never written through."""
+    address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not address:
+        return None
+    before = context.options
+    if _LIBSSL.SSL_CTX_get_options(address) != before:
+        return None
+    context.options = before ^ ssl.OP_NO_TICKET
+    same = _LIBSSL.SSL_CTX_get_options(address) == context.options
+    context.options = before
+    return address if same else None
 
 
 def _read_der(cert_file: str, key: str) -> bytes:
