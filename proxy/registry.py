@@ -25,6 +25,7 @@ from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import USER_TIMEOUTS, Config, DatabaseConfig, PoolSettings
+from pgmux.proxy.config.tls import TlsSetupError, check_cert_auth, load_tls
 from pgmux.proxy.core.authstate import AuthState
 from pgmux.proxy.core.cancel import CancelKeys
 from pgmux.proxy.core.flags import Flags
@@ -350,6 +351,19 @@ class Registry:
         if changed:
             for pool in self.pools.values():
                 pool.replace_servers(TLS_CHANGED)
+
+    def apply_tls(self, config: Config) -> bool:
+        """New TLS contexts from CONFIG's files (a console SET of a TLS
+        setting, as PgBouncer's sbuf_tls_setup): False, logged as "TLS setup
+        failed", when they do not load; the running contexts then stay."""
+        try:
+            tls = load_tls(config.tls, config.path)
+            check_cert_auth(config)
+        except TlsSetupError as exc:
+            log.error("tls_setup_failed", error=str(exc))
+            return False
+        self.tls = tls
+        return True
 
     @property
     def hba(self) -> Hba | None:

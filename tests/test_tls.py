@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from pgmux.proxy.config.tls import (
     signature_oid,
     tls_server_end_point,
 )
+from pgmux.proxy.registry import Registry
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
@@ -569,3 +571,20 @@ def test_unknown_tls13_cipher_is_a_tls_setup_error(certs: Path) -> None:
     )
     with pytest.raises(TlsSetupError, match=r"failed to set the TLSv1\.3 cipher suites"):
         load_tls(TlsConfig(client=side))
+
+
+def test_apply_tls_keeps_running_contexts_when_files_do_not_load(certs: Path) -> None:
+    """What a console SET of a TLS setting runs (PgBouncer's sbuf_tls_setup):
+    a key that is not the certificate's keeps the running contexts."""
+    registry = Registry(Config(), {})
+    good = TlsSideConfig(
+        mode="require", cert=str(certs / "server.pem"), key=str(certs / "server.key")
+    )
+    assert registry.apply_tls(Config(tls=TlsConfig(client=good)))
+    running = registry.tls
+    mismatched = replace(good, key=str(certs / "server2.key"))
+    assert not registry.apply_tls(Config(tls=TlsConfig(client=mismatched)))
+    assert registry.tls is running
+    both_new = replace(mismatched, cert=str(certs / "server2.pem"))
+    assert registry.apply_tls(Config(tls=TlsConfig(client=both_new)))
+    assert registry.tls is not running

@@ -331,7 +331,7 @@ def peer_names(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> set[str]:
     return names | {common} if common is not None else names
 
 
-def _check_cert_auth(config: Config) -> None:
+def check_cert_auth(config: Config) -> None:
     """auth.type cert needs certificates that were verified against a CA."""
     if config.auth.type != "cert":
         return
@@ -350,5 +350,5 @@ def load_security(config: Config) -> tuple[TlsContexts, Hba | None]:
     running ones (and names the problem).
     """
     hba = load_hba(config.auth.hba_file) if config.auth.hba_file else None
-    _check_cert_auth(config)
+    check_cert_auth(config)
     return load_tls(config.tls, config.path), hba
