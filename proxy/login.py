@@ -36,7 +36,7 @@ from pgmux.proxy.base.stats import GLOBAL
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import ADMIN_DATABASES
 from pgmux.proxy.config.hba import Connection
-from pgmux.proxy.config.tls import ALPN_PROTOCOL, ClientTls, peer_common_name
+from pgmux.proxy.config.tls import ALPN_PROTOCOL, ClientTls, peer_common_name, peer_names
 from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.auth import ClientAuth
@@ -350,6 +350,8 @@ class ClientLogin:
             )
         hba = self.registry.auth.hba
         if hba is None:
+            if self.config.auth.type == "cert":
+                self._check_certificate()
             return self.config.auth.type
         conn = self._hba_connection(local)
         rule = hba.match(conn)
@@ -360,6 +362,21 @@ class ClientLogin:
             message = f"pg_hba.conf rejects connection for {conn.describe()}"
             raise ProtocolError(message, sqlstate.INVALID_AUTHORIZATION)
         return rule.method
+
+    def _check_certificate(self) -> None:
+        """auth_type cert (PgBouncer's login_via_cert): a verified client
+        certificate that names the user (its CN or a DNS subjectAltName)."""
+        client = self.client
+        if client.tls is None:
+            raise ProtocolError("TLS connection required", sqlstate.INVALID_AUTHORIZATION)
+        names = peer_names(self._ssl_object())
+        if not names:
+            raise ProtocolError("TLS client certificate required", sqlstate.INVALID_AUTHORIZATION)
+        if client.user not in names:
+            raise ProtocolError(
+                f'certificate authentication failed for user "{client.user}"',
+                sqlstate.INVALID_AUTHORIZATION,
+            )
 
     def _hba_connection(self, local: bool) -> Connection:
         client = self.client
@@ -390,8 +407,8 @@ class ClientLogin:
         """KNOWN: the users file or auth_query has the user (its SECRET may be None:
         auth_query's NULL password, which trust lets in and no password matches)."""
         client = self.client
-        if method == "trust" and not known and self._trust_needs_user():
-            raise ProtocolError('"trust" authentication failed', sqlstate.INVALID_AUTHORIZATION)
+        if method in ("trust", "cert") and not known and self._trust_needs_user():
+            raise ProtocolError(f'"{method}" authentication failed', sqlstate.INVALID_AUTHORIZATION)
         self._auth = ClientAuth(
             method,
             client.user,

@@ -25,6 +25,7 @@ from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import USER_TIMEOUTS, Config, DatabaseConfig, PoolSettings
+from pgmux.proxy.config.tls import TlsSetupError, check_cert_auth, load_tls
 from pgmux.proxy.core.authstate import AuthState
 from pgmux.proxy.core.cancel import CancelKeys
 from pgmux.proxy.core.flags import Flags
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
 
 log = get_logger("pgmux.registry")
+
+# Why servers close when the tls.server settings change (PgBouncer: obsolete connection).
+TLS_CHANGED = "tls.server changed"
 
 
 class Registry:
@@ -344,7 +348,27 @@ class Registry:
 
     @tls.setter
     def tls(self, tls: TlsContexts) -> None:
+        """New contexts (reload, SET). Changed tls.server settings replace every
+        server, as in PgBouncer: idle ones close now, the others when released,
+        so no connection keeps older, maybe weaker, TLS settings."""
+        changed = not self.auth.tls.server.same_settings(tls.server)
         self.auth.tls = tls
+        if changed:
+            for pool in self.pools.values():
+                pool.replace_servers(TLS_CHANGED)
+
+    def apply_tls(self, config: Config) -> bool:
+        """New TLS contexts from CONFIG's files (a console SET of a TLS
+        setting, as PgBouncer's sbuf_tls_setup): False, logged as "TLS setup
+        failed", when they do not load; the running contexts then stay."""
+        try:
+            tls = load_tls(config.tls, config.path)
+            check_cert_auth(config)
+        except TlsSetupError as exc:
+            log.error("tls_setup_failed", error=str(exc))
+            return False
+        self.tls = tls
+        return True
 
     @property
     def hba(self) -> Hba | None:

@@ -10,19 +10,27 @@ server without TLS when the mode requires it.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 from helpers import (
     APP_PASSWORD,
+    Endpoint,
+    Mux,
     PgmuxFactory,
     RawClient,
     close_quietly,
@@ -32,7 +40,16 @@ from helpers import (
     startup_packet,
 )
 
-from pgmux.proxy.config.tls import signature_oid, tls_server_end_point
+from pgmux.proxy.base import pgblog
+from pgmux.proxy.config.model import AuthConfig, Config, TlsConfig, TlsSideConfig
+from pgmux.proxy.config.tls import (
+    TlsSetupError,
+    load_security,
+    load_tls,
+    signature_oid,
+    tls_server_end_point,
+)
+from pgmux.proxy.registry import Registry
 from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(120)
@@ -218,6 +235,34 @@ def test_verify_full_client_certificate(pgmux: PgmuxFactory, certs: Path) -> Non
 
 
 @needs_tools
+def test_auth_type_cert(pgmux: PgmuxFactory, certs: Path) -> None:
+    """auth.type cert (PgBouncer's auth_type = cert): the verified certificate
+    naming the user logs it in, no password asked; no certificate, no login."""
+    config = tls_config(certs, mode="verify-full", ca=str(certs / "ca.pem"))
+    mux = pgmux({**config, "auth": {"type": "cert"}})
+    client_cert = f"sslcert={certs / 'alice.pem'} sslkey={certs / 'alice.key'}"
+    good = psql(mux.port, f"host=127.0.0.1 sslmode=require password=wrong {client_cert}")
+    assert good.returncode == 0, good.stderr
+    without = psql(mux.port, "host=127.0.0.1 sslmode=require")
+    assert without.returncode != 0
+    plain = psql(mux.port, "host=127.0.0.1 sslmode=disable")
+    assert plain.returncode != 0
+
+
+def test_auth_type_cert_needs_verify_full(certs: Path) -> None:
+    config = Config(
+        auth=AuthConfig(type="cert"),
+        tls=TlsConfig(
+            client=TlsSideConfig(
+                mode="require", cert=str(certs / "server.pem"), key=str(certs / "server.key")
+            )
+        ),
+    )
+    with pytest.raises(TlsSetupError, match=re.escape("cert requires tls.client.mode verify-full")):
+        load_security(config)
+
+
+@needs_tools
 def test_hostssl_rule(pgmux: PgmuxFactory, certs: Path, tmp_path: Path) -> None:
     hba = tmp_path / "hba.conf"
     hba.write_text("hostssl all all 127.0.0.1/32 scram-sha-256\n")
@@ -356,10 +401,12 @@ async def test_server_side_require_refuses_plain_server(pgmux: PgmuxFactory) -> 
 async def test_server_side_verify_full_with_wrong_ca(
     pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
 ) -> None:
+    """The client waits (query_wait) and then hears why no server came."""
     mux = pgmux(
         {
             "tls": {"server": {"mode": "verify-full", "ca": str(certs / "ca2.pem")}},
             "databases": {"*": {"host": ssl_pg.host, "port": ssl_pg.port}},
+            "timeouts": {"query_wait": "2s"},
         }
     )
     with pytest.raises(asyncpg.PostgresError) as info:
@@ -369,3 +416,175 @@ async def test_server_side_verify_full_with_wrong_ca(
         finally:
             await close_quietly(conn)
     assert "certificate verify failed" in str(info.value)
+
+
+# -- server side: what a change of tls.server does ------------------------------
+
+ADMIN = ("admin", "admin-secret")
+BACKEND = "SELECT pid, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+def ssl_pg_config(ssl_pg: TempPostgres, certs: Path, **server: str) -> dict:
+    return {
+        "tls": {"server": {"mode": "require", "ca": str(certs / "ca.pem"), **server}},
+        "databases": {"*": {"host": ssl_pg.host, "port": ssl_pg.port}},
+        "admin": {"users": [ADMIN[0]]},
+        "timeouts": {"server_login_retry": "0.5s"},
+    }
+
+
+async def backend(mux: Endpoint) -> tuple[int, bool]:
+    """(backend pid, TLS in use) of the server a new client gets."""
+    conn = await connect_asyncpg(mux)
+    try:
+        row = await conn.fetchrow(BACKEND)
+    finally:
+        await close_quietly(conn)
+    assert row is not None
+    return row["pid"], row["ssl"]
+
+
+async def console(mux: Endpoint, sql: str) -> None:
+    conn = await connect_asyncpg(mux, dbname="pgmux", user=ADMIN[0], password=ADMIN[1])
+    try:
+        await conn.execute(sql)
+    finally:
+        await close_quietly(conn)
+
+
+async def wait_for_log(mux: Mux, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in mux.logs():
+        assert time.monotonic() < deadline, f"{text!r} not logged"
+        await asyncio.sleep(0.1)
+
+
+RELOADED = re.compile(r"\] reload\s")
+
+
+async def reload(mux: Any) -> None:
+    """SIGHUP, and wait until the reload is logged."""
+    before = len(RELOADED.findall(mux.logs()))
+    mux.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while len(RELOADED.findall(mux.logs())) == before:
+        assert time.monotonic() < deadline, "no reload logged"
+        await asyncio.sleep(0.1)
+
+
+async def test_reload_with_changed_server_tls_replaces_servers(
+    pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
+) -> None:
+    """As PgBouncer: no server keeps older TLS settings after a reload that
+    changes them; a reload that changes nothing keeps the servers."""
+    mux = pgmux(ssl_pg_config(ssl_pg, certs))
+    first, tls = await backend(mux)
+    assert tls is True
+    mux.write_config(ssl_pg_config(ssl_pg, certs))
+    await reload(mux)
+    assert (await backend(mux))[0] == first  # nothing changed: same server
+    mux.write_config(ssl_pg_config(ssl_pg, certs, protocols="tlsv1.3"))
+    await reload(mux)
+    second, tls = await backend(mux)
+    assert second != first and tls is True
+    assert "tls.server changed" in mux.logs()
+
+
+async def test_set_server_tls_mode_replaces_servers(
+    pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
+) -> None:
+    mux = pgmux(ssl_pg_config(ssl_pg, certs))
+    first, tls = await backend(mux)
+    assert tls is True
+    await console(mux, "SET server_tls_sslmode = disable")
+    second, tls = await backend(mux)
+    assert second != first and tls is False
+
+
+async def test_clients_wait_while_server_certificate_does_not_verify(
+    pgmux: PgmuxFactory, certs: Path, ssl_pg: TempPostgres
+) -> None:
+    """A failed TLS negotiation is not PostgreSQL's answer: as in PgBouncer the
+    client waits while pgmux retries; fixing the CA lets it in."""
+    config = ssl_pg_config(ssl_pg, certs, mode="verify-full", ca=str(certs / "ca2.pem"))
+    config["timeouts"]["query_wait"] = "30s"
+    mux = pgmux(config)
+    waiting = asyncio.ensure_future(backend(mux))
+    try:
+        await wait_for_log(mux, "certificate verify failed")
+        await asyncio.sleep(1)  # a retry or two later, still waiting
+        assert not waiting.done()
+        await console(mux, f"SET server_tls_ca_file = '{certs / 'ca.pem'}'")
+        _pid, tls = await asyncio.wait_for(waiting, 15)
+        assert tls is True
+    finally:
+        waiting.cancel()
+
+
+def test_server_key_without_certificate_sends_none(certs: Path) -> None:
+    """SET sets server_tls_key_file and _cert_file one at a time: the key
+    alone is accepted, as PgBouncer does, and no client certificate is sent."""
+    side = TlsSideConfig(mode="verify-full", ca=str(certs / "ca.pem"), key=str(certs / "alice.key"))
+    tls = load_tls(TlsConfig(server=side))
+    assert tls.server.context is not None and tls.server.source == side
+
+
+def test_missing_certificate_is_a_tls_setup_error(certs: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "dummy.crt"
+    side = TlsSideConfig(mode="require", key=str(certs / "server.key"), cert=str(missing))
+    with pytest.raises(TlsSetupError) as info:
+        load_tls(TlsConfig(client=side), "pgbouncer.ini")
+    assert f"cannot read {missing}: No such file or directory" in str(info.value)
+    lines = pgblog.render("tls_setup_failed", 40, {"error": str(info.value)}, pgblog.LogEvents())
+    assert lines[0][1].startswith("TLS setup failed: pgbouncer.ini: tls.client.cert: cannot read")
+
+
+# -- TLSv1.3 cipher suites ------------------------------------------------------
+
+
+def negotiated_cipher(port: int) -> tuple[str, str]:
+    """(TLS version, cipher) pgmux agrees to after an SSLRequest."""
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # SSLRequest
+        assert sock.recv(1) == b"S"
+        with client.wrap_socket(sock) as tls:
+            cipher, version, _bits = tls.cipher()  # type: ignore[misc]
+            return version, cipher
+
+
+@pytest.mark.parametrize("suite", ["TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"])
+def test_client_tls13_ciphers(pgmux: PgmuxFactory, certs: Path, suite: str) -> None:
+    """PgBouncer's client_tls13_ciphers: the TLSv1.3 suites pgmux offers."""
+    mux = pgmux(tls_config(certs, protocols="tlsv1.3", tls13_ciphers=suite))
+    assert negotiated_cipher(mux.port) == ("TLSv1.3", suite)
+
+
+def test_unknown_tls13_cipher_is_a_tls_setup_error(certs: Path) -> None:
+    side = TlsSideConfig(
+        mode="require",
+        cert=str(certs / "server.pem"),
+        key=str(certs / "server.key"),
+        tls13_ciphers="unknown",
+    )
+    with pytest.raises(TlsSetupError, match=r"failed to set the TLSv1\.3 cipher suites"):
+        load_tls(TlsConfig(client=side))
+
+
+def test_apply_tls_keeps_running_contexts_when_files_do_not_load(certs: Path) -> None:
+    """What a console SET of a TLS setting runs (PgBouncer's sbuf_tls_setup):
+    a key that is not the certificate's keeps the running contexts."""
+    registry = Registry(Config(), {})
+    good = TlsSideConfig(
+        mode="require", cert=str(certs / "server.pem"), key=str(certs / "server.key")
+    )
+    assert registry.apply_tls(Config(tls=TlsConfig(client=good)))
+    running = registry.tls
+    mismatched = replace(good, key=str(certs / "server2.key"))
+    assert not registry.apply_tls(Config(tls=TlsConfig(client=mismatched)))
+    assert registry.tls is running
+    both_new = replace(mismatched, cert=str(certs / "server2.pem"))
+    assert registry.apply_tls(Config(tls=TlsConfig(client=both_new)))
+    assert registry.tls is not running

@@ -53,6 +53,7 @@ SERVER_REASONS = {
     "server_lifetime": "server lifetime over",
     "lifetime or reconnect": "obsolete connection",
     "RECONNECT": "obsolete connection",
+    "tls.server changed": "obsolete connection",
     "reload": "database configuration changed",
     "shutdown": "server shutting down",
     "client left mid-transaction": "client disconnect while server was not ready",
@@ -199,6 +200,10 @@ def _login_config_error(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return [(logging.ERROR, client_prefix(f) + str(f.get("detail", "")))]
 
 
+def _tls_setup_failed(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    return [(logging.ERROR, f"TLS setup failed: {f.get('error')}")]
+
+
 def _unsupported(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return [(logging.WARNING, f"{f.get('config')}: {f.get('detail')}")]
 
@@ -274,6 +279,7 @@ EVENTS: dict[str, Renderer] = {
     "process_up": _process_up,
     "unsupported_settings": _unsupported,
     "login_config_error": _login_config_error,
+    "tls_setup_failed": _tls_setup_failed,
 }
 
 

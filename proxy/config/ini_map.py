@@ -136,6 +136,10 @@ def _tls_ciphers(text: str) -> str | None:
     return None if lowered in ("", "default", "secure", "fast", "normal") else text
 
 
+def _tls13_ciphers(text: str) -> str | None:
+    return text.strip() or None
+
+
 # -- the settings of [pgbouncer] ------------------------------------------------------
 
 
@@ -316,7 +320,13 @@ SETTINGS: tuple[Setting, ...] = (
         _tls_ciphers,
         _show_tls("client", "ciphers", "default"),
     ),
-    Setting("client_tls13_ciphers", ""),
+    Setting(
+        "client_tls13_ciphers",
+        "",
+        "tls.client.tls13_ciphers",
+        _tls13_ciphers,
+        _show_tls("client", "tls13_ciphers", ""),
+    ),
     Setting("client_tls_ecdhcurve", "auto"),
     Setting("client_tls_dheparams", "auto"),
     Setting("server_tls_sslmode", "prefer", "tls.server.mode", str.lower),
@@ -337,7 +347,13 @@ SETTINGS: tuple[Setting, ...] = (
         _tls_ciphers,
         _show_tls("server", "ciphers", "default"),
     ),
-    Setting("server_tls13_ciphers", ""),
+    Setting(
+        "server_tls13_ciphers",
+        "",
+        "tls.server.tls13_ciphers",
+        _tls13_ciphers,
+        _show_tls("server", "tls13_ciphers", ""),
+    ),
     # dangerous timeouts
     Setting("query_timeout", "0", "timeouts.query", seconds),
     Setting("query_wait_timeout", "120", "timeouts.query_wait", seconds),

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 POOL_MODES = ("transaction", "session", "statement")
 SESSION_STATES = ("pin", "reset", "error", "ignore")
-AUTH_TYPES = ("trust", "password", "md5", "scram-sha-256")
+AUTH_TYPES = ("trust", "password", "md5", "scram-sha-256", "cert")
 TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_FORMATS = ("json", "console", "pgbouncer")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -114,6 +114,7 @@ class TlsSideConfig:
     ca: str | None = None
     protocols: str | None = None
     ciphers: str | None = None
+    tls13_ciphers: str | None = None  # TLSv1.3 suites, colon-separated; None: OpenSSL's
 
 
 @dataclass(frozen=True, slots=True)

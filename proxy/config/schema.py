@@ -117,7 +117,7 @@ _ADMIN: dict[str, Converter] = {
 }
 _TLS_SIDE: dict[str, Converter] = {
     "mode": one_of(*TLS_MODES),
-    **dict.fromkeys(("cert", "key", "ca", "protocols", "ciphers"), optional_text),
+    **dict.fromkeys(("cert", "key", "ca", "protocols", "ciphers", "tls13_ciphers"), optional_text),
 }
 _TLS: dict[str, Converter] = {
     "client": Section(TlsConfig().client, _TLS_SIDE),
@@ -240,7 +240,7 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
     **{
         f"tls.{side}.{name}": _TLS_SIDE[name]
         for side in ("client", "server")
-        for name in ("mode", "cert", "key", "ca")
+        for name in ("mode", "cert", "key", "ca", "protocols", "ciphers", "tls13_ciphers")
     },
 }
 

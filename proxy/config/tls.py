@@ -16,7 +16,10 @@ reload, so replaced certificate files take effect for new connections.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import hashlib
+import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -65,10 +68,20 @@ class ServerTls:
 
     mode: str = "disable"
     context: ssl.SSLContext | None = None
+    # The settings the context was built from: a reload or SET that changes
+    # them replaces the servers (PgBouncer's tls_change_requires_reconnect).
+    source: TlsSideConfig | None = None
 
     @property
     def required(self) -> bool:
         return self.mode in REQUIRED_MODES
+
+    def same_settings(self, other: ServerTls) -> bool:
+        """OTHER was built from the same tls.server settings as this one
+        (TLS off on both sides counts as the same, whatever else differs)."""
+        if self.mode == other.mode == "disable":
+            return True
+        return self.mode == other.mode and self.source == other.source
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +90,17 @@ class TlsContexts:
     server: ServerTls = ServerTls()
 
 
+class TlsSetupError(ConfigError):
+    """The TLS contexts could not be built from the files the settings name
+    (PgBouncer's "TLS setup failed"); the running ones stay."""
+
+
 def load_tls(config: TlsConfig, path: str | None = None) -> TlsContexts:
-    """Both sides' contexts; ConfigError names the key and the problem."""
+    """Both sides' contexts; TlsSetupError names the key and the problem."""
     try:
         return TlsContexts(client=_client_tls(config.client), server=_server_tls(config.server))
     except ConfigError as exc:
-        exc.path = exc.path or path
-        raise
+        raise TlsSetupError(exc.path or path, exc.key, exc.message, line=exc.line) from None
 
 
 def _context(protocol: ssl._SSLMethod, side: TlsSideConfig, key: str) -> ssl.SSLContext:
@@ -91,6 +108,8 @@ def _context(protocol: ssl._SSLMethod, side: TlsSideConfig, key: str) -> ssl.SSL
     context = ssl.SSLContext(protocol)
     _versions(context, side.protocols, f"{key}.protocols")
     _ciphers(context, side.ciphers, f"{key}.ciphers")
+    if side.tls13_ciphers is not None:
+        _tls13_ciphers(context, side.tls13_ciphers, f"{key}.tls13_ciphers")
     return context
 
 
@@ -116,7 +135,7 @@ def _client_tls(side: TlsSideConfig) -> ClientTls:
 
 def _server_tls(side: TlsSideConfig) -> ServerTls:
     if side.mode == "disable":
-        return ServerTls()
+        return ServerTls(source=side)
     key = "tls.server"
     context = _context(ssl.PROTOCOL_TLS_CLIENT, side, key)
     verify = side.mode.startswith("verify-")
@@ -126,9 +145,11 @@ def _server_tls(side: TlsSideConfig) -> ServerTls:
         _verify_locations(context, side.ca, f"{key}.ca")
     elif verify:
         context.load_default_certs()
-    if side.cert is not None or side.key is not None:
+    if side.cert is not None and side.key is not None:
         _cert_chain(context, side, key)  # a client certificate for PostgreSQL
-    return ServerTls(side.mode, context)
+    # One of the two alone sends no certificate, as in PgBouncer: SET sets
+    # them one at a time.
+    return ServerTls(side.mode, context, side)
 
 
 def _cert_chain(context: ssl.SSLContext, side: TlsSideConfig, key: str) -> None:
@@ -137,8 +158,12 @@ def _cert_chain(context: ssl.SSLContext, side: TlsSideConfig, key: str) -> None:
         raise ConfigError(None, f"{key}.{missing}", "cert and key go together")
     try:
         context.load_cert_chain(side.cert, side.key)
-    except FileNotFoundError as exc:
-        raise ConfigError(None, f"{key}.cert", f"cannot read {exc.filename}") from None
+    except FileNotFoundError:
+        # OpenSSL does not say which of the two is missing
+        missing = side.cert if not os.path.exists(side.cert) else side.key
+        name = "cert" if missing == side.cert else "key"
+        message = f"cannot read {missing}: No such file or directory"
+        raise ConfigError(None, f"{key}.{name}", message) from None
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
         message = f"cannot load the certificate and key ({reason})"
@@ -177,6 +202,40 @@ def _ciphers(context: ssl.SSLContext, ciphers: str | None, key: str) -> None:
         context.set_ciphers(ciphers)
     except ssl.SSLError:
         raise ConfigError(None, key, f"no cipher matches {ciphers!r}") from None
+
+
+def _tls13_ciphers(context: ssl.SSLContext, suites: str, key: str) -> None:
+    """OpenSSL's SSL_CTX_set_ciphersuites, which Python's ssl does not wrap
+    (set_ciphers is TLSv1.2 and older only): called through ctypes on the
+    SSL_CTX the SSLContext holds, once its address is confirmed."""
+    ctx = _ssl_ctx(context)
+    if ctx is None:
+        raise ConfigError(None, key, "this Python cannot set the TLSv1.3 cipher suites")
+    if _LIBSSL.SSL_CTX_set_ciphersuites(ctx, suites.encode()) != 1:
+        raise ConfigError(None, key, f"failed to set the TLSv1.3 cipher suites: {suites!r}")
+
+
+_LIBSSL = ctypes.CDLL(_ssl.__file__)  # its symbols resolve in the libssl it links
+_LIBSSL.SSL_CTX_set_ciphersuites.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+_LIBSSL.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+_LIBSSL.SSL_CTX_get_options.argtypes = (ctypes.c_void_p,)
+_LIBSSL.SSL_CTX_get_options.restype = ctypes.c_uint64
+
+
+def _ssl_ctx(context: ssl.SSLContext) -> int | None:
+    """The SSL_CTX pointer of CONTEXT: CPython's PySSLContext has it right
+    after the object header. Checked against the options the context reports
+    (one bit flipped too), so another layout is never written through."""
+    address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not address:
+        return None
+    before = context.options
+    if _LIBSSL.SSL_CTX_get_options(address) != before:
+        return None
+    context.options = before ^ ssl.OP_NO_TICKET
+    same = _LIBSSL.SSL_CTX_get_options(address) == context.options
+    context.options = before
+    return address if same else None
 
 
 def _read_der(cert_file: str, key: str) -> bytes:
@@ -260,6 +319,29 @@ def peer_common_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | 
     return None
 
 
+def peer_names(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> set[str]:
+    """The names a verified client certificate carries: its CN and DNS
+    subjectAltNames (PgBouncer's tls_peer_cert_contains_name)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return set()
+    alt_names = cast("tuple[tuple[str, str], ...]", cert.get("subjectAltName", ()))
+    names = {str(value) for kind, value in alt_names if kind == "DNS"}
+    common = peer_common_name(ssl_object)
+    return names | {common} if common is not None else names
+
+
+def check_cert_auth(config: Config) -> None:
+    """auth.type cert needs certificates that were verified against a CA."""
+    if config.auth.type != "cert":
+        return
+    client = config.tls.client
+    if client.mode != "verify-full":
+        raise TlsSetupError(config.path, "auth.type", "cert requires tls.client.mode verify-full")
+    if client.ca is None:
+        raise TlsSetupError(config.path, "auth.type", "cert requires tls.client.ca")
+
+
 def load_security(config: Config) -> tuple[TlsContexts, Hba | None]:
     """TLS contexts and the hba rules of a configuration, read from their files.
 
@@ -268,4 +350,5 @@ def load_security(config: Config) -> tuple[TlsContexts, Hba | None]:
     running ones (and names the problem).
     """
     hba = load_hba(config.auth.hba_file) if config.auth.hba_file else None
+    check_cert_auth(config)
     return load_tls(config.tls, config.path), hba

@@ -25,7 +25,7 @@ from pgmux.proxy.base.sdnotify import Notifier
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import Config, ConfigError, load_config
 from pgmux.proxy.config.hba import Hba
-from pgmux.proxy.config.tls import TlsContexts, load_security
+from pgmux.proxy.config.tls import TlsContexts, TlsSetupError, load_security
 from pgmux.proxy.config.userlist import load_users
 from pgmux.proxy.daemon import budget
 from pgmux.proxy.daemon.janitor import Janitor
@@ -255,6 +255,10 @@ class Daemon:
         self.notifier.reloading()  # systemd: reloading until the next READY=1
         try:
             config, users, security = self._read_new_config(path)
+        except TlsSetupError as exc:
+            log.error("tls_setup_failed", error=str(exc))
+            self._reload_failed(str(exc), "running configuration kept")
+            return
         except (ConfigError, OSError) as exc:
             self._reload_failed(str(exc), "running configuration kept")
             return

@@ -64,7 +64,7 @@ class ClientAuth:
 
     def start(self) -> bytes | None:
         """The first Authentication request, or None when no password is asked."""
-        if self.method == "trust":
+        if self.method in ("trust", "cert"):  # cert: the TLS handshake proved who it is
             return None
         if self.method == "password":
             return messages.authentication_cleartext_password()

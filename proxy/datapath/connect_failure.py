@@ -1,7 +1,8 @@
 """A server login that failed: count it, log it, and choose when to try again.
 
-PostgreSQL refusing the login (or breaking the protocol) waits the full
-`server_login_retry`, and the waiting clients hear PostgreSQL's error at once;
+PostgreSQL refusing the login (or breaking the protocol, or a TLS
+negotiation that fails) waits the full `server_login_retry`, and the waiting
+clients hear PostgreSQL's error at once (not a TLS failure's: they wait on);
 PostgreSQL down or starting up retries soon (core/backoff.py) while clients
 wait. Logins failing together in one round are logged once.
 """
@@ -47,7 +48,10 @@ def record(pool: Pool, exc: BaseException, where: dict[str, object] | None = Non
         log.warning("server_connect_failed", **fields, retry_in=limit)
         pool.retry_at = now + limit
         pool.backoff.refused(pool.retry_at)
-        if isinstance(exc, ServerError):  # PostgreSQL said no: waiters hear why now
+        # PostgreSQL said no: waiters hear why now. A failed TLS negotiation
+        # (a certificate that does not verify) is not PostgreSQL's answer:
+        # as in PgBouncer, clients wait while the login is retried.
+        if isinstance(exc, ServerError) and not exc.tls:
             pool.fail_waiting(exc.sqlstate, waiting_error(exc))
         elif pool.waiting:
             pool.schedule_retry(limit)

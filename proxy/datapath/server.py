@@ -251,7 +251,7 @@ class ServerConnection(asyncio.Protocol):
     def _login_failed(self, message: str) -> None:
         if not self._login.done():
             fields = {"S": "FATAL", "C": sqlstate.CONNECTION_FAILURE, "M": message}
-            self._login.set_exception(ServerError(fields))
+            self._login.set_exception(ServerError(fields, tls=True))
         self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -39,11 +39,13 @@ class ServerCredentials:
 
 class ServerError(Exception):
     """PostgreSQL answered with an ErrorResponse (fields by their one-letter code);
-    OWN: pgmux itself refused the login on the server's behalf."""
+    OWN: pgmux itself refused the login on the server's behalf; TLS: the TLS
+    negotiation failed (PostgreSQL never answered the login: clients wait on)."""
 
-    def __init__(self, fields: dict[str, str], *, own: bool = False) -> None:
+    def __init__(self, fields: dict[str, str], *, own: bool = False, tls: bool = False) -> None:
         self.fields = fields
         self.own = own
+        self.tls = tls
         self.sqlstate = fields.get("C", sqlstate.INTERNAL_ERROR)
         self.severity = fields.get("S", "ERROR")
         super().__init__(fields.get("M", "server error"))
