@@ -24,7 +24,7 @@ from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.config import ADMIN_DATABASES
 from pgmux.proxy.console.errors import ConsoleError, syntax_error
 from pgmux.proxy.console.gather import MERGED
-from pgmux.proxy.console.settings import FAKE_PARAMS, set_setting
+from pgmux.proxy.console.settings import FAKE_PARAMS, TLS_NOT_APPLIED, TlsNotApplied, set_setting
 from pgmux.proxy.console.show import SHOW, Result
 from pgmux.proxy.console.show_sockets import MORE_SHOW
 
@@ -318,7 +318,11 @@ class Commands:
         if key.lower() in FAKE_PARAMS:
             return Result("SET", notice=("SET ignored", ""))
         self._need_admin()
-        pgmux_name = set_setting(self.registry, key, value)
+        try:
+            pgmux_name = set_setting(self.registry, key, value)
+        except TlsNotApplied as exc:
+            log.info("console_set", key=str(exc), value=value, **self._who())
+            return Result(f"SET {key}={value}", notice=(TLS_NOT_APPLIED, ""))
         log.info("console_set", key=pgmux_name, value=value, **self._who())
         return Result(f"SET {key}={value}")  # the name as given, as PgBouncer answers
 

@@ -30,7 +30,6 @@ from pgmux.proxy.config import (
     pgbouncer_value,
     pgmux_key,
 )
-from pgmux.proxy.config.tls import load_security
 from pgmux.proxy.console.errors import ConsoleError
 
 if TYPE_CHECKING:
@@ -52,6 +51,9 @@ FAKE_PARAMS = {
 
 # The sections whose global value databases and pools inherit.
 _INHERITED = ("timeouts", "pool")
+
+
+TLS_NOT_APPLIED = "TLS settings could not be applied, still using old configuration"
 
 
 def set_setting(registry: Registry, name: str, text: str) -> str:
@@ -99,8 +101,10 @@ def _apply(registry: Registry, key: str, value: Any) -> None:
     section, name = key.split(".", 1)
     if section not in _INHERITED:
         config = _replaced(config, key.split("."), value)
-        if section == "tls":
-            _apply_tls(registry, config)
+        if section == "tls" and not registry.apply_tls(config):
+            # PgBouncer keeps the new value and the running contexts (a NOTICE)
+            registry.apply_setting(config)
+            raise TlsNotApplied(key)
         if key == "logging.level":
             configure_logging(config.logging.format, value)
         registry.apply_setting(config)
@@ -121,17 +125,8 @@ def _replaced(obj: Any, path: list[str], value: Any) -> Any:
     return replace(obj, **{first: new})
 
 
-def _apply_tls(registry: Registry, config: Config) -> None:
-    """New TLS contexts from CONFIG's files; a file that does not load keeps
-    the running ones and the old value (a ConsoleError)."""
-    try:
-        tls, _hba = load_security(config)
-    except (ConfigError, OSError, ValueError) as exc:
-        raise ConsoleError(
-            sqlstate.INVALID_PARAMETER_VALUE,
-            f"TLS settings could not be applied, still using old configuration: {exc}",
-        ) from None
-    registry.tls = tls
+class TlsNotApplied(Exception):
+    """The setting changed but its TLS files did not load: SET answers with a NOTICE."""
 
 
 def _inherited(config: Config, section: str, name: str, old: Any, value: Any) -> Config:
