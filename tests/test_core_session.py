@@ -131,3 +131,21 @@ async def test_statement_mode_releases_after_each_statement(pgmux: PgmuxFactory)
             await b.execute("SAVEPOINT s")
     finally:
         await close_quietly(a, b)
+
+
+async def test_statement_mode_refusal_under_pgbouncer_error_codes(pgmux: PgmuxFactory) -> None:
+    """error_codes: pgbouncer: a transaction block in statement mode ends the
+    client with PgBouncer's 08P01 and words (a connection error to drivers)."""
+    mux = pgmux({"pool": {"mode": "statement", "size": 1}, "error_codes": "pgbouncer"})
+    raw = await RawClient.open(mux)
+    try:
+        await raw.login(APP_USER, APP_PASSWORD, APP_DB)
+        await raw.send(query_message("BEGIN"))
+        replies = await raw.read_until_closed()
+        fields = error_fields(replies[-1][1])
+        assert (fields["C"], fields["M"]) == (
+            "08P01",
+            "transaction blocks not allowed in statement pooling mode",
+        ), replies
+    finally:
+        await raw.close()

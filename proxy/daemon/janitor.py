@@ -15,24 +15,13 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import sqlstate
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import READY, ClientState
+from pgmux.proxy.datapath.endings import IDLE_TRANSACTION, TRANSACTION, ending
 from pgmux.proxy.datapath.replies import query_clock
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.registry import Registry
-
-# (PostgreSQL's SQLSTATE and text, PgBouncer's text with 08P01)
-IDLE_TRANSACTION_ENDED = (
-    sqlstate.IDLE_IN_TRANSACTION_TIMEOUT,
-    "terminating connection due to idle_transaction timeout",
-    "idle transaction timeout",
-)
-TRANSACTION_ENDED = (
-    sqlstate.TRANSACTION_TIMEOUT,
-    "terminating connection due to transaction timeout",
-    "transaction timeout",
-)
 
 log = get_logger("pgmux.janitor")
 
@@ -156,20 +145,13 @@ class Janitor:
                     # FATAL, as PostgreSQL's idle_in_transaction_session_timeout;
                     # the pool rolls the server back and reuses it.
                     self._fire(pool, client, "idle_transaction", idle)
-                    client.fail(*self._ending(IDLE_TRANSACTION_ENDED))
+                    client.fail(*ending(self.registry.config, IDLE_TRANSACTION))
             elif limits.client_idle and idle >= limits.client_idle:
                 self._fire(pool, client, "client_idle", idle)
                 client.fail(
                     sqlstate.IDLE_SESSION_TIMEOUT,
                     "terminating connection due to client_idle_timeout",
                 )
-
-    def _ending(self, ending: tuple[str, str, str]) -> tuple[str, str]:
-        """(SQLSTATE, message) ending a client: PostgreSQL's, or PgBouncer's."""
-        code, message, pgbouncer_message = ending
-        if self.registry.config.error_codes == "pgbouncer":
-            return sqlstate.PROTOCOL_VIOLATION, pgbouncer_message
-        return code, message
 
     def _check_message(self, pool: Pool, client: ClientConnection, now: float) -> bool:
         """End a client whose message has been arriving for longer than timeouts.message."""
@@ -190,7 +172,7 @@ class Janitor:
             return False
         # FATAL, as PostgreSQL 17's transaction_timeout; the pool rolls the server back.
         self._fire(pool, client, "transaction", now - started)
-        client.fail(*self._ending(TRANSACTION_ENDED))
+        client.fail(*ending(self.registry.config, TRANSACTION))
         return True
 
     def _check_query(self, pool: Pool, client: ClientConnection, now: float) -> None:

@@ -36,7 +36,7 @@ from pgmux.proxy.core.states import CLIENT_LINKING as _LINKING
 from pgmux.proxy.core.states import CLIENT_WAITING as _WAITING
 from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
 from pgmux.proxy.core.states import ClientState
-from pgmux.proxy.datapath import session_state, varcache, welcome
+from pgmux.proxy.datapath import endings, session_state, varcache, welcome
 from pgmux.proxy.datapath.logfields import client_log_fields
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
 from pgmux.proxy.datapath.translator import Translator, untranslatable
@@ -56,10 +56,6 @@ _LENGTH = Struct("!I").unpack_from
 _PENDING_LIMIT = 1 << 20
 
 _monotonic = time.monotonic  # a module global reads faster than the attribute
-
-_NO_TRANSACTIONS = (
-    "transaction blocks are not allowed in statement pooling mode (pool.mode = statement)"
-)
 
 # The states in which the client has asked for a server and not yet got it.
 _QUEUED = (ClientState.WAITING, ClientState.WELCOME)
@@ -532,7 +528,8 @@ class ClientConnection(asyncio.Protocol):
             # PgBouncer's statement mode forbids transaction blocks; the server is
             # rolled back and reused like any abandoned one.
             loop = asyncio.get_running_loop()
-            loop.call_soon(self.fail, sqlstate.ACTIVE_SQL_TRANSACTION, _NO_TRANSACTIONS)
+            refusal = endings.ending(self.registry.config, endings.STATEMENT_MODE)
+            loop.call_soon(self.fail, *refusal)
 
     def server_parameter(self, name: str, value: str) -> None:
         """The server reported a parameter change made by this client (SET ...)."""
