@@ -332,11 +332,11 @@ bob = transaction_timeout=5
     names = [item.name for item in loaded.unsupported]
     # Left at PgBouncer's default (syslog = 0, DISCARD ALL): no effect, not reported;
     # log_connections is honoured (logging.connections), so not reported either;
-    # neither is a per-user transaction_timeout (timeouts.transaction).
+    # neither is a per-user transaction_timeout (timeouts.transaction) or a
+    # database's connect_query.
     assert names == [
         "so_reuseport",
         "server_check_query",
-        "[databases] appdb: connect_query",
         "[databases] appdb: timezone",
     ]
     warning = unsupported_warning(loaded.unsupported)

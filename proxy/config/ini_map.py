@@ -415,7 +415,7 @@ DATABASE_PARAMETERS: Mapping[str, ConnKey] = {
     "client_encoding": ConnKey(None, note=_SERVER_PARAMETER),
     "datestyle": ConnKey(None, note=_SERVER_PARAMETER),
     "timezone": ConnKey(None, note=_SERVER_PARAMETER),
-    "connect_query": ConnKey(None, note=_SERVER_PARAMETER),
+    "connect_query": ConnKey("connect_query"),
     "auth_user": ConnKey("auth_user"),
     "auth_query": ConnKey("auth_query"),
     "auth_dbname": ConnKey("auth_dbname"),

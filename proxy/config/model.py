@@ -191,6 +191,9 @@ class DatabaseConfig:
     auth_user: str | None = None
     auth_query: str | None = None
     auth_dbname: str | None = None
+    # SQL run on each new server connection before its first client (PgBouncer's
+    # per-database connect_query); an error is logged and otherwise ignored.
+    connect_query: str | None = None
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}

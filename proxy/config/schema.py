@@ -168,6 +168,7 @@ _DATABASE_OWN: dict[str, Converter] = {
     "target_session_attrs": one_of(*TARGET_SESSION_ATTRS),
     "load_balance_hosts": one_of(*LOAD_BALANCE_HOSTS),
     "max_replica_lag": replica_lag,
+    "connect_query": optional_text,
     **dict.fromkeys(("auth_user", "auth_query", "auth_dbname"), optional_text),
 }
 # YAML key -> the DatabaseConfig field holding it (the others: the same name).
