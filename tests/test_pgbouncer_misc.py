@@ -5,6 +5,8 @@ server_fast_close, login_notify_message, query_wait_notify (doc/config.md).
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 from helpers import APP_PASSWORD
 from test_logging import IniStarter, ini_pgmux, logfile, wait_for_log
@@ -51,3 +53,68 @@ async def test_connect_query_runs_on_each_new_server(
     finally:
         await conn.close()
     await wait_for_log(logfile(mux), r"connect_query_failed: sqlstate=42703")
+
+
+async def _checks_so_far(pg: TempPostgres, sequence: str) -> int:
+    direct = await asyncpg.connect(pg.dsn("appdb", "app", APP_PASSWORD))
+    try:
+        row = await direct.fetchrow(f"SELECT last_value, is_called FROM {sequence}")
+        return int(row["last_value"]) if row["is_called"] else 0
+    finally:
+        await direct.close()
+
+
+async def test_server_check_query_runs_before_reuse(
+    ini_pgmux: IniStarter, pg: TempPostgres
+) -> None:
+    """server_check_delay = 0: a server that served a client runs
+    server_check_query before its next one (a fresh one does not); a server
+    that fails the check is closed and the client gets another."""
+    direct = await asyncpg.connect(pg.dsn("appdb", "app", APP_PASSWORD))
+    try:
+        await direct.execute("DROP SEQUENCE IF EXISTS pgmux_checks; CREATE SEQUENCE pgmux_checks")
+    finally:
+        await direct.close()
+    extra = "server_check_delay = 0\nserver_check_query = SELECT nextval('pgmux_checks')\n"
+    mux = ini_pgmux.start(extra + "default_pool_size = 1\n")
+    conn = await asyncpg.connect(url(mux, "appdb"))
+    admin = await asyncpg.connect(url(mux, "pgbouncer", "admin", "admin-secret"))
+    try:
+        first = await conn.fetchval("SELECT pg_backend_pid()")
+        assert await _checks_so_far(pg, "pgmux_checks") == 0  # fresh from its login
+        for expected in (1, 2):
+            assert await conn.fetchval("SELECT pg_backend_pid()") == first
+            assert await _checks_so_far(pg, "pgmux_checks") == expected
+        config = {row["key"]: row["value"] for row in await admin.fetch("SHOW CONFIG")}
+        assert config["server_check_delay"] == "0"
+        assert config["server_check_query"] == "SELECT nextval('pgmux_checks')"
+        await admin.execute("SET server_check_query = 'SELECT 1/0'")
+        replaced = await conn.fetchval("SELECT pg_backend_pid()")  # no error for the client
+        assert replaced != first
+        await wait_for_log(logfile(mux), r"closing because: server check failed: division by zero")
+    finally:
+        await admin.close()
+        await conn.close()
+
+
+async def test_server_check_delay_spares_recently_used_servers(
+    ini_pgmux: IniStarter, pg: TempPostgres
+) -> None:
+    """Within server_check_delay of its last client a server is handed out unchecked."""
+    direct = await asyncpg.connect(pg.dsn("appdb", "app", APP_PASSWORD))
+    try:
+        await direct.execute("DROP SEQUENCE IF EXISTS pgmux_late; CREATE SEQUENCE pgmux_late")
+    finally:
+        await direct.close()
+    extra = "server_check_delay = 1\nserver_check_query = SELECT nextval('pgmux_late')\n"
+    mux = ini_pgmux.start(extra + "default_pool_size = 1\n")
+    conn = await asyncpg.connect(url(mux, "appdb"))
+    try:
+        for _ in range(3):
+            await conn.fetchval("SELECT 1")
+        assert await _checks_so_far(pg, "pgmux_late") == 0
+        await asyncio.sleep(1.2)  # idle past the delay
+        await conn.fetchval("SELECT 1")
+        assert await _checks_so_far(pg, "pgmux_late") == 1
+    finally:
+        await conn.close()

@@ -279,8 +279,8 @@ SETTINGS: tuple[Setting, ...] = (
         note="pgmux resets session-pooled servers with DISCARD ALL",
     ),
     Setting("server_reset_query_always", "0", note="see pool.session_state: reset"),
-    Setting("server_check_delay", "30"),
-    Setting("server_check_query", "<empty>"),
+    Setting("server_check_delay", "30", "pool.server_check_delay", seconds),
+    Setting("server_check_query", "<empty>", "pool.server_check_query", str.strip),
     Setting("server_fast_close", "0"),
     Setting(
         "server_lifetime", "3600", "timeouts.server_lifetime", lifetime_seconds, _show_lifetime

@@ -51,6 +51,11 @@ class PoolSettings:
     max_prepared_statements: int = 200
     session_state: str = "pin"
     rollback_abandoned: bool = True
+    # PgBouncer's server_check_query: SQL that checks a server idle for
+    # server_check_delay (0: every time) before its next client; "<empty>"
+    # sends an empty query, "" turns the check off.
+    server_check_query: str = "<empty>"
+    server_check_delay: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,15 @@ from pgmux.proxy.config.values import (
 )
 
 
+def check_query(value: Any, key: str) -> str:
+    """server_check_query: SQL, "<empty>" (an empty query), "" or null (off)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise expected_error(key, 'a query, "<empty>", or "" (off)', value)
+    return str(value)  # drops the Interpolated marker
+
+
 @dataclass(frozen=True, slots=True)
 class Section:
     """A mapping whose keys are converted onto a base instance (its defaults)."""
@@ -92,6 +101,8 @@ POOL: dict[str, Converter] = {
     "max_prepared_statements": non_negative,
     "session_state": one_of(*SESSION_STATES),
     "rollback_abandoned": boolean,
+    "server_check_query": check_query,
+    "server_check_delay": parse_duration,
 }
 # The global section has one key more: the cap across all pools.
 POOL_SECTION = {**POOL, "max_server_connections": non_negative}
@@ -227,6 +238,8 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
             "max_db_client_connections",
             "max_user_client_connections",
             "max_prepared_statements",
+            "server_check_query",
+            "server_check_delay",
         )
     },
     # Read at each login: the next client sees the new value.
