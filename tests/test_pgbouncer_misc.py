@@ -6,6 +6,8 @@ server_fast_close, login_notify_message, query_wait_notify (doc/config.md).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 
 import asyncpg
 from helpers import APP_PASSWORD
@@ -118,3 +120,23 @@ async def test_server_check_delay_spares_recently_used_servers(
         assert await _checks_so_far(pg, "pgmux_late") == 1
     finally:
         await conn.close()
+
+
+def _psql(pg: TempPostgres, mux: object, sql: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PGPASSWORD": APP_PASSWORD, "PGCONNECT_TIMEOUT": "10"}
+    port = str(mux.port)  # type: ignore[attr-defined]
+    return subprocess.run(
+        [os.path.join(pg.bindir, "psql"), "-X", "-At", "-h", "127.0.0.1", "-p", port,
+         "-U", "app", "-d", "appdb", "-c", sql],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+
+
+def test_login_notify_message_reaches_every_client(ini_pgmux: IniStarter, pg: TempPostgres) -> None:
+    """login_notify_message: a NOTICE between BackendKeyData and ReadyForQuery."""
+    mux = ini_pgmux.start("login_notify_message = You are connected to pgmux\n")
+    for _ in range(2):
+        done = _psql(pg, mux, "SELECT 1")
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "NOTICE:  You are connected to pgmux\n"
+        assert done.stdout == "1\n"

@@ -84,6 +84,9 @@ def _build(data: Any, path: str | None, env: Mapping[str, str], base_dir: str) -
             root.get("ignore_startup_parameters"), "ignore_startup_parameters"
         ),
         pidfile=optional_text(root.get("pidfile"), "pidfile"),
+        login_notify_message=optional_text(
+            root.get("login_notify_message") or None, "login_notify_message"
+        ),
         peers=parse_peers(root.get("peers")),
         **parts,
     )

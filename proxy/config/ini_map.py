@@ -296,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dns_zone_check_period", "0"),
     Setting("resolv_conf", ""),
     Setting("query_wait_notify", "5"),
-    Setting("login_notify_message", ""),
+    Setting("login_notify_message", "", "login_notify_message", text_or_none),
     # TLS
     Setting("client_tls_sslmode", "disable", "tls.client.mode", str.lower),
     Setting("client_tls_key_file", "", "tls.client.key", _path_or_none),

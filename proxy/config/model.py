@@ -272,6 +272,7 @@ class Config:
     users: Mapping[str, UserConfig] = field(default_factory=lambda: MappingProxyType({}))
     ignore_startup_parameters: tuple[str, ...] = ()
     pidfile: str | None = None
+    login_notify_message: str | None = None  # a NOTICE every client gets at login
 
     def database(self, name: str) -> DatabaseConfig | None:
         """The entry for NAME, else the "*" fallback renamed to NAME, else None.

@@ -168,6 +168,7 @@ SECTIONS: dict[str, Section] = {
 TOP_LEVEL = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),
     *("peers", "databases", "users", "ignore_startup_parameters", "pidfile"),
+    "login_notify_message",
 )
 _DATABASE_OWN: dict[str, Converter] = {
     "host": host_list,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 
-from pgmux.protocol import messages
+from pgmux.protocol import messages, sqlstate
 
 # Reported by PostgreSQL but not settable by a client session.
 READ_ONLY_REPORTED = frozenset(
@@ -179,14 +179,22 @@ def split_by_reported(
 
 
 def welcome_messages(
-    server_params: dict[str, str], params: dict[str, str], pid: int, key: bytes
+    server_params: dict[str, str],
+    params: dict[str, str],
+    pid: int,
+    key: bytes,
+    notice: str | None = None,
 ) -> bytes:
     """What a client gets after AuthenticationOk: ParameterStatus for every server
     parameter (its own values in place of the ones they override), its
-    BackendKeyData, ReadyForQuery."""
+    BackendKeyData, the login_notify_message NOTICE if any (where PgBouncer
+    puts it), ReadyForQuery."""
     out = [messages.parameter_status(k, v) for k, v in server_params.items() if k not in params]
     out += [messages.parameter_status(k, v) for k, v in params.items()]
-    out += (messages.backend_key_data(pid, key), messages.ready_for_query("I"))
+    out.append(messages.backend_key_data(pid, key))
+    if notice:
+        out.append(messages.notice_response(sqlstate.SUCCESSFUL_COMPLETION, notice))
+    out.append(messages.ready_for_query("I"))
     return b"".join(out)
 
 
