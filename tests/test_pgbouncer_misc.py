@@ -140,3 +140,32 @@ def test_login_notify_message_reaches_every_client(ini_pgmux: IniStarter, pg: Te
         assert done.returncode == 0, done.stderr
         assert done.stderr == "NOTICE:  You are connected to pgmux\n"
         assert done.stdout == "1\n"
+
+
+QUEUED = "No server connection available in postgres backend, client being queued"
+
+
+async def test_query_wait_notify_tells_a_queued_client_once_per_wait(
+    ini_pgmux: IniStarter,
+) -> None:
+    """query_wait_notify: a client queued longer than that gets PgBouncer's
+    NOTICE, once per wait; one served at once gets none."""
+    mux = ini_pgmux.start("query_wait_notify = 1\ndefault_pool_size = 1\n")
+    holder = await asyncpg.connect(url(mux, "appdb"))
+    waiter = await asyncpg.connect(url(mux, "appdb"))
+    notices: list[str] = []
+    waiter.add_log_listener(lambda _conn, message: notices.append(message.message))
+    try:
+        assert await waiter.fetchval("SELECT 1") == 1
+        assert notices == []  # a free server: no wait, no notice
+        for expected in (1, 2):
+            async with holder.transaction():  # the only server, held
+                await holder.execute("SELECT 1")
+                queued = asyncio.ensure_future(waiter.fetchval("SELECT 2"))
+                await asyncio.sleep(2.5)  # past query_wait_notify, several janitor ticks
+                assert not queued.done()
+            assert await asyncio.wait_for(queued, 10) == 2
+            assert notices == [QUEUED] * expected, notices
+    finally:
+        await holder.close()
+        await waiter.close()

@@ -295,7 +295,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dns_nxdomain_ttl", "15"),
     Setting("dns_zone_check_period", "0"),
     Setting("resolv_conf", ""),
-    Setting("query_wait_notify", "5"),
+    Setting("query_wait_notify", "5", "timeouts.query_wait_notify", seconds),
     Setting("login_notify_message", "", "login_notify_message", text_or_none),
     # TLS
     Setting("client_tls_sslmode", "disable", "tls.client.mode", str.lower),

@@ -73,6 +73,7 @@ class Timeouts:
     transaction: float = 0.0  # a transaction's whole time, idle or running
     query: float = 0.0
     query_wait: float = 20.0
+    query_wait_notify: float = 5.0  # a NOTICE to a client queued this long
     pool_idle: float = 0.0  # a pool with no client and no server this long is removed
     cancel_wait: float = 10.0
     shutdown_grace: float = 30.0
