@@ -169,3 +169,47 @@ async def test_query_wait_notify_tells_a_queued_client_once_per_wait(
     finally:
         await holder.close()
         await waiter.close()
+
+
+async def _closed_within(conn: asyncpg.Connection, seconds: float) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if conn.is_closed():
+            return True
+        await asyncio.sleep(0.05)
+    return conn.is_closed()
+
+
+async def test_server_fast_close_ends_idle_sessions_after_reconnect(
+    ini_pgmux: IniStarter,
+) -> None:
+    """Session mode with server_fast_close: after RECONNECT an idle session's
+    server closes at once, and so does its client; one inside a transaction
+    finishes it first. Without the setting, sessions keep their servers."""
+    mux = ini_pgmux.start("pool_mode = session\n")
+    admin = await asyncpg.connect(url(mux, "pgbouncer", "admin", "admin-secret"))
+    idle = await asyncpg.connect(url(mux, "appdb"))
+    busy = await asyncpg.connect(url(mux, "appdb"))
+    try:
+        for conn in (idle, busy):  # each holds its session's server
+            await conn.fetchval("SELECT 1")
+        await admin.execute("RECONNECT appdb")
+        assert not await _closed_within(idle, 1.0)  # the default: at the session's end
+        await admin.execute("SET server_fast_close = 1")
+        transaction = busy.transaction()
+        await transaction.start()
+        await busy.fetchval("SELECT 1")
+        assert await _closed_within(idle, 5.0)
+        assert not await _closed_within(busy, 1.0)  # its transaction is not interrupted
+        await transaction.commit()
+        assert await _closed_within(busy, 5.0)
+        text = await wait_for_log(
+            logfile(mux), r"S-\S+ .*closing because: database configuration changed"
+        )
+        assert "C-" in text
+        fresh = await asyncpg.connect(url(mux, "appdb"))
+        assert await fresh.fetchval("SELECT 1") == 1  # a new server for a new session
+        await fresh.close()
+    finally:
+        await admin.close()
+        idle.terminate()
+        busy.terminate()

@@ -281,7 +281,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server_reset_query_always", "0", note="see pool.session_state: reset"),
     Setting("server_check_delay", "30", "pool.server_check_delay", seconds),
     Setting("server_check_query", "<empty>", "pool.server_check_query", str.strip),
-    Setting("server_fast_close", "0"),
+    Setting("server_fast_close", "0", "pool.server_fast_close", _flag),
     Setting(
         "server_lifetime", "3600", "timeouts.server_lifetime", lifetime_seconds, _show_lifetime
     ),

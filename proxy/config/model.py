@@ -56,6 +56,9 @@ class PoolSettings:
     # sends an empty query, "" turns the check off.
     server_check_query: str = "<empty>"
     server_check_delay: float = 30.0
+    # Session mode: a server RECONNECT or a reload marked for replacement closes
+    # (with its client) once that client is between transactions, not at its end.
+    server_fast_close: bool = False
 
 
 @dataclass(frozen=True, slots=True)

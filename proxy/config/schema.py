@@ -103,6 +103,7 @@ POOL: dict[str, Converter] = {
     "rollback_abandoned": boolean,
     "server_check_query": check_query,
     "server_check_delay": parse_duration,
+    "server_fast_close": boolean,
 }
 # The global section has one key more: the cap across all pools.
 POOL_SECTION = {**POOL, "max_server_connections": non_negative}
@@ -241,6 +242,7 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
             "max_prepared_statements",
             "server_check_query",
             "server_check_delay",
+            "server_fast_close",
         )
     },
     # Read at each login: the next client sees the new value.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol import messages, sqlstate
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import READY, ClientState
+from pgmux.proxy.datapath import fast_close
 from pgmux.proxy.datapath.replies import query_clock
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class Janitor:
             if pool.waiting and pool.timeouts.query_wait_notify:
                 self._notify_waiting(pool, now)
             pool.expire_servers(now)
+            if pool.settings.server_fast_close and pool.mode == "session":
+                fast_close.close_marked_sessions(pool)
             if pool.waiting:
                 pool.grow()  # reserve_size may apply now, or a slot was freed
             pool.ensure_min_size()
