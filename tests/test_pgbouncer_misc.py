@@ -213,3 +213,17 @@ async def test_server_fast_close_ends_idle_sessions_after_reconnect(
         await admin.close()
         idle.terminate()
         busy.terminate()
+
+
+async def test_auto_database_is_logged_once(ini_pgmux: IniStarter, pg: TempPostgres) -> None:
+    """A database the "*" entry stands for is logged in PgBouncer's words
+    when its first client arrives, not again for the next; a listed one never."""
+    mux = ini_pgmux.start(databases=f"* = host={pg.host} port={pg.port}\n")
+    for dbname in ("other", "other", "appdb"):
+        conn = await asyncpg.connect(url(mux, dbname))
+        assert await conn.fetchval("SELECT current_database()") == dbname
+        await conn.close()
+    text = await wait_for_log(
+        logfile(mux), r"LOG C-\S+ other/app@\S+ registered new auto-database: other\n"
+    )
+    assert text.count("registered new auto-database") == 1, text
