@@ -10,6 +10,7 @@ import os
 import subprocess
 
 import asyncpg
+import pytest
 from helpers import APP_PASSWORD
 from test_logging import IniStarter, ini_pgmux, logfile, wait_for_log
 
@@ -227,3 +228,25 @@ async def test_auto_database_is_logged_once(ini_pgmux: IniStarter, pg: TempPostg
         logfile(mux), r"LOG C-\S+ other/app@\S+ registered new auto-database: other\n"
     )
     assert text.count("registered new auto-database") == 1, text
+
+
+async def test_options_that_are_not_settings_are_refused_in_pgbouncer_words(
+    ini_pgmux: IniStarter,
+) -> None:
+    """An options value other than `-c name=value` / `--name=value` switches is
+    refused with PgBouncer's message; the settings in it are applied."""
+    mux = ini_pgmux.start()
+    for options in ("-d", "-c timezone", "-c timezone=UTC -B 8"):
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(url(mux, "appdb"), server_settings={"options": options})
+        assert str(info.value) == (
+            "unsupported options startup parameter: "
+            "only '-c config=val' and '--config=val' are allowed"
+        ), options
+    options = "-ctimezone=Europe/Lisbon  --datestyle=German,\\ YMD"
+    conn = await asyncpg.connect(url(mux, "appdb"), server_settings={"options": options})
+    try:
+        assert await conn.fetchval("SHOW timezone") == "Europe/Lisbon"
+        assert await conn.fetchval("SHOW datestyle") == "German, YMD"
+    finally:
+        await conn.close()

@@ -46,6 +46,11 @@ REPORTED_NAMES = {
 # Startup packet keys that are not session parameters.
 NOT_GUCS = frozenset({"user", "database", "options", "replication"})
 
+# PgBouncer's words for an options value that is not a list of settings
+OPTIONS_REFUSED = (
+    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
+)
+
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
 
@@ -127,14 +132,14 @@ def parse_options(options: str) -> dict[str, str]:
             _add_assignment(gucs, word[2:])
             i += 1
         else:
-            raise StartupParameterError(f"unsupported options switch: {word!r}")
+            raise StartupParameterError(OPTIONS_REFUSED)  # another switch (-d, -B 8, ...)
     return gucs
 
 
 def _add_assignment(gucs: dict[str, str], assignment: str) -> None:
     name, sep, value = assignment.partition("=")
     if not sep:
-        raise StartupParameterError(f"options switch without a value: {assignment!r}")
+        raise StartupParameterError(OPTIONS_REFUSED)  # `-c name` without `=value`
     gucs[name.replace("-", "_")] = value
 
 
