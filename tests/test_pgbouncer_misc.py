@@ -14,6 +14,7 @@ import pytest
 from helpers import APP_PASSWORD
 from test_logging import IniStarter, ini_pgmux, logfile, wait_for_log
 
+from pgmux.proxy.config import parse_config
 from pgmux.tempgres import TempPostgres
 
 __all__ = ["ini_pgmux"]  # the fixture, imported for the tests below
@@ -250,3 +251,27 @@ async def test_options_that_are_not_settings_are_refused_in_pgbouncer_words(
         assert await conn.fetchval("SHOW datestyle") == "German, YMD"
     finally:
         await conn.close()
+
+
+def test_the_yaml_file_takes_the_same_settings() -> None:
+    """Each setting above has its pgmux key, per database where it concerns servers."""
+    config = parse_config(
+        {
+            "pool": {"server_check_query": None, "server_fast_close": True},
+            "timeouts": {"query_wait_notify": "2s"},
+            "login_notify_message": "Welcome",
+            "databases": {
+                "a": {"connect_query": "SET work_mem = '8MB'", "server_check_delay": 0},
+                "b": {},
+            },
+        }
+    )
+    assert config.pool.server_check_query == "" and config.pool.server_fast_close
+    assert config.timeouts.query_wait_notify == 2.0
+    assert config.login_notify_message == "Welcome"
+    a, b = config.databases["a"], config.databases["b"]
+    assert a.connect_query == "SET work_mem = '8MB'" and b.connect_query is None
+    assert a.pool.server_check_delay == 0.0 and b.pool.server_check_delay == 30.0
+    defaults = parse_config({})
+    assert defaults.pool.server_check_query == "<empty>" and not defaults.pool.server_fast_close
+    assert defaults.timeouts.query_wait_notify == 5.0 and defaults.login_notify_message is None
