@@ -551,6 +551,9 @@ class ClientLogin:
                 f'database "{client.dbname}" is disabled', sqlstate.CANNOT_CONNECT_NOW
             )
         assert client.database is not None
+        if client.dbname not in self.config.databases and not self.registry.pools_of(client.dbname):
+            # the "*" entry stands for this database from now on (PgBouncer's words)
+            log.info("auto_database_registered", **client.log_fields())
         pool = self.registry.pool_for(client.dbname, client.database, client.user)
         pool.stats.total_client_login_count += 1
         client.feed_to(None)  # from here on the client's bytes are its own

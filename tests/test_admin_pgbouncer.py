@@ -118,8 +118,8 @@ async def test_set_takes_pgbouncer_names_and_values(pgmux: PgmuxFactory) -> None
             await console.execute("SET pool_mode = sometimes")
         with pytest.raises(psycopg.errors.UndefinedObject):
             await console.execute("SET no_such_setting = 1")
-        with pytest.raises(psycopg.errors.FeatureNotSupported, match="server_fast_close"):
-            await console.execute("SET server_fast_close = 1")  # PgBouncer's, not pgmux's
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="server_round_robin"):
+            await console.execute("SET server_round_robin = 1")  # PgBouncer's, not pgmux's
         final = config_rows(await show(console, "CONFIG"))
         assert final["query_timeout"][0] == "2.5" and final["pool_mode"][0] == "session"
     finally:

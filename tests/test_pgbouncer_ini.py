@@ -322,6 +322,7 @@ def test_unsupported_settings_are_collected_by_name(tmp_path: Path) -> None:
 syslog = 0
 server_reset_query = DISCARD ALL
 server_check_query = select 1
+tcp_keepalive = 0
 log_connections = 0
 [databases]
 appdb = host=h connect_query='SET x = 1' timezone=UTC
@@ -332,11 +333,11 @@ bob = transaction_timeout=5
     names = [item.name for item in loaded.unsupported]
     # Left at PgBouncer's default (syslog = 0, DISCARD ALL): no effect, not reported;
     # log_connections is honoured (logging.connections), so not reported either;
-    # neither is a per-user transaction_timeout (timeouts.transaction).
+    # neither is a per-user transaction_timeout (timeouts.transaction), a
+    # database's connect_query or server_check_query.
     assert names == [
         "server_round_robin",
-        "server_check_query",
-        "[databases] appdb: connect_query",
+        "tcp_keepalive",
         "[databases] appdb: timezone",
     ]
     warning = unsupported_warning(loaded.unsupported)

@@ -258,6 +258,10 @@ def _reserve_pool_taken(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return [(logging.WARNING, client_prefix(f) + "taking connection from reserve_pool")]
 
 
+def _auto_database(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
+    return [(logging.INFO, client_prefix(f) + f"registered new auto-database: {f.get('db')}")]
+
+
 def _drop(f: Mapping[str, Any], events: LogEvents) -> list[Line]:
     return []
 
@@ -276,6 +280,7 @@ EVENTS: dict[str, Renderer] = {
     "reserve_pool_taken": _reserve_pool_taken,
     "query_timeout": _query_timeout,
     "pool_idle_removed": _pool_idle_removed,
+    "auto_database_registered": _auto_database,
     "process_up": _process_up,
     "unsupported_settings": _unsupported,
     "login_config_error": _login_config_error,

@@ -86,6 +86,9 @@ def _build(data: Any, path: str | None, env: Mapping[str, str], base_dir: str) -
         ),
         pidfile=optional_text(root.get("pidfile"), "pidfile"),
         error_codes=one_of(*ERROR_CODES)(root.get("error_codes", "postgres"), "error_codes"),
+        login_notify_message=optional_text(
+            root.get("login_notify_message") or None, "login_notify_message"
+        ),
         peers=parse_peers(root.get("peers")),
         **parts,
     )

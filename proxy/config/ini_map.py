@@ -283,9 +283,9 @@ SETTINGS: tuple[Setting, ...] = (
         note="pgmux resets session-pooled servers with DISCARD ALL",
     ),
     Setting("server_reset_query_always", "0", note="see pool.session_state: reset"),
-    Setting("server_check_delay", "30"),
-    Setting("server_check_query", "<empty>"),
-    Setting("server_fast_close", "0"),
+    Setting("server_check_delay", "30", "pool.server_check_delay", seconds),
+    Setting("server_check_query", "<empty>", "pool.server_check_query", str.strip),
+    Setting("server_fast_close", "0", "pool.server_fast_close", _flag),
     Setting(
         "server_lifetime", "3600", "timeouts.server_lifetime", lifetime_seconds, _show_lifetime
     ),
@@ -299,8 +299,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dns_nxdomain_ttl", "15"),
     Setting("dns_zone_check_period", "0"),
     Setting("resolv_conf", ""),
-    Setting("query_wait_notify", "5"),
-    Setting("login_notify_message", ""),
+    Setting("query_wait_notify", "5", "timeouts.query_wait_notify", seconds),
+    Setting("login_notify_message", "", "login_notify_message", text_or_none),
     # TLS
     Setting("client_tls_sslmode", "disable", "tls.client.mode", str.lower),
     Setting("client_tls_key_file", "", "tls.client.key", _path_or_none),
@@ -431,7 +431,7 @@ DATABASE_PARAMETERS: Mapping[str, ConnKey] = {
     "client_encoding": ConnKey(None, note=_SERVER_PARAMETER),
     "datestyle": ConnKey(None, note=_SERVER_PARAMETER),
     "timezone": ConnKey(None, note=_SERVER_PARAMETER),
-    "connect_query": ConnKey(None, note=_SERVER_PARAMETER),
+    "connect_query": ConnKey("connect_query"),
     "auth_user": ConnKey("auth_user"),
     "auth_query": ConnKey("auth_query"),
     "auth_dbname": ConnKey("auth_dbname"),

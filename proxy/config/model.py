@@ -54,6 +54,14 @@ class PoolSettings:
     max_prepared_statements: int = 200
     session_state: str = "pin"
     rollback_abandoned: bool = True
+    # PgBouncer's server_check_query: SQL that checks a server idle for
+    # server_check_delay (0: every time) before its next client; "<empty>"
+    # sends an empty query, "" turns the check off.
+    server_check_query: str = "<empty>"
+    server_check_delay: float = 30.0
+    # Session mode: a server RECONNECT or a reload marked for replacement closes
+    # (with its client) once that client is between transactions, not at its end.
+    server_fast_close: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,9 @@ class Timeouts:
     transaction: float = 0.0  # a transaction's whole time, idle or running
     query: float = 0.0
     query_wait: float = 20.0
+    # A NOTICE to a client queued this long; off in YAML (a direct connection
+    # never sends one), PgBouncer's 5 s for a pgbouncer.ini.
+    query_wait_notify: float = 0.0
     pool_idle: float = 0.0  # a pool with no client and no server this long is removed
     cancel_wait: float = 10.0
     shutdown_grace: float = 30.0
@@ -195,6 +206,9 @@ class DatabaseConfig:
     auth_user: str | None = None
     auth_query: str | None = None
     auth_dbname: str | None = None
+    # SQL run on each new server connection before its first client (PgBouncer's
+    # per-database connect_query); an error is logged and otherwise ignored.
+    connect_query: str | None = None
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -272,6 +286,7 @@ class Config:
     # for the same condition; "pgbouncer" (a pgbouncer.ini), 08P01 with
     # PgBouncer's texts for console errors and transaction timeouts.
     error_codes: str = "postgres"
+    login_notify_message: str | None = None  # a NOTICE every client gets at login
 
     def database(self, name: str) -> DatabaseConfig | None:
         """The entry for NAME, else the "*" fallback renamed to NAME, else None.

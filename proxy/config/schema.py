@@ -59,6 +59,15 @@ from pgmux.proxy.config.values import (
 )
 
 
+def check_query(value: Any, key: str) -> str:
+    """server_check_query: SQL, "<empty>" (an empty query), "" or null (off)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise expected_error(key, 'a query, "<empty>", or "" (off)', value)
+    return str(value)  # drops the Interpolated marker
+
+
 @dataclass(frozen=True, slots=True)
 class Section:
     """A mapping whose keys are converted onto a base instance (its defaults)."""
@@ -93,6 +102,9 @@ POOL: dict[str, Converter] = {
     "max_prepared_statements": non_negative,
     "session_state": one_of(*SESSION_STATES),
     "rollback_abandoned": boolean,
+    "server_check_query": check_query,
+    "server_check_delay": parse_duration,
+    "server_fast_close": boolean,
 }
 # The global section has one key more: the cap across all pools.
 POOL_SECTION = {**POOL, "max_server_connections": non_negative}
@@ -158,6 +170,7 @@ SECTIONS: dict[str, Section] = {
 TOP_LEVEL = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),
     *("peers", "databases", "users", "ignore_startup_parameters", "pidfile", "error_codes"),
+    "login_notify_message",
 )
 ERROR_CODES = ("postgres", "pgbouncer")
 _DATABASE_OWN: dict[str, Converter] = {
@@ -170,6 +183,7 @@ _DATABASE_OWN: dict[str, Converter] = {
     "target_session_attrs": one_of(*TARGET_SESSION_ATTRS),
     "load_balance_hosts": one_of(*LOAD_BALANCE_HOSTS),
     "max_replica_lag": replica_lag,
+    "connect_query": optional_text,
     **dict.fromkeys(("auth_user", "auth_query", "auth_dbname"), optional_text),
 }
 # YAML key -> the DatabaseConfig field holding it (the others: the same name).
@@ -228,6 +242,9 @@ RUNTIME_SETTINGS: dict[str, Converter] = {
             "max_db_client_connections",
             "max_user_client_connections",
             "max_prepared_statements",
+            "server_check_query",
+            "server_check_delay",
+            "server_fast_close",
         )
     },
     # Read at each login: the next client sees the new value.

@@ -12,9 +12,10 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from pgmux.protocol import sqlstate
+from pgmux.protocol import messages, sqlstate
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import READY, ClientState
+from pgmux.proxy.datapath import fast_close
 from pgmux.proxy.datapath.endings import IDLE_TRANSACTION, TRANSACTION, ending
 from pgmux.proxy.datapath.replies import query_clock
 
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
 log = get_logger("pgmux.janitor")
 
 TICK_SECONDS = 0.25
+
+# PgBouncer's words (janitor.c), for query_wait_notify
+_QUEUED_NOTICE = messages.notice_response(
+    sqlstate.SUCCESSFUL_COMPLETION,
+    "No server connection available in postgres backend, client being queued",
+)
 
 
 def _waits_for_copy_data(client: ClientConnection) -> bool:
@@ -48,6 +55,7 @@ class Janitor:
         # pools whose database a reload removed: their clients finish, then close
         self.draining: set[Pool] = set()
         self._unused_since: dict[Pool, float] = {}  # pools with no client and no server
+        self._notified: dict[ClientConnection, float] = {}  # queued clients told, by wait start
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -67,7 +75,11 @@ class Janitor:
     def tick(self, now: float) -> None:
         for pool in list(self.registry.pools.values()):
             pool.expire_waiting(now)
+            if pool.waiting and pool.timeouts.query_wait_notify:
+                self._notify_waiting(pool, now)
             pool.expire_servers(now)
+            if pool.settings.server_fast_close and pool.mode == "session":
+                fast_close.close_marked_sessions(pool)
             if pool.waiting:
                 pool.grow()  # reserve_size may apply now, or a slot was freed
             pool.ensure_min_size()
@@ -77,6 +89,24 @@ class Janitor:
         for pool in list(self.draining):
             self._drain(pool, now)
         self._expire_logins(now)
+        if self._notified:  # forget the clients whose wait is over
+            self._notified = {
+                client: started
+                for client, started in self._notified.items()
+                if client.wait_started == started and client.state in READY
+            }
+
+    def _notify_waiting(self, pool: Pool, now: float) -> None:
+        """query_wait_notify: a NOTICE, once per wait, to each logged-in client
+        queued for a server longer than that (PgBouncer's per_loop_activate)."""
+        limit = pool.timeouts.query_wait_notify
+        for client in pool.waiting:  # FIFO: the first ones waited longest
+            started = client.wait_started
+            if now - started <= limit:
+                break
+            if client.state in READY and self._notified.get(client) != started:
+                self._notified[client] = started
+                client.send(_QUEUED_NOTICE)
 
     def drain(self, pool: Pool) -> None:
         """A reload removed this pool's database: let its clients finish, then close."""

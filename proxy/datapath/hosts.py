@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from pgmux.protocol.errors import ProtocolError
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import SERVER_IDLE
-from pgmux.proxy.datapath import probe, server_login
+from pgmux.proxy.datapath import probe, server_checks, server_login
 from pgmux.proxy.datapath.hostbook import BOOK, targets
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
 
@@ -114,6 +114,7 @@ async def login(pool: Pool, server: ServerConnection, attempts: list[Attempt]) -
             await server_login.connect(server, attempt.credentials, timeout)
             await server.wait_login(timeout)
             await _check(server, attempt.attrs, timeout)
+            await server_checks.run_connect_query(pool, server)
         except (OSError, TimeoutError, ServerLost, ServerError, ProtocolError, WrongServer) as exc:
             _note_failure(pool, server, attempt, exc)
             if number == len(attempts) - 1 or server not in pool.servers:

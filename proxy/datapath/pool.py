@@ -31,7 +31,7 @@ from pgmux.proxy.core.states import SERVER_CLEANING as _CLEANING
 from pgmux.proxy.core.states import SERVER_CLOSED as _CLOSED
 from pgmux.proxy.core.states import SERVER_IDLE as _IDLE
 from pgmux.proxy.core.states import ServerState
-from pgmux.proxy.datapath import cleanup, connect_failure, handover, hosts
+from pgmux.proxy.datapath import cleanup, connect_failure, handover, hosts, server_checks
 from pgmux.proxy.datapath.logfields import server_log_fields
 from pgmux.proxy.datapath.server import (
     ServerConnection,
@@ -159,8 +159,9 @@ class Pool:
     def _link(self, server: ServerConnection, client: ClientConnection, now: float = 0.0) -> bool:
         """Link a server to a client (state ACTIVE); False when the client had
         nothing for it after all, and the server is free again."""
-        if not now:
-            now = time.monotonic()
+        now = now or time.monotonic()
+        if self.settings.server_check_query and server_checks.held(self, server, client, now):
+            return True  # linked once server_check_query has answered (server_checks.py)
         if server.state is _ACTIVE:
             server.hand_on(now)  # straight from its last client: still active
             _leave_backpressure(server, client)
@@ -251,8 +252,7 @@ class Pool:
             self._set_server_state(server, _CLEANING)
             spawn(cleanup.reset_then_release(self, server))
             return
-        if not now:
-            now = time.monotonic()
+        now = now or time.monotonic()
         if self._should_close(server, now):
             server.unlink(now)
             self.close_server(server, "lifetime or reconnect")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 
-from pgmux.protocol import messages
+from pgmux.protocol import messages, sqlstate
 
 # Reported by PostgreSQL but not settable by a client session.
 READ_ONLY_REPORTED = frozenset(
@@ -45,6 +45,11 @@ REPORTED_NAMES = {
 
 # Startup packet keys that are not session parameters.
 NOT_GUCS = frozenset({"user", "database", "options", "replication"})
+
+# PgBouncer's words for an options value that is not a list of settings
+OPTIONS_REFUSED = (
+    "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed"
+)
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 
@@ -127,14 +132,14 @@ def parse_options(options: str) -> dict[str, str]:
             _add_assignment(gucs, word[2:])
             i += 1
         else:
-            raise StartupParameterError(f"unsupported options switch: {word!r}")
+            raise StartupParameterError(OPTIONS_REFUSED)  # another switch (-d, -B 8, ...)
     return gucs
 
 
 def _add_assignment(gucs: dict[str, str], assignment: str) -> None:
     name, sep, value = assignment.partition("=")
     if not sep:
-        raise StartupParameterError(f"options switch without a value: {assignment!r}")
+        raise StartupParameterError(OPTIONS_REFUSED)  # `-c name` without `=value`
     gucs[name.replace("-", "_")] = value
 
 
@@ -179,14 +184,22 @@ def split_by_reported(
 
 
 def welcome_messages(
-    server_params: dict[str, str], params: dict[str, str], pid: int, key: bytes
+    server_params: dict[str, str],
+    params: dict[str, str],
+    pid: int,
+    key: bytes,
+    notice: str | None = None,
 ) -> bytes:
     """What a client gets after AuthenticationOk: ParameterStatus for every server
     parameter (its own values in place of the ones they override), its
-    BackendKeyData, ReadyForQuery."""
+    BackendKeyData, the login_notify_message NOTICE if any (where PgBouncer
+    puts it), ReadyForQuery."""
     out = [messages.parameter_status(k, v) for k, v in server_params.items() if k not in params]
     out += [messages.parameter_status(k, v) for k, v in params.items()]
-    out += (messages.backend_key_data(pid, key), messages.ready_for_query("I"))
+    out.append(messages.backend_key_data(pid, key))
+    if notice:
+        out.append(messages.notice_response(sqlstate.SUCCESSFUL_COMPLETION, notice))
+    out.append(messages.ready_for_query("I"))
     return b"".join(out)
 
 

@@ -27,7 +27,8 @@ def send_welcome(client: ClientConnection, server_params: dict[str, str]) -> Non
     client.application_name = client.params.get("application_name", client.application_name)
     client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)
     key = (client.cancel_pid, client.cancel_key)
-    client.send(varcache.welcome_messages(server_params, client.params, *key))
+    notice = client.registry.config.login_notify_message
+    client.send(varcache.welcome_messages(server_params, client.params, *key, notice))
     client.feed_to(None)
     log.info("login", **client.log_fields())
     if client.state is CLIENT_WELCOME and client.server is not None:
