@@ -32,6 +32,7 @@ from pgmux.proxy.config.schema import (
     ERROR_CODES,
     POOL_SECTION,
     SECTIONS,
+    SHUTDOWN_MODES,
     TOP_LEVEL,
     USER_KEYS,
     convert_table,
@@ -86,6 +87,7 @@ def _build(data: Any, path: str | None, env: Mapping[str, str], base_dir: str) -
         ),
         pidfile=optional_text(root.get("pidfile"), "pidfile"),
         error_codes=one_of(*ERROR_CODES)(root.get("error_codes", "postgres"), "error_codes"),
+        shutdown=one_of(*SHUTDOWN_MODES)(root.get("shutdown", "drain"), "shutdown"),
         peers=parse_peers(root.get("peers")),
         **parts,
     )

@@ -271,6 +271,10 @@ class Config:
     # for the same condition; "pgbouncer" (a pgbouncer.ini), 08P01 with
     # PgBouncer's texts for console errors and transaction timeouts.
     error_codes: str = "postgres"
+    # What SIGTERM / SIGINT (SHUTDOWN WAIT_FOR_*) do: "drain", close each
+    # client at its transaction boundary; "pgbouncer" (a pgbouncer.ini), serve
+    # connected clients until they leave, as PgBouncer (daemon/lifecycle.py).
+    shutdown: str = "drain"
 
     def database(self, name: str) -> DatabaseConfig | None:
         """The entry for NAME, else the "*" fallback renamed to NAME, else None.
