@@ -37,6 +37,7 @@ from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.config import ADMIN_DATABASES
 from pgmux.proxy.config.hba import Connection
 from pgmux.proxy.config.tls import ALPN_PROTOCOL, ClientTls, peer_common_name, peer_names
+from pgmux.proxy.core.control import pgbouncer_shutdown
 from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import varcache
 from pgmux.proxy.datapath.auth import ClientAuth
@@ -546,6 +547,8 @@ class ClientLogin:
         if console:
             self._open_console(client, leftover, self._own_user)
             return
+        if pgbouncer_shutdown(self.registry.control):  # the console only (objects.c)
+            raise ProtocolError("pooler is shutting down", sqlstate.CANNOT_CONNECT_NOW)
         if self.registry.flags.is_disabled(client.dbname):
             raise ProtocolError(
                 f'database "{client.dbname}" is disabled', sqlstate.CANNOT_CONNECT_NOW

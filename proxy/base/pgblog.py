@@ -222,6 +222,7 @@ _SIGNALS = {
     ("shutdown_immediate", "SIGINT"): "got SIGINT while shutting down, fast exit",
     ("pause", "SIGUSR1"): "got SIGUSR1, pausing all activity",
     ("resume", "SIGUSR2"): "got SIGUSR2, continuing from PAUSE",
+    ("resume_ignored", "SIGUSR2"): "got SIGUSR2 while shutting down, ignoring",
 }
 
 

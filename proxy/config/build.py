@@ -32,6 +32,7 @@ from pgmux.proxy.config.schema import (
     ERROR_CODES,
     POOL_SECTION,
     SECTIONS,
+    SHUTDOWN_MODES,
     TOP_LEVEL,
     USER_KEYS,
     convert_table,
@@ -89,6 +90,7 @@ def _build(data: Any, path: str | None, env: Mapping[str, str], base_dir: str) -
         login_notify_message=optional_text(
             root.get("login_notify_message") or None, "login_notify_message"
         ),
+        shutdown=one_of(*SHUTDOWN_MODES)(root.get("shutdown", "drain"), "shutdown"),
         peers=parse_peers(root.get("peers")),
         **parts,
     )

@@ -115,6 +115,7 @@ def translate(entries: list[IniEntry], path: str) -> Translation:
     result.put("logging.format", "pgbouncer")  # PgBouncer's lines for PgBouncer's users
     result.put("auth.pgbouncer_rules", True)  # and PgBouncer's login rules
     result.put("error_codes", "pgbouncer")  # and its SQLSTATEs
+    result.put("shutdown", "pgbouncer")  # and its SIGTERM / SIGINT
     socket_dir = _socket_dir(settings)
     for name, entry in databases.items():
         _translate_database(name, entry, result, socket_dir)

@@ -287,6 +287,10 @@ class Config:
     # PgBouncer's texts for console errors and transaction timeouts.
     error_codes: str = "postgres"
     login_notify_message: str | None = None  # a NOTICE every client gets at login
+    # What SIGTERM / SIGINT (SHUTDOWN WAIT_FOR_*) do: "drain", close each
+    # client at its transaction boundary; "pgbouncer" (a pgbouncer.ini), serve
+    # connected clients until they leave, as PgBouncer (daemon/lifecycle.py).
+    shutdown: str = "drain"
 
     def database(self, name: str) -> DatabaseConfig | None:
         """The entry for NAME, else the "*" fallback renamed to NAME, else None.

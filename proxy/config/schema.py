@@ -171,8 +171,10 @@ TOP_LEVEL = (
     *("listen", "pool", "timeouts", "auth", "admin", "tls", "logging", "limits", "health"),
     *("peers", "databases", "users", "ignore_startup_parameters", "pidfile", "error_codes"),
     "login_notify_message",
+    "shutdown",
 )
 ERROR_CODES = ("postgres", "pgbouncer")
+SHUTDOWN_MODES = ("drain", "pgbouncer")
 _DATABASE_OWN: dict[str, Converter] = {
     "host": host_list,
     "port": port_list,

@@ -46,6 +46,7 @@ def settings_table(config: Config) -> list[tuple[str, str, str]]:
     rows.append(("pidfile", _show(optional_text, config.pidfile), ""))
     rows.append(("error_codes", config.error_codes, "postgres"))
     rows.append(("login_notify_message", config.login_notify_message or "", ""))
+    rows.append(("shutdown", config.shutdown, "drain"))
     peers = config.peers
     rows.append(("peers.peer_id", str(peers.peer_id), "0"))
     rows.append(("peers.secret", _show(secret, peers.secret), ""))

@@ -27,6 +27,7 @@ from pgmux.proxy.console.gather import MERGED
 from pgmux.proxy.console.settings import FAKE_PARAMS, TLS_NOT_APPLIED, TlsNotApplied, set_setting
 from pgmux.proxy.console.show import SHOW, Result
 from pgmux.proxy.console.show_sockets import MORE_SHOW
+from pgmux.proxy.core.control import pgbouncer_shutdown
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -206,7 +207,7 @@ class Commands:
                 raise ConsoleError(
                     sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE, f"database {arg} is not paused"
                 )
-        elif registry.shutting_down:
+        elif registry.shutting_down or pgbouncer_shutdown(registry.control):
             raise ConsoleError(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         elif not (registry.paused or registry.suspended):
             raise ConsoleError(

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 class Control(Protocol):
     config: Config  # the daemon's running configuration; a console SET swaps it
+    # "WAIT_FOR_CLIENTS" / "WAIT_FOR_SERVERS" while PgBouncer's shutdown runs
+    # (shutdown: pgbouncer): only console logins are taken, RESUME is refused.
+    pgbouncer_shutdown: str | None
 
     def reload(self) -> None:
         """Read the configuration file again and apply it (RELOAD, SIGHUP)."""
@@ -26,3 +29,8 @@ class Control(Protocol):
 
     def stop_now(self) -> None:
         """Close every client and server at once (SIGQUIT, plain SHUTDOWN)."""
+
+
+def pgbouncer_shutdown(control: Control | None) -> str | None:
+    """PgBouncer's shutdown under way (its mode), else None; also without a daemon."""
+    return None if control is None else control.pgbouncer_shutdown

@@ -5,7 +5,13 @@ timeouts.shutdown_grace), close each client with 57P01 at its transaction
 boundary, then exit 0; a second SIGTERM exits at once. That is a rolling
 restart behind a load balancer (docs/scaling.md): /ready turns false at once.
 SIGINT: stop accepting, refuse queued requests, wait (up to the same grace)
-for every server to be released. SIGQUIT: now. SIGUSR1 / SIGUSR2: PAUSE /
+for every server to be released. Under `shutdown: pgbouncer` (a pgbouncer.ini)
+both are PgBouncer's instead: only the TCP listeners close, the unix socket
+takes console logins (and refuses others, proxy/login.py) until the end;
+SIGTERM serves every connected client until the last one leaves, SIGINT lets
+a client holding a server go on, closes one that asks for a server, and exits
+once no server is in use; a second signal drops every socket at once, without
+a message. SIGQUIT: now. SIGUSR1 / SIGUSR2: PAUSE /
 RESUME. SIGHUP: reload the configuration and the users file; a bad file is
 logged and the running configuration stays. Each step is told to systemd
 (proxy/base/sdnotify.py) when it runs pgmux as a Type=notify service.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -32,6 +39,7 @@ from pgmux.proxy.daemon.janitor import Janitor
 from pgmux.proxy.daemon.listener import Listener
 from pgmux.proxy.daemon.logsetup import refresh_logging
 from pgmux.proxy.daemon.peers import WorkerInfo
+from pgmux.proxy.datapath.client import ClientConnection
 from pgmux.proxy.metrics import Observer, Workers
 from pgmux.proxy.registry import Registry
 
@@ -90,6 +98,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _drop(client: ClientConnection) -> None:
+    """Close a client without a word, as PgBouncer's exit does."""
+    if client.transport is not None:
+        client.transport.close()
+    client.closed("terminating connection due to administrator command")
+
+
 class Daemon:
     after_bind: Callable[[], None] | None = None  # run once listening (cli's -u drops root)
 
@@ -105,7 +120,7 @@ class Daemon:
         # stats period, /metrics /health /ready
         self.observer = Observer(
             self.registry,
-            listening=lambda: bool(self.listener.servers),
+            listening=lambda: bool(self.listener.servers) and not self._stopping,
             workers=Workers(worker.index, worker.metrics_of_others) if worker else None,
         )
         if worker is not None:  # worker 0's /metrics asks this worker for its text
@@ -117,6 +132,8 @@ class Daemon:
         self._stopped: asyncio.Future[int] | None = None
         self._stopping = False
         self._refuse_waiting = False
+        # PgBouncer's WAIT_FOR_CLIENTS / WAIT_FOR_SERVERS under way (shutdown: pgbouncer)
+        self.pgbouncer_shutdown: str | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -174,6 +191,9 @@ class Daemon:
         self.registry.pause()
 
     def resume(self) -> None:
+        if self.pgbouncer_shutdown is not None:
+            log.info("resume_ignored", signal="SIGUSR2", reason="shutting down")
+            return
         log.info("resume", signal="SIGUSR2")
         self.registry.resume()
 
@@ -183,6 +203,9 @@ class Daemon:
         if self._stopping:
             log.info("shutdown_immediate", signal=signame)
             self.stop_now()
+            return
+        if self.config.shutdown == "pgbouncer":
+            self._shutdown_pgbouncer(signame)
             return
         self._stopping = True
         # SIGINT waits only for the servers in use; SIGTERM also lets queued
@@ -206,6 +229,54 @@ class Daemon:
             self._close_idle_clients()
             await asyncio.sleep(0.05)
         self.stop_now()
+
+    def _shutdown_pgbouncer(self, signame: str) -> None:
+        """PgBouncer's shutdown (main.c handle_sigterm / handle_sigint, the
+        janitor's exit checks): TCP stops, connected clients are served."""
+        self._stopping = True
+        mode = "WAIT_FOR_SERVERS" if signame == "SIGINT" else "WAIT_FOR_CLIENTS"
+        self.pgbouncer_shutdown = mode
+        log.info(
+            "shutdown_started", signal=signame, mode=mode, grace=self.config.timeouts.shutdown_grace
+        )
+        self.notifier.stopping(f"shutting down ({signame}): {self.status()}")
+        self._close_tcp_listeners()
+        if mode == "WAIT_FOR_SERVERS":
+            self.registry.pause()  # new transactions queue, and are closed there
+        spawn(self._wait_pgbouncer(mode))
+
+    def _close_tcp_listeners(self) -> None:
+        """Stop accepting on TCP; the unix socket stays for the console."""
+        kept = []
+        for server in self.listener.servers:
+            if any(sock.family == socket.AF_UNIX for sock in server.sockets):
+                kept.append(server)
+            else:
+                server.close()
+        self.listener.servers[:] = kept
+
+    async def _wait_pgbouncer(self, mode: str) -> None:
+        grace = self.config.timeouts.shutdown_grace
+        deadline = time.monotonic() + grace if grace else float("inf")
+        while time.monotonic() < deadline:
+            if mode == "WAIT_FOR_CLIENTS":
+                if not self.registry.clients:
+                    log.info("shutdown_done", reason="client connections dropped")
+                    break
+            else:
+                self._close_waiting_clients()
+                if not any(pool.active or pool.being_canceled for pool in self._pools()):
+                    log.info("shutdown_done", reason="server connections dropped")
+                    break
+            await asyncio.sleep(0.05)
+        self.stop_now()
+
+    def _close_waiting_clients(self) -> None:
+        """WAIT_FOR_SERVERS: a client that asked for a server gets none
+        (PgBouncer's pause_client: "server shutting down")."""
+        for pool in self._pools():
+            for client in list(pool.waiting):
+                client.fail("57P01", "terminating connection due to administrator command")
 
     def _pools(self) -> list:  # list[Pool], the draining ones included
         return [*self.registry.pools.values(), *self.janitor.draining]
@@ -236,8 +307,12 @@ class Daemon:
             self.notifier.stopping("stopping now")
         log.info("shutdown_now", clients=len(self.registry.clients))
         self.listener.close()
+        quiet = self.pgbouncer_shutdown is not None  # PgBouncer exits: sockets just drop
         for client in list(self.registry.clients):
-            client.fail("57P01", "terminating connection due to administrator command")
+            if quiet:
+                _drop(client)
+            else:
+                client.fail("57P01", "terminating connection due to administrator command")
         for pool in self._pools():
             pool.close()
             for server in list(pool.servers):
