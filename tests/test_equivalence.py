@@ -1,0 +1,160 @@
+"""Acceptance: a client sees through pgmux exactly what PostgreSQL sends it.
+
+Hypothesis writes client sessions (tests/equiv_script.py): simple Queries,
+extended pipelines with several Syncs, savepoints, errors in the middle of a
+pipeline, COPY FROM STDIN ended by CopyDone or CopyFail, COPY TO STDOUT,
+SET/RESET, statements prepared and reused by name. Each runs on a fresh
+direct connection to PostgreSQL and on a fresh connection through pgmux, in
+a transaction-mode and in a session-mode pool, and every message the client
+receives must be equal, the login's ParameterStatus (values and order)
+included. Only BackendKeyData differs by necessity and is blanked
+(tests/equiv_wire.py); no script selects a backend pid or gets a
+NotificationResponse.
+
+The tables are restored before each run, so the two runs start alike.
+
+100 generated sessions per mode by default (a few minutes at most);
+PGMUX_EQUIV_DEEP=1 runs 2000 per mode, the issue's acceptance run:
+
+    PGMUX_EQUIV_DEEP=1 .venv/bin/python -m pytest -q -p no:cacheprovider \\
+        tests/test_equivalence.py --timeout 3000
+
+Hypothesis is derandomized (the same sessions every run) and keeps no
+example database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from equiv_script import RESET_SQL, SCHEMA_SQL, Msg, Script, scripts
+from equiv_wire import Endpoint, Message, WireClient, WireError, normalised, readable
+from helpers import APP_PASSWORD, APP_USER, PgmuxFactory, unique
+from hypothesis import HealthCheck, given, settings
+
+from pgmux.tempgres import TempPostgres
+
+DEEP = os.environ.get("PGMUX_EQUIV_DEEP") == "1"
+EXAMPLES = 2000 if DEEP else 100
+MODES = ["transaction", "session"]
+
+pytestmark = pytest.mark.timeout(3600 if DEEP else 300)
+
+
+@pytest.fixture
+def equiv_db(pg: TempPostgres) -> str:
+    """A database of the test's own with the scripts' tables, owned by `app`."""
+    name = unique("equiv")
+    pg.create_database(name, owner=APP_USER)
+    pg.sql(f"SET ROLE {APP_USER};" + SCHEMA_SQL, dbname=name)
+    return name
+
+
+def pool_config(mode: str) -> dict[str, Any]:
+    # More servers than one session ever holds: a pinned or resetting server
+    # never makes the next session wait.
+    return {"pool": {"mode": mode, "size": 4}, "timeouts": {"query_wait": "10s"}}
+
+
+class Runner:
+    """Runs a Script on PostgreSQL and through pgmux and compares the replies."""
+
+    def __init__(self, pg: TempPostgres, mux: Any, dbname: str, loop: asyncio.Runner) -> None:
+        self.direct = Endpoint(pg.host, pg.port)
+        self.mux = Endpoint(mux.host, mux.port)
+        self.dbname = dbname
+        self.pg = pg
+        self.loop = loop
+        self._admin: asyncpg.Connection | None = None
+
+    async def _reset(self) -> None:
+        if self._admin is None:
+            self._admin = await asyncpg.connect(
+                host=self.pg.host,
+                port=self.pg.port,
+                user=self.pg.superuser,
+                password=self.pg.password,
+                database=self.dbname,
+                timeout=15,
+                server_settings={"statement_timeout": "20s"},
+            )
+        await self._admin.execute(RESET_SQL)
+
+    async def run(self, where: Endpoint, script: Script) -> list[list[Message]]:
+        """What the client gets: the login's messages, then each batch's replies.
+        A close or a silence ends the run with a marker in place of the replies."""
+        await self._reset()
+        client = await WireClient.open(where)
+        replies: list[list[Message]] = []
+        try:
+            replies.append(await client.login(APP_USER, APP_PASSWORD, self.dbname, script.startup))
+            for batch in script.batches:
+                got = await client.exchange(script.wire(batch), script.readies(batch))
+                replies.append(normalised(got))
+        except (WireError, TimeoutError) as exc:
+            replies.append([("!", f"{type(exc).__name__}: {exc}".encode())])
+        finally:
+            await client.close()
+        replies[0] = normalised(replies[0])
+        return replies
+
+    def check(self, script: Script) -> None:
+        expected = self.loop.run(self.run(self.direct, script))
+        got = self.loop.run(self.run(self.mux, script))
+        for step, (want, have) in enumerate(zip(expected, got, strict=False)):
+            what = "login" if step == 0 else f"batch {step}: {script.batches[step - 1]!r}"
+            if have != want:
+                diff = difflib.unified_diff(
+                    readable(want), readable(have), "postgres", "pgmux", lineterm=""
+                )
+                raise AssertionError(f"{what} differs:\n" + "\n".join(diff))
+        assert len(got) == len(expected)
+
+    def close(self) -> None:
+        if self._admin is not None:
+            self.loop.run(self._admin.close())
+
+
+@pytest.fixture(params=MODES)
+def runner(
+    request: pytest.FixtureRequest, pg: TempPostgres, pgmux: PgmuxFactory, equiv_db: str
+) -> Iterator[Runner]:
+    mux = pgmux(pool_config(request.param))
+    with asyncio.Runner() as loop:
+        run = Runner(pg, mux, equiv_db, loop)
+        try:
+            yield run
+        finally:
+            run.close()
+
+
+def test_generated_sessions_match_postgres(runner: Runner) -> None:
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+        ],
+    )
+    @given(script=scripts())
+    def check(script: Script) -> None:
+        runner.check(script)
+
+    check()
+
+
+# --- named examples: divergences found and fixed ------------------------------------
+
+
+def test_plain_login_and_query(runner: Runner) -> None:
+    runner.check(Script({}, [[Msg("Q", ("SELECT 1",))]]))
