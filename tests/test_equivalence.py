@@ -158,3 +158,10 @@ def test_generated_sessions_match_postgres(runner: Runner) -> None:
 
 def test_plain_login_and_query(runner: Runner) -> None:
     runner.check(Script({}, [[Msg("Q", ("SELECT 1",))]]))
+
+
+def test_login_reports_parameters_in_postgres_order(runner: Runner) -> None:
+    # PostgreSQL reports its parameters in its own order, the client's startup
+    # values in their places; pgmux once put the client's at the end.
+    startup = {"application_name": "equiv", "TimeZone": "Europe/Paris"}
+    runner.check(Script(startup, [[Msg("Q", ("SHOW TimeZone",))]]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pgmux.protocol import messages
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.states import CLIENT_WELCOME
 from pgmux.proxy.datapath import varcache
@@ -27,9 +28,21 @@ def send_welcome(client: ClientConnection, server_params: dict[str, str]) -> Non
     client.application_name = client.params.get("application_name", client.application_name)
     client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)
     key = (client.cancel_pid, client.cancel_key)
-    client.send(varcache.welcome_messages(server_params, client.params, *key))
+    client.send(_welcome_messages(server_params, client.params, *key))
     client.feed_to(None)
     log.info("login", **client.log_fields())
     if client.state is CLIENT_WELCOME and client.server is not None:
         return  # session mode: server_assigned goes on with the server it has
     client.welcomed()
+
+
+def _welcome_messages(
+    server_params: dict[str, str], params: dict[str, str], pid: int, key: bytes
+) -> bytes:
+    """ParameterStatus in the order the server reported them (PostgreSQL's own,
+    which drivers and tests may rely on), the client's values in place of the
+    server's, then BackendKeyData and ReadyForQuery."""
+    out = [messages.parameter_status(k, params.get(k, v)) for k, v in server_params.items()]
+    out += [messages.parameter_status(k, v) for k, v in params.items() if k not in server_params]
+    out += (messages.backend_key_data(pid, key), messages.ready_for_query("I"))
+    return b"".join(out)
