@@ -165,3 +165,10 @@ def test_login_reports_parameters_in_postgres_order(runner: Runner) -> None:
     # values in their places; pgmux once put the client's at the end.
     startup = {"application_name": "equiv", "TimeZone": "Europe/Paris"}
     runner.check(Script(startup, [[Msg("Q", ("SHOW TimeZone",))]]))
+
+
+@pytest.mark.parametrize("value", ["German", "sql, dmy", "MDY, German", "postgres", "euro"])
+def test_startup_datestyle_spelled_as_postgres_reports_it(runner: Runner, value: str) -> None:
+    # PostgreSQL reports DateStyle in its own words ("German" is "German, DMY");
+    # pgmux once echoed the client's spelling.
+    runner.check(Script({"datestyle": value}, [[Msg("Q", ("SHOW DateStyle",))]]))
