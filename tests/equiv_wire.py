@@ -150,7 +150,7 @@ def readable(received: Iterable[Message]) -> list[str]:
     for kind, body in received:
         if kind in "EN":
             fields = {chr(p[0]): p[1:].decode(errors="replace") for p in body.split(b"\0") if p}
-            lines.append(f"{kind} {fields.get('C')} {fields.get('M')!r}")
+            lines.append(f"{kind} {fields}")
         else:
             lines.append(f"{kind} {body[:120]!r}")
     return lines

@@ -172,3 +172,21 @@ def test_startup_datestyle_spelled_as_postgres_reports_it(runner: Runner, value:
     # PostgreSQL reports DateStyle in its own words ("German" is "German, DMY");
     # pgmux once echoed the client's spelling.
     runner.check(Script({"datestyle": value}, [[Msg("Q", ("SHOW DateStyle",))]]))
+
+
+def test_unknown_statement_names_get_postgres_own_errors(runner: Runner) -> None:
+    # A Bind or Describe of a name the client never prepared goes to
+    # PostgreSQL, which writes its error (with its file, line and routine);
+    # pgmux once wrote one of its own.
+    runner.check(
+        Script(
+            {},
+            [
+                [Msg("D", ("S", "s1")), Msg("S")],
+                [Msg("B", ("", "s2", ())), Msg("E", ("", 0)), Msg("S")],
+                [Msg("P", ("s1", "SELECT 1", ())), Msg("D", ("S", "s3")), Msg("S")],
+                [Msg("B", ("", "s1", ())), Msg("E", ("", 0)), Msg("S")],
+            ],
+        )
+    )
+

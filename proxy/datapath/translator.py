@@ -299,7 +299,7 @@ class Translator:
         if name_end == portal_end + 1:  # the unnamed statement
             prefix = self._ensure_unnamed(server)
             if prefix is None:
-                return self._unknown(server, b"")
+                return self._unknown(server, BIND, b"", message)
             responses.push(PLAIN[BIND])
             if self.track_text:
                 self._bound(body[:portal_end], self.unnamed_text)
@@ -310,7 +310,7 @@ class Translator:
         name = body[portal_end + 1 : name_end]
         statement = self.statements.get(name)
         if statement is None:
-            return self._unknown(server, name)
+            return self._unknown(server, BIND, name, message)
         prefix = self._ensure_prepared(server, statement)
         self.stats.total_bind_count += 1
         responses.push(self._renaming(BIND, name, statement))
@@ -333,7 +333,7 @@ class Translator:
         if not name:
             prefix = self._ensure_unnamed(server)
             if prefix is None:
-                return self._unknown(server, name)
+                return self._unknown(server, DESCRIBE, name, message)
             responses.push(PLAIN[DESCRIBE])
             return prefix + message if prefix else message
         if not self.limit:
@@ -341,7 +341,7 @@ class Translator:
             return message
         statement = self.statements.get(name)
         if statement is None:
-            return self._unknown(server, name)
+            return self._unknown(server, DESCRIBE, name, message)
         prefix = self._ensure_prepared(server, statement)
         responses.push(self._renaming(DESCRIBE, name, statement))
         return prefix + build_describe_statement(statement.name)
@@ -518,12 +518,28 @@ class Translator:
         server.unnamed_gen = _NOBODY
         return _FAILING_PARSE
 
-    def _unknown(self, server: ServerConnection, name: bytes) -> bytes:
-        what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
-        return self._fail(server, sqlstate.INVALID_SQL_STATEMENT_NAME, f"{what} does not exist")
+    def _unknown(self, server: ServerConnection, op: int, name: bytes, message: bytes) -> bytes:
+        """A Bind/Describe of a statement the client never prepared: PostgreSQL
+        is asked and writes its own 26000. The server has none of the client's
+        names (the statements it has are under pgmux's); its unnamed statement,
+        another client's, is closed first."""
+        responses = server.responses
+        if name:
+            responses.push(PLAIN[op])
+            return message
+        owner, gen = server.unnamed_owner, server.unnamed_gen
+
+        def restore() -> None:  # the Close was skipped: the server has what it had
+            server.unnamed_owner, server.unnamed_gen = owner, gen
+
+        server.unnamed_owner = None
+        responses.push(Entry(CLOSE, skip=True, rollback=restore))
+        responses.push(PLAIN[op])
+        return _CLOSE_UNNAMED + message
 
 
 _FAILING_QUERY = messages.query("pgmux refused this statement")
+_CLOSE_UNNAMED = build_close_statement(b"")
 
 
 def untranslatable(client: ClientConnection, server: ServerConnection, exc: Exception) -> None:
@@ -552,7 +568,3 @@ def _restorer(
         prepared[name] = statement
 
     return restore
-
-
-def _show(name: bytes) -> str:
-    return name.decode("utf-8", "replace")
