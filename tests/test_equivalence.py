@@ -56,10 +56,15 @@ def equiv_db(pg: TempPostgres) -> str:
     return name
 
 
-def pool_config(mode: str) -> dict[str, Any]:
+@pytest.fixture
+def pool_size() -> int:
     # More servers than one session ever holds: a pinned or resetting server
-    # never makes the next session wait.
-    return {"pool": {"mode": mode, "size": 4}, "timeouts": {"query_wait": "10s"}}
+    # never makes the next session wait. A test may give 1 to share a server.
+    return 4
+
+
+def pool_config(mode: str, size: int) -> dict[str, Any]:
+    return {"pool": {"mode": mode, "size": size}, "timeouts": {"query_wait": "10s"}}
 
 
 class Runner:
@@ -123,9 +128,13 @@ class Runner:
 
 @pytest.fixture(params=MODES)
 def runner(
-    request: pytest.FixtureRequest, pg: TempPostgres, pgmux: PgmuxFactory, equiv_db: str
+    request: pytest.FixtureRequest,
+    pg: TempPostgres,
+    pgmux: PgmuxFactory,
+    equiv_db: str,
+    pool_size: int,
 ) -> Iterator[Runner]:
-    mux = pgmux(pool_config(request.param))
+    mux = pgmux(pool_config(request.param, pool_size))
     with asyncio.Runner() as loop:
         run = Runner(pg, mux, equiv_db, loop)
         try:
@@ -189,6 +198,21 @@ def test_unknown_statement_names_get_postgres_own_errors(runner: Runner) -> None
             ],
         )
     )
+
+
+@pytest.mark.parametrize("pool_size", [1])
+def test_unnamed_statement_left_by_another_client(runner: Runner) -> None:
+    # The one server keeps the unnamed statement of the session before; a
+    # Describe of the unnamed statement by a client that has none must get
+    # PostgreSQL's 26000 each time, even when an error before it makes
+    # PostgreSQL skip the first.
+    parse = Msg("P", ("", "SELECT $1::int + 1 AS n", (23,)))
+    runner.check(Script({}, [[parse, Msg("D", ("S", "")), Msg("S")]]))
+    describe = [Msg("D", ("S", "")), Msg("S")]
+    failing = [Msg("D", ("P", "p1")), Msg("D", ("S", "")), Msg("S")]
+    runner.check(Script({}, [failing + describe + describe, describe]))
+    bind = [Msg("B", ("", "", (b"1",))), Msg("E", ("", 0)), Msg("S")]
+    runner.check(Script({}, [bind, failing + bind]))
 
 
 @pytest.mark.xfail(

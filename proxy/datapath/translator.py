@@ -527,19 +527,16 @@ class Translator:
         if name:
             responses.push(PLAIN[op])
             return message
-        owner, gen = server.unnamed_owner, server.unnamed_gen
-
-        def restore() -> None:  # the Close was skipped: the server has what it had
-            server.unnamed_owner, server.unnamed_gen = owner, gen
-
-        server.unnamed_owner = None
-        responses.push(Entry(CLOSE, skip=True, rollback=restore))
+        # The owner stays recorded: PostgreSQL may yet skip this Close (an error
+        # before it), and a Close of no statement is harmless.
+        responses.push(_CLOSE_SKIPPED)
         responses.push(PLAIN[op])
         return _CLOSE_UNNAMED + message
 
 
 _FAILING_QUERY = messages.query("pgmux refused this statement")
 _CLOSE_UNNAMED = build_close_statement(b"")
+_CLOSE_SKIPPED = Entry(CLOSE, skip=True)  # its CloseComplete is pgmux's, not the client's
 
 
 def untranslatable(client: ClientConnection, server: ServerConnection, exc: Exception) -> None:
