@@ -215,6 +215,21 @@ def test_unnamed_statement_left_by_another_client(runner: Runner) -> None:
     runner.check(Script({}, [bind, failing + bind]))
 
 
+def test_pipeline_after_a_sync_whose_parse_was_skipped(runner: Runner) -> None:
+    # An error makes PostgreSQL skip the Parse of s3 up to the Sync; what the
+    # client pipelined after that Sync must find s3 unknown. pgmux once
+    # rewrote it before the error was known: the second Parse went under the
+    # first's server-side name (a statement with another text on the server),
+    # and a Parse of the same text under another name got a ParseComplete of
+    # pgmux's own for a statement the server never made.
+    failing = [Msg("D", ("P", "p1")), Msg("P", ("s3", "SELECT 1 AS one", ())), Msg("S")]
+    run = [Msg("B", ("", "s3", ())), Msg("E", ("", 0)), Msg("S")]
+    again = [Msg("P", ("s3", "SELECT 2 AS two", ())), *run]
+    same_text = [Msg("P", ("s2", "SELECT 1 AS one", ())), Msg("B", ("", "s2", ())), *run[1:]]
+    runner.check(Script({}, [failing + again + [Msg("Q", ("SELECT 3",))], run]))
+    runner.check(Script({}, [failing + same_text, run]))
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="RESET and DISCARD ALL give the server's login values, not the client's startup"

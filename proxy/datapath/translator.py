@@ -110,6 +110,9 @@ class Translator:
         "cache",
         "stats",
         "_renaming_entries",
+        "held",
+        "wait_for",
+        "_uncertain",
     )
 
     def __init__(
@@ -131,6 +134,12 @@ class Translator:
         self._more: list[bytes] = []  # its later chunks, joined once: no copy per chunk
         self._short = 0  # bytes it still lacks (1 while its header is cut)
         self._copy_left = 0  # bytes of a message passed through unread
+        # What follows a Sync whose requests may yet be skipped (an error before
+        # them undoes what they registered) waits here for its ReadyForQuery:
+        # translated earlier, it would go by names PostgreSQL may not have.
+        self.held: list[bytes] = []
+        self.wait_for: Entry | None = None  # that Sync's entry
+        self._uncertain = False  # this Sync's requests so far registered something
         self._handlers = {
             _PARSE: self._parse,
             _BIND: self._bind,
@@ -145,9 +154,13 @@ class Translator:
 
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
+        if self.held:
+            self.held.append(data)  # behind what waits: the order stays
+            return b""
         n = len(data)
         if (
-            data[0] == _QUERY
+            self.wait_for is None
+            and data[0] == _QUERY
             and n > 5
             and not self._partial
             and not self._copy_left
@@ -185,7 +198,12 @@ class Translator:
                 short = end - n
                 break
             handler = handlers.get(kind)
+            if handler is not None and self.wait_for is not None and self._must_wait(responses):
+                self.held.append(data[pos:])
+                out.append(data[run:pos])
+                return b"".join(out)
             if handler is not None:
+                self._uncertain = kind != _QUERY or self._uncertain
                 message = data[pos:end]
                 try:
                     sent = handler(data[pos + 5 : end], message, server)
@@ -206,7 +224,12 @@ class Translator:
                         out.append(data[run:pos])
                         out.append(closes)
                         run = pos
-                responses.push(PLAIN[SYNC])
+                if self._uncertain:
+                    self._uncertain = False
+                    self.wait_for = Entry(SYNC)
+                    responses.push(self.wait_for)
+                else:
+                    responses.push(PLAIN[SYNC])
             elif kind == _FUNCTION_CALL:
                 responses.push(PLAIN[QUERY])
             pos = end
@@ -215,6 +238,27 @@ class Translator:
             self._short = short
         out.append(data[run:pos])
         return b"".join(out)
+
+    def _must_wait(self, responses: ResponseFilter) -> bool:
+        """Whether the Sync waited for is still to be answered (else forget it)."""
+        if self.wait_for in responses.entries:
+            return True
+        self.wait_for = None
+        return False
+
+    def release(self, client: ClientConnection, server: ServerConnection) -> None:
+        """After a ReadyForQuery: what waited goes on if its Sync is answered."""
+        if self.wait_for is not None and self._must_wait(server.responses):
+            return
+        data = b"".join(self.held)
+        self.held.clear()
+        try:
+            data = self.translate(data, server)
+        except Exception as exc:  # a bug must cost this client only
+            untranslatable(client, server, exc)
+            return
+        if data:
+            server.transport.write(data)
 
     # --- requests ---------------------------------------------------------
 
