@@ -96,7 +96,8 @@ PLAIN_SQL = (
     "CLOSE c1",
     "CREATE TEMP TABLE tmp1 (x int)",
     "INSERT INTO tmp1 VALUES (1)",
-    "SELECT x FROM tmp1 ORDER BY x",
+    # An expression: a temp table's column would name its oid, new in every session.
+    "SELECT x + 0 AS x FROM tmp1 ORDER BY x",
     "COPY t_log TO STDOUT",
     "COPY (SELECT id, name FROM t_items ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER)",
     "",

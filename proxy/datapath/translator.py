@@ -76,6 +76,7 @@ _FAILED = msgtypes.TX_FAILED
 # server.unnamed_gen of an unnamed statement that may exist but is no client's:
 # a generation no client has, so Binds of "" replay their Parse or get 26000.
 _NOBODY = -1
+_NAME, _TEXT = 0, 1  # what a request goes by (Translator._names)
 
 _PARSE_COMPLETE = messages.parse_complete()
 _CLOSE_COMPLETE = messages.close_complete()
@@ -112,7 +113,8 @@ class Translator:
         "_renaming_entries",
         "held",
         "wait_for",
-        "_uncertain",
+        "_unsure",
+        "_unsure_now",
     )
 
     def __init__(
@@ -139,7 +141,10 @@ class Translator:
         # translated earlier, it would go by names PostgreSQL may not have.
         self.held: list[bytes] = []
         self.wait_for: Entry | None = None  # that Sync's entry
-        self._uncertain = False  # this Sync's requests so far registered something
+        # Names (client statement names, query texts) the requests before
+        # unanswered Syncs registered, and those of the requests since the last.
+        self._unsure: set[tuple[int, bytes]] = set()
+        self._unsure_now: set[tuple[int, bytes]] = set()
         self._handlers = {
             _PARSE: self._parse,
             _BIND: self._bind,
@@ -159,8 +164,7 @@ class Translator:
             return b""
         n = len(data)
         if (
-            self.wait_for is None
-            and data[0] == _QUERY
+            data[0] == _QUERY
             and n > 5
             and not self._partial
             and not self._copy_left
@@ -198,12 +202,14 @@ class Translator:
                 short = end - n
                 break
             handler = handlers.get(kind)
-            if handler is not None and self.wait_for is not None and self._must_wait(responses):
-                self.held.append(data[pos:])
-                out.append(data[run:pos])
-                return b"".join(out)
+            if handler is not None and kind != _QUERY:
+                names = self._names(kind, data, pos + 5, end)
+                if self._unsure and self._depends(names, kind, responses):
+                    self.held.append(data[pos:])
+                    out.append(data[run:pos])
+                    return b"".join(out)
+                self._unsure_now.update(names)
             if handler is not None:
-                self._uncertain = kind != _QUERY or self._uncertain
                 message = data[pos:end]
                 try:
                     sent = handler(data[pos + 5 : end], message, server)
@@ -224,8 +230,9 @@ class Translator:
                         out.append(data[run:pos])
                         out.append(closes)
                         run = pos
-                if self._uncertain:
-                    self._uncertain = False
+                if self._unsure_now:
+                    self._unsure |= self._unsure_now
+                    self._unsure_now.clear()
                     self.wait_for = Entry(SYNC)
                     responses.push(self.wait_for)
                 else:
@@ -239,11 +246,44 @@ class Translator:
         out.append(data[run:pos])
         return b"".join(out)
 
+    def _names(self, kind: int, data: bytes, start: int, end: int) -> tuple[tuple[int, bytes], ...]:
+        """What a Parse/Bind/Describe/Close goes by: (_NAME, client name) and
+        (_TEXT, query text and types) of the statement. Unchecked: a malformed
+        body is the handler's to refuse."""
+        if kind == _PARSE:
+            split = data.find(b"\0", start, end)
+            return ((_NAME, data[start:split]), (_TEXT, data[split + 1 : end]))
+        if kind == _BIND:
+            split = data.find(b"\0", start, end) + 1
+            name = data[split : data.find(b"\0", split, end)]
+        elif data[start : start + 1] == b"S":
+            name = data[start + 1 : end - 1]
+        else:
+            return ()  # a portal: nothing registered by name
+        statement = self.statements.get(name)
+        if statement is None or kind == _CLOSE:
+            return ((_NAME, name),)
+        return ((_NAME, name), (_TEXT, statement.rest))
+
+    def _depends(
+        self, names: tuple[tuple[int, bytes], ...], kind: int, responses: ResponseFilter
+    ) -> bool:
+        """Whether a request goes by names registered before a Sync still
+        unanswered (and not since): then it waits for that Sync's answer.
+        An unnamed Parse only replaces what came before: it never waits."""
+        if kind == _PARSE and not names[0][1]:
+            return False
+        unsure, now = self._unsure, self._unsure_now
+        if not any(name in unsure and name not in now for name in names):
+            return False
+        return self._must_wait(responses)
+
     def _must_wait(self, responses: ResponseFilter) -> bool:
         """Whether the Sync waited for is still to be answered (else forget it)."""
         if self.wait_for in responses.entries:
             return True
         self.wait_for = None
+        self._unsure.clear()
         return False
 
     def release(self, client: ClientConnection, server: ServerConnection) -> None:
