@@ -26,8 +26,10 @@ example database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,7 +38,7 @@ import pytest
 from equiv_script import RESET_SQL, SCHEMA_SQL, Msg, Script, scripts
 from equiv_wire import Endpoint, Message, WireClient, WireError, normalised, readable
 from helpers import APP_PASSWORD, APP_USER, PgmuxFactory, unique
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 
 from pgmux.tempgres import TempPostgres
 
@@ -89,7 +91,34 @@ class Runner:
                 timeout=15,
                 server_settings={"statement_timeout": "20s"},
             )
-        await self._admin.execute(RESET_SQL)
+        try:
+            await self._admin.execute(RESET_SQL)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._admin = None
+            raise AssertionError(f"restoring the tables failed: {exc!r}\n{self._pg_log()}") from exc
+
+    def _skip_if_postgres_crashed(self, mark: int) -> None:
+        """PostgreSQL 15.18 (Debian) has been seen to die of a segmentation fault
+        in a generated session, on the direct connection as much as through
+        pgmux; every connection then ends. Such a session says nothing of pgmux:
+        wait for the restart and tell hypothesis to drop it."""
+        with open(self.pg.log_path, errors="replace") as log:
+            log.seek(mark)
+            if "was terminated by signal" not in log.read():
+                return
+        self._admin = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(AssertionError):
+                self.loop.run(self._reset())
+                break
+            time.sleep(0.5)
+        reject()
+
+    def _pg_log(self) -> str:
+        """The end of PostgreSQL's log: why it refused or dropped a connection."""
+        with open(self.pg.log_path, errors="replace") as log:
+            return "".join(log.readlines()[-40:])
 
     async def run(self, where: Endpoint, script: Script) -> list[list[Message]]:
         """What the client gets: the login's messages, then each batch's replies.
@@ -110,8 +139,14 @@ class Runner:
         return replies
 
     def check(self, script: Script) -> None:
-        expected = self.loop.run(self.run(self.direct, script))
-        got = self.loop.run(self.run(self.mux, script))
+        mark = os.path.getsize(self.pg.log_path)
+        try:
+            expected = self.loop.run(self.run(self.direct, script))
+            got = self.loop.run(self.run(self.mux, script))
+        except AssertionError:
+            self._skip_if_postgres_crashed(mark)
+            raise
+        self._skip_if_postgres_crashed(mark)
         for step, (want, have) in enumerate(zip(expected, got, strict=False)):
             what = "login" if step == 0 else f"batch {step}: {script.batches[step - 1]!r}"
             if have != want:
