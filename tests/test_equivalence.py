@@ -278,6 +278,15 @@ def test_invalid_parse_after_an_errored_pipeline(runner: Runner) -> None:
     runner.check(Script({}, [errored + again, again, in_failed, again, [Msg("Q", ("ROLLBACK",))]]))
 
 
+def test_long_pipeline_after_an_unanswered_sync(runner: Runner) -> None:
+    # More than pgmux keeps waiting in memory (1 MiB) behind a Sync whose
+    # Parse an error skipped: it goes on unchecked, and PostgreSQL's own
+    # 26000 for the skipped name still reaches the client each time.
+    failing = [Msg("D", ("P", "p1")), Msg("P", ("s3", "SELECT 1", ())), Msg("S")]
+    run = [Msg("B", ("", "s3", (b"x" * 200,))), Msg("E", ("", 0)), Msg("S")]
+    runner.check(Script({}, [failing + run * 6000]))
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="RESET and DISCARD ALL give the server's login values, not the client's startup"

@@ -77,6 +77,7 @@ _FAILED = msgtypes.TX_FAILED
 # a generation no client has, so Binds of "" replay their Parse or get 26000.
 _NOBODY = -1
 _NAME, _TEXT = 0, 1  # what a request goes by (Translator._names)
+_HOLD_LIMIT = 1 << 20  # bytes a client's requests may wait in memory for a Sync's answer
 
 _PARSE_COMPLETE = messages.parse_complete()
 _CLOSE_COMPLETE = messages.close_complete()
@@ -115,6 +116,7 @@ class Translator:
         "wait_for",
         "_unsure",
         "_unsure_now",
+        "_held_size",
     )
 
     def __init__(
@@ -141,6 +143,7 @@ class Translator:
         # translated earlier, it would go by names PostgreSQL may not have.
         self.held: list[bytes] = []
         self.wait_for: Entry | None = None  # that Sync's entry
+        self._held_size = 0
         # Names (client statement names, query texts) the requests before
         # unanswered Syncs registered, and those of the requests since the last.
         self._unsure: set[tuple[int, bytes]] = set()
@@ -161,7 +164,13 @@ class Translator:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
         if self.held:
             self.held.append(data)  # behind what waits: the order stays
-            return b""
+            self._held_size += len(data)
+            if self._held_size <= _HOLD_LIMIT:
+                return b""
+            # A client pipelining that much is not held in memory: its requests
+            # go on unchecked, as they would without the wait.
+            data = b"".join(self.held)
+            self._stop_waiting()
         n = len(data)
         if (
             data[0] == _QUERY
@@ -206,6 +215,7 @@ class Translator:
                 names = self._names(kind, data, pos + 5, end)
                 if self._unsure and self._depends(names, kind, responses):
                     self.held.append(data[pos:])
+                    self._held_size = n - pos
                     out.append(data[run:pos])
                     return b"".join(out)
                 self._unsure_now.update(names)
@@ -286,12 +296,20 @@ class Translator:
         self._unsure.clear()
         return False
 
+    def _stop_waiting(self) -> None:
+        self.held.clear()
+        self._held_size = 0
+        self.wait_for = None
+        self._unsure.clear()
+
     def release(self, client: ClientConnection, server: ServerConnection) -> None:
         """After a ReadyForQuery: what waited goes on if its Sync is answered."""
         if self.wait_for is not None and self._must_wait(server.responses):
             return
         data = b"".join(self.held)
-        self.held.clear()
+        self._stop_waiting()
+        if not data:
+            return
         try:
             data = self.translate(data, server)
         except Exception as exc:  # a bug must cost this client only
