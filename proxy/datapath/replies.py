@@ -303,6 +303,10 @@ class ResponseFilter:
             payload = data[run:pos]  # the chunk itself when nothing was rewritten
         if payload:
             client.transport.write(payload)
+        translator = client.translator
+        if translator is not None and translator.held and not self.hold:
+            translator.release(client, server)  # a ReadyForQuery may be what it waited for
+            return
         if ready and not self.hold and not self.skip_bytes:
             client.transaction_done(server, now)
 

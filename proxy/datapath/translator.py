@@ -76,6 +76,8 @@ _FAILED = msgtypes.TX_FAILED
 # server.unnamed_gen of an unnamed statement that may exist but is no client's:
 # a generation no client has, so Binds of "" replay their Parse or get 26000.
 _NOBODY = -1
+_NAME, _TEXT = 0, 1  # what a request goes by (Translator._names)
+_HOLD_LIMIT = 1 << 20  # bytes a client's requests may wait in memory for a Sync's answer
 
 _PARSE_COMPLETE = messages.parse_complete()
 _CLOSE_COMPLETE = messages.close_complete()
@@ -110,6 +112,11 @@ class Translator:
         "cache",
         "stats",
         "_renaming_entries",
+        "held",
+        "wait_for",
+        "_unsure",
+        "_unsure_now",
+        "_held_size",
     )
 
     def __init__(
@@ -131,6 +138,16 @@ class Translator:
         self._more: list[bytes] = []  # its later chunks, joined once: no copy per chunk
         self._short = 0  # bytes it still lacks (1 while its header is cut)
         self._copy_left = 0  # bytes of a message passed through unread
+        # What follows a Sync whose requests may yet be skipped (an error before
+        # them undoes what they registered) waits here for its ReadyForQuery:
+        # translated earlier, it would go by names PostgreSQL may not have.
+        self.held: list[bytes] = []
+        self.wait_for: Entry | None = None  # that Sync's entry
+        self._held_size = 0
+        # Names (client statement names, query texts) the requests before
+        # unanswered Syncs registered, and those of the requests since the last.
+        self._unsure: set[tuple[int, bytes]] = set()
+        self._unsure_now: set[tuple[int, bytes]] = set()
         self._handlers = {
             _PARSE: self._parse,
             _BIND: self._bind,
@@ -145,6 +162,15 @@ class Translator:
 
     def translate(self, data: bytes, server: ServerConnection) -> bytes:
         """Client bytes in, the bytes to write to `server` out (entries pushed)."""
+        if self.held:
+            self.held.append(data)  # behind what waits: the order stays
+            self._held_size += len(data)
+            if self._held_size <= _HOLD_LIMIT:
+                return b""
+            # A client pipelining that much is not held in memory: its requests
+            # go on unchecked, as they would without the wait.
+            data = b"".join(self.held)
+            self._stop_waiting()
         n = len(data)
         if (
             data[0] == _QUERY
@@ -185,6 +211,14 @@ class Translator:
                 short = end - n
                 break
             handler = handlers.get(kind)
+            if handler is not None and kind != _QUERY:
+                names = self._names(kind, data, pos + 5, end)
+                if self._unsure and self._depends(names, kind, responses):
+                    self.held.append(data[pos:])
+                    self._held_size = n - pos
+                    out.append(data[run:pos])
+                    return b"".join(out)
+                self._unsure_now.update(names)
             if handler is not None:
                 message = data[pos:end]
                 try:
@@ -206,7 +240,13 @@ class Translator:
                         out.append(data[run:pos])
                         out.append(closes)
                         run = pos
-                responses.push(PLAIN[SYNC])
+                if self._unsure_now:
+                    self._unsure |= self._unsure_now
+                    self._unsure_now.clear()
+                    self.wait_for = Entry(SYNC)
+                    responses.push(self.wait_for)
+                else:
+                    responses.push(PLAIN[SYNC])
             elif kind == _FUNCTION_CALL:
                 responses.push(PLAIN[QUERY])
             pos = end
@@ -215,6 +255,68 @@ class Translator:
             self._short = short
         out.append(data[run:pos])
         return b"".join(out)
+
+    def _names(self, kind: int, data: bytes, start: int, end: int) -> tuple[tuple[int, bytes], ...]:
+        """What a Parse/Bind/Describe/Close goes by: (_NAME, client name) and
+        (_TEXT, query text and types) of the statement. Unchecked: a malformed
+        body is the handler's to refuse."""
+        if kind == _PARSE:
+            split = data.find(b"\0", start, end)
+            return ((_NAME, data[start:split]), (_TEXT, data[split + 1 : end]))
+        if kind == _BIND:
+            split = data.find(b"\0", start, end) + 1
+            name = data[split : data.find(b"\0", split, end)]
+        elif data[start : start + 1] == b"S":
+            name = data[start + 1 : end - 1]
+        else:
+            return ()  # a portal: nothing registered by name
+        statement = self.statements.get(name)
+        if statement is None or kind == _CLOSE:
+            return ((_NAME, name),)
+        return ((_NAME, name), (_TEXT, statement.rest))
+
+    def _depends(
+        self, names: tuple[tuple[int, bytes], ...], kind: int, responses: ResponseFilter
+    ) -> bool:
+        """Whether a request goes by names registered before a Sync still
+        unanswered (and not since): then it waits for that Sync's answer.
+        An unnamed Parse only replaces what came before: it never waits."""
+        if kind == _PARSE and not names[0][1]:
+            return False
+        unsure, now = self._unsure, self._unsure_now
+        if not any(name in unsure and name not in now for name in names):
+            return False
+        return self._must_wait(responses)
+
+    def _must_wait(self, responses: ResponseFilter) -> bool:
+        """Whether the Sync waited for is still to be answered (else forget it)."""
+        if self.wait_for in responses.entries:
+            return True
+        self.wait_for = None
+        self._unsure.clear()
+        return False
+
+    def _stop_waiting(self) -> None:
+        self.held.clear()
+        self._held_size = 0
+        self.wait_for = None
+        self._unsure.clear()
+
+    def release(self, client: ClientConnection, server: ServerConnection) -> None:
+        """After a ReadyForQuery: what waited goes on if its Sync is answered."""
+        if self.wait_for is not None and self._must_wait(server.responses):
+            return
+        data = b"".join(self.held)
+        self._stop_waiting()
+        if not data:
+            return
+        try:
+            data = self.translate(data, server)
+        except Exception as exc:  # a bug must cost this client only
+            untranslatable(client, server, exc)
+            return
+        if data:
+            server.transport.write(data)
 
     # --- requests ---------------------------------------------------------
 
@@ -299,7 +401,7 @@ class Translator:
         if name_end == portal_end + 1:  # the unnamed statement
             prefix = self._ensure_unnamed(server)
             if prefix is None:
-                return self._unknown(server, b"")
+                return self._unknown(server, BIND, b"", message)
             responses.push(PLAIN[BIND])
             if self.track_text:
                 self._bound(body[:portal_end], self.unnamed_text)
@@ -310,7 +412,7 @@ class Translator:
         name = body[portal_end + 1 : name_end]
         statement = self.statements.get(name)
         if statement is None:
-            return self._unknown(server, name)
+            return self._unknown(server, BIND, name, message)
         prefix = self._ensure_prepared(server, statement)
         self.stats.total_bind_count += 1
         responses.push(self._renaming(BIND, name, statement))
@@ -333,7 +435,7 @@ class Translator:
         if not name:
             prefix = self._ensure_unnamed(server)
             if prefix is None:
-                return self._unknown(server, name)
+                return self._unknown(server, DESCRIBE, name, message)
             responses.push(PLAIN[DESCRIBE])
             return prefix + message if prefix else message
         if not self.limit:
@@ -341,7 +443,7 @@ class Translator:
             return message
         statement = self.statements.get(name)
         if statement is None:
-            return self._unknown(server, name)
+            return self._unknown(server, DESCRIBE, name, message)
         prefix = self._ensure_prepared(server, statement)
         responses.push(self._renaming(DESCRIBE, name, statement))
         return prefix + build_describe_statement(statement.name)
@@ -518,12 +620,25 @@ class Translator:
         server.unnamed_gen = _NOBODY
         return _FAILING_PARSE
 
-    def _unknown(self, server: ServerConnection, name: bytes) -> bytes:
-        what = f'prepared statement "{_show(name)}"' if name else "unnamed prepared statement"
-        return self._fail(server, sqlstate.INVALID_SQL_STATEMENT_NAME, f"{what} does not exist")
+    def _unknown(self, server: ServerConnection, op: int, name: bytes, message: bytes) -> bytes:
+        """A Bind/Describe of a statement the client never prepared: PostgreSQL
+        is asked and writes its own 26000. The server has none of the client's
+        names (the statements it has are under pgmux's); its unnamed statement,
+        another client's, is closed first."""
+        responses = server.responses
+        if name:
+            responses.push(PLAIN[op])
+            return message
+        # The owner stays recorded: PostgreSQL may yet skip this Close (an error
+        # before it), and a Close of no statement is harmless.
+        responses.push(_CLOSE_SKIPPED)
+        responses.push(PLAIN[op])
+        return _CLOSE_UNNAMED + message
 
 
 _FAILING_QUERY = messages.query("pgmux refused this statement")
+_CLOSE_UNNAMED = build_close_statement(b"")
+_CLOSE_SKIPPED = Entry(CLOSE, skip=True)  # its CloseComplete is pgmux's, not the client's
 
 
 def untranslatable(client: ClientConnection, server: ServerConnection, exc: Exception) -> None:
@@ -552,7 +667,3 @@ def _restorer(
         prepared[name] = statement
 
     return restore
-
-
-def _show(name: bytes) -> str:
-    return name.decode("utf-8", "replace")

@@ -190,12 +190,13 @@ def welcome_messages(
     key: bytes,
     notice: str | None = None,
 ) -> bytes:
-    """What a client gets after AuthenticationOk: ParameterStatus for every server
-    parameter (its own values in place of the ones they override), its
+    """What a client gets after AuthenticationOk: ParameterStatus in the order
+    the server reported them (PostgreSQL's own, which drivers and tests may
+    rely on), the client's values in place of the server's; its
     BackendKeyData, the login_notify_message NOTICE if any (where PgBouncer
     puts it), ReadyForQuery."""
-    out = [messages.parameter_status(k, v) for k, v in server_params.items() if k not in params]
-    out += [messages.parameter_status(k, v) for k, v in params.items()]
+    out = [messages.parameter_status(k, params.get(k, v)) for k, v in server_params.items()]
+    out += [messages.parameter_status(k, v) for k, v in params.items() if k not in server_params]
     out.append(messages.backend_key_data(pid, key))
     if notice:
         out.append(messages.notice_response(sqlstate.SUCCESSFUL_COMPLETION, notice))
