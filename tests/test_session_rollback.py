@@ -15,6 +15,7 @@ has left (pgmux reset what it left).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +96,9 @@ CASES = {
     "set_local": Case(("BEGIN", "SET LOCAL work_mem = '7MB'", "COMMIT"), False),
     "reset_all_rolled_back": Case(("SET work_mem = '7MB'", "BEGIN", "RESET ALL", "ROLLBACK"), True),
     "reset_all_committed": Case(("SET work_mem = '7MB'", "BEGIN", "RESET ALL", "COMMIT"), False),
-    "set_config_session": Case(("SELECT set_config('work_mem', '7MB', false)",), True),
+    # Reset when the server is released, never pinned: drivers call it for
+    # their own ends (asyncpg's type introspection turns jit off and on).
+    "set_config_session": Case(("SELECT set_config('work_mem', '7MB', false)",), False),
     "set_config_local": Case(
         ("BEGIN", "SELECT set_config('work_mem', '7MB', true)", "COMMIT"), False
     ),
@@ -220,7 +223,9 @@ async def test_pin_follows_the_transaction(
     assert await next_client_probe(mux, user, password) == clean
 
 
-@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.pinned])
+@pytest.mark.parametrize(
+    "name", [name for name, case in CASES.items() if case.pinned] + ["set_config_session"]
+)
 async def test_reset_cleans_what_committed(
     pg: TempPostgres, pgmux: PgmuxFactory, name: str
 ) -> None:
@@ -242,12 +247,13 @@ async def test_reset_cleans_what_committed(
 REFUSED = [
     "SET ROLE app",
     "SET SESSION AUTHORIZATION app",
-    "SELECT set_config('work_mem', '7MB', false)",
+    "SELECT set_config('role', 'app', false)",
 ]
 ALLOWED = [
     "BEGIN; SET LOCAL ROLE app; COMMIT",
     "BEGIN; SET LOCAL SESSION AUTHORIZATION app; COMMIT",
     "SELECT set_config('work_mem', '7MB', true)",
+    "SELECT set_config('work_mem', '7MB', false)",  # reset on release, not refused
 ]
 
 
@@ -266,3 +272,21 @@ async def test_error_refuses_identity_changes(pg: TempPostgres, pgmux: PgmuxFact
         assert tuple(await conn.fetchrow(PROBE)) == clean
     finally:
         await close_quietly(conn)
+
+
+async def test_asyncpg_type_introspection_pins_nothing(
+    pg: TempPostgres, pgmux: PgmuxFactory
+) -> None:
+    """asyncpg introspects a type it has not seen with set_config('jit', ..., false)
+    around the query: the client is not pinned, and the next one on the server
+    finds jit as it was."""
+    mux = pgmux(config("pin"))
+    first = await connect_asyncpg(mux)
+    second = None
+    try:
+        jit = await first.fetchval("SELECT current_setting('jit')")
+        assert await first.fetchval("SELECT ARRAY[1, 2]::int[]") == [1, 2]
+        second = await connect_asyncpg(mux)
+        assert await asyncio.wait_for(second.fetchval("SELECT current_setting('jit')"), 10) == jit
+    finally:
+        await close_quietly(first, second)

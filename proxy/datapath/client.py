@@ -39,7 +39,8 @@ from pgmux.proxy.core.states import ClientState
 from pgmux.proxy.datapath import endings, session_state, varcache, welcome
 from pgmux.proxy.datapath.logfields import client_log_fields
 from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
-from pgmux.proxy.datapath.translator import Translator, untranslatable
+from pgmux.proxy.datapath.translator import Translator
+from pgmux.proxy.datapath.unnamed import untranslatable
 
 if TYPE_CHECKING:
     from pgmux.proxy.config import DatabaseConfig

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 UNKNOWN = b""  # a savepoint name that could not be told from the statement
 
+# Kinds that never pin: reset as the kind named here when the server is released.
+RESET_ONLY = {"set_config": "set"}
+
 
 class PendingChanges:
     """The notes of one server's current transaction: (kind, made) in order."""
@@ -112,6 +115,10 @@ def created(client: ClientConnection, server: ServerConnection, kind: str) -> No
     pool = client.pool
     mode = pool.settings.session_state if pool is not None else "ignore"
     if mode == "ignore":
+        return
+    reset_as = RESET_ONLY.get(kind)
+    if reset_as is not None:
+        server.dirty.add(reset_as)  # cleaned when this transaction's server is released
         return
     if mode == "pin":
         client.pinned.add(kind)

@@ -42,10 +42,14 @@ HOLD_CURSOR = "hold_cursor"
 TEMP_TABLE = "temp_table"
 PREPARE = "prepare"
 ROLE = "role"  # SET ROLE (RESET ALL leaves it)
+# set_config(name, value, false) from a SELECT: reset when the server is
+# released, never pinned (pending.RESET_ONLY): drivers call it for their own
+# ends, asyncpg's type introspection turns jit off and back on.
+SET_CONFIG = "set_config"
 SESSION_AUTHORIZATION = "session_authorization"  # SET SESSION AUTHORIZATION (likewise)
 
 # Kinds whose making and clearing PostgreSQL rolls back with the transaction.
-TRANSACTIONAL = frozenset({SET, LISTEN, HOLD_CURSOR, TEMP_TABLE, ROLE})
+TRANSACTIONAL = frozenset({SET, LISTEN, HOLD_CURSOR, TEMP_TABLE, ROLE, SET_CONFIG})
 
 # What `reset` runs on release for each kind of state; the identity first, so
 # the others run as the pool's user.
@@ -176,7 +180,7 @@ def _set_config_kinds(text: bytes, reported: dict[str, str]) -> list[str]:
         if name == "role":
             kinds.append(ROLE)
         elif name not in known:  # reported ones follow the client; a non-literal may be any
-            kinds.append(SET)
+            kinds.append(SET_CONFIG)
     return kinds
 
 
@@ -240,8 +244,8 @@ def refusal(text: bytes, reported: dict[str, str]) -> str | None:
         kind = ROLE
     elif _SET_AUTHORIZATION.search(text):
         kind = SESSION_AUTHORIZATION
-    elif _SET_CONFIG.search(text) and _set_config_kinds(text, reported):
-        kind = SET
+    elif _SET_CONFIG.search(text) and ROLE in _set_config_kinds(text, reported):
+        kind = ROLE
     elif _ADVISORY_LOCK.search(text):
         kind = ADVISORY_LOCK
     elif _LISTEN.search(text):

@@ -22,7 +22,6 @@ so a client's last unnamed Parse is replayed where it is missing.
 
 from __future__ import annotations
 
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from struct import Struct
@@ -42,7 +41,7 @@ from pgmux.protocol.extended import (
 )
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
-from pgmux.proxy.datapath import rollbacks, session_state
+from pgmux.proxy.datapath import rollbacks, session_state, unnamed
 from pgmux.proxy.datapath.replies import (
     BIND,
     CLOSE,
@@ -313,7 +312,7 @@ class Translator:
         try:
             data = self.translate(data, server)
         except Exception as exc:  # a bug must cost this client only
-            untranslatable(client, server, exc)
+            unnamed.untranslatable(client, server, exc)
             return
         if data:
             server.transport.write(data)
@@ -335,13 +334,13 @@ class Translator:
                 return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
         if not name:
             text = parse_query_text(rest)  # before anything changes: it may raise
-            restore = self._unnamed_restorer(server)
+            restore = unnamed.restorer(self, server)
             self.unnamed_parse = message
             self.unnamed_text = text if session_state.needs_text(text) else b""
             self.unnamed_gen += 1
             server.unnamed_owner = self
             server.unnamed_gen = self.unnamed_gen
-            responses.push(Entry(PARSE, rollback=restore, failed=self._unnamed_dropper(server)))
+            responses.push(Entry(PARSE, rollback=restore, failed=unnamed.dropper(self, server)))
             return message
         if not self.limit:
             responses.push(PLAIN[PARSE])
@@ -399,9 +398,9 @@ class Translator:
         # Offsets, not slices: the parameters are copied once, into the renamed Bind.
         portal_end, name_end = bind_names(body, server.params)
         if name_end == portal_end + 1:  # the unnamed statement
-            prefix = self._ensure_unnamed(server)
+            prefix = unnamed.ensure(self, server)
             if prefix is None:
-                return self._unknown(server, BIND, b"", message)
+                return unnamed.unknown_statement(server, BIND, b"", message)
             responses.push(PLAIN[BIND])
             if self.track_text:
                 self._bound(body[:portal_end], self.unnamed_text)
@@ -412,7 +411,7 @@ class Translator:
         name = body[portal_end + 1 : name_end]
         statement = self.statements.get(name)
         if statement is None:
-            return self._unknown(server, BIND, name, message)
+            return unnamed.unknown_statement(server, BIND, name, message)
         prefix = self._ensure_prepared(server, statement)
         self.stats.total_bind_count += 1
         responses.push(self._renaming(BIND, name, statement))
@@ -433,9 +432,9 @@ class Translator:
             responses.push(PLAIN[DESCRIBE])
             return message
         if not name:
-            prefix = self._ensure_unnamed(server)
+            prefix = unnamed.ensure(self, server)
             if prefix is None:
-                return self._unknown(server, DESCRIBE, name, message)
+                return unnamed.unknown_statement(server, DESCRIBE, name, message)
             responses.push(PLAIN[DESCRIBE])
             return prefix + message if prefix else message
         if not self.limit:
@@ -443,7 +442,7 @@ class Translator:
             return message
         statement = self.statements.get(name)
         if statement is None:
-            return self._unknown(server, DESCRIBE, name, message)
+            return unnamed.unknown_statement(server, DESCRIBE, name, message)
         prefix = self._ensure_prepared(server, statement)
         responses.push(self._renaming(DESCRIBE, name, statement))
         return prefix + build_describe_statement(statement.name)
@@ -467,7 +466,7 @@ class Translator:
         if target == _STATEMENT and not name:
             # Whoever's it was, the server's unnamed statement is gone, and so is
             # this client's (unless PostgreSQL skips the Close).
-            restore = self._unnamed_restorer(server)
+            restore = unnamed.restorer(self, server)
             self.unnamed_parse = None
             server.unnamed_owner = None
             responses.push(Entry(CLOSE, rollback=restore))
@@ -544,50 +543,6 @@ class Translator:
         self.stats.total_server_parse_count += 1
         return close + statement.parse
 
-    def _ensure_unnamed(self, server: ServerConnection) -> bytes | None:
-        """The Parse to replay before a Bind/Describe of the unnamed statement.
-
-        b"" when the server has this client's unnamed statement (or none at
-        all, so PostgreSQL reports the error), None when the server holds
-        another client's unnamed statement and this client has none.
-        """
-        if server.unnamed_owner is self and server.unnamed_gen == self.unnamed_gen:
-            return b""
-        if self.unnamed_parse is None:
-            return None if server.unnamed_owner is not None else b""
-        owner, gen = server.unnamed_owner, server.unnamed_gen
-
-        def restore() -> None:  # the replay was skipped: the server has what it had
-            server.unnamed_owner, server.unnamed_gen = owner, gen
-
-        def gone() -> None:  # the replay failed (a failed transaction): none is left
-            server.unnamed_owner = None
-
-        server.unnamed_owner = self
-        server.unnamed_gen = self.unnamed_gen
-        server.responses.push(Entry(PARSE, skip=True, rollback=restore, failed=gone))
-        return self.unnamed_parse
-
-    def _unnamed_restorer(self, server: ServerConnection) -> Callable[[], None]:
-        """Undo for a skipped Parse/Close of the unnamed statement: back to how it was."""
-        mine = (self.unnamed_parse, self.unnamed_text, self.unnamed_gen)
-        owner, gen = server.unnamed_owner, server.unnamed_gen
-
-        def restore() -> None:
-            self.unnamed_parse, self.unnamed_text, self.unnamed_gen = mine
-            server.unnamed_owner, server.unnamed_gen = owner, gen
-
-        return restore
-
-    def _unnamed_dropper(self, server: ServerConnection) -> Callable[[], None]:
-        """A failing unnamed Parse: PostgreSQL dropped the old unnamed statement first."""
-
-        def drop() -> None:
-            self.unnamed_parse = None
-            server.unnamed_owner = None
-
-        return drop
-
     def _evict(self, server: ServerConnection) -> bytes:
         """Close what exceeds the server's cap (only here, so no open portal loses its plan).
         The caller has found the server over its cap."""
@@ -620,44 +575,8 @@ class Translator:
         server.unnamed_gen = _NOBODY
         return _FAILING_PARSE
 
-    def _unknown(self, server: ServerConnection, op: int, name: bytes, message: bytes) -> bytes:
-        """A Bind/Describe of a statement the client never prepared: PostgreSQL
-        is asked and writes its own 26000. The server has none of the client's
-        names (the statements it has are under pgmux's); its unnamed statement,
-        another client's, is closed first."""
-        responses = server.responses
-        if name:
-            responses.push(PLAIN[op])
-            return message
-        # The owner stays recorded: PostgreSQL may yet skip this Close (an error
-        # before it), and a Close of no statement is harmless.
-        responses.push(_CLOSE_SKIPPED)
-        responses.push(PLAIN[op])
-        return _CLOSE_UNNAMED + message
-
 
 _FAILING_QUERY = messages.query("pgmux refused this statement")
-_CLOSE_UNNAMED = build_close_statement(b"")
-_CLOSE_SKIPPED = Entry(CLOSE, skip=True)  # its CloseComplete is pgmux's, not the client's
-
-
-def untranslatable(client: ClientConnection, server: ServerConnection, exc: Exception) -> None:
-    """Translator.translate raised (it turns malformed bodies into PostgreSQL's
-    errors itself, so this is a bug): nothing of the chunk was written, but what
-    the translator expects of the server may be off, so the server is closed at
-    once rather than waited for, and only this client ends."""
-    frame = traceback.extract_tb(exc.__traceback__)[-1]
-    where = f"{frame.filename}:{frame.lineno}"
-    log.error("translate_failed", error=repr(exc), where=where, **client.log_fields())
-    client.server = None
-    pool = client.pool
-    pool.close_server(server, "the client's messages could not be rewritten")
-    if pool.waiting:
-        pool.grow()  # a replacement for whoever waited for this server
-    if isinstance(exc, ProtocolError):
-        client.fail(exc.sqlstate, exc.message)
-    else:
-        client.fail(sqlstate.INTERNAL_ERROR, "internal error while rewriting the request")
 
 
 def _restorer(
