@@ -98,7 +98,7 @@ def abandoned(server: ServerConnection, rolled_back: bool, mode: str) -> None:
     changes = [] if rolled_back or notes.failed else notes.changes
     notes.clear()
     if mode != "ignore":
-        server.dirty.update(kind for kind, made in changes if made)
+        server.dirty.update(RESET_ONLY.get(kind, kind) for kind, made in changes if made)
 
 
 def apply(

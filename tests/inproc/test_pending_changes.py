@@ -3,7 +3,9 @@ across savepoints, without a server."""
 
 from __future__ import annotations
 
-from pgmux.proxy.datapath.pending import UNKNOWN, PendingChanges
+from types import SimpleNamespace
+
+from pgmux.proxy.datapath.pending import UNKNOWN, PendingChanges, abandoned
 
 SET, ROLE = "set", "role"
 
@@ -58,3 +60,18 @@ def test_an_unknown_savepoint_keeps_what_was_made_and_drops_the_clears() -> None
     assert notes.changes == [(SET, True), (ROLE, True)]
     notes.rollback_to(b"never-seen")
     assert notes.changes == [(SET, True), (ROLE, True)]
+
+
+def test_a_client_gone_mid_transaction_leaves_its_state_to_be_reset() -> None:
+    """What it made counts (its set_config as a plain SET, the kind the reset
+    knows), unless the transaction is rolled back."""
+    server = SimpleNamespace(pending=PendingChanges(), dirty=set())
+    server.pending.note("set_config", True)
+    server.pending.note(ROLE, True)
+    server.pending.note(SET, False)
+    abandoned(server, rolled_back=False, mode="pin")  # type: ignore[arg-type]
+    assert server.dirty == {SET, ROLE} and server.pending.changes == []
+    server = SimpleNamespace(pending=PendingChanges(), dirty=set())
+    server.pending.note(SET, True)
+    abandoned(server, rolled_back=True, mode="pin")  # type: ignore[arg-type]
+    assert server.dirty == set() and server.pending.changes == []
