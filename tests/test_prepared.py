@@ -202,6 +202,31 @@ def test_pgbench_prepared(pg: TempPostgres, pgmux: PgmuxFactory, args: tuple[str
     assert processed > 0, out
 
 
+async def test_a_rollback_leaves_statements_of_committed_work_alone(pgmux: PgmuxFactory) -> None:
+    """A statement Parsed in a batch that ended (ReadyForQuery idle) is not
+    undone by a later ROLLBACK on the same server: it is not Parsed again."""
+    mux = pgmux({"pool": {"size": 1}})
+    client = await connect_asyncpg(mux, statement_cache_size=100)
+    other = await connect_asyncpg(mux)
+    try:
+        stmt = await client.prepare("SELECT $1::int + 7")
+        assert await stmt.fetchval(1) == 8
+        when = (
+            "SELECT prepare_time FROM pg_prepared_statements"
+            " WHERE statement = 'SELECT $1::int + 7'"
+        )
+        prepared_at = await other.fetchval(when)
+        assert prepared_at is not None
+        tx = other.transaction()  # the same server (pool size 1), another client
+        await tx.start()
+        await other.fetchval("SELECT 2")
+        await tx.rollback()
+        assert await stmt.fetchval(2) == 9
+        assert await other.fetchval(when) == prepared_at, "Parsed again after a ROLLBACK"
+    finally:
+        await close_quietly(client, other)
+
+
 async def test_statement_survives_moving_between_servers(pgmux: PgmuxFactory) -> None:
     """One client, named statements, and a server that changes under it."""
     mux = pgmux(TWO_SERVERS)

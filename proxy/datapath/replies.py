@@ -208,8 +208,11 @@ class ResponseFilter:
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
-                if status == _IDLE and server.pending.changes:
-                    pending.transaction_ended(client, server)  # before the release rule
+                if status == _IDLE:
+                    if server.pending.changes:
+                        pending.transaction_ended(client, server)  # before the release rule
+                    if server.parsed_in_xact:
+                        server.parsed_in_xact.clear()  # committed: no rollback can undo them now
                 if not now:
                     now = monotonic()
                 client.stats_query_done(now)
