@@ -82,6 +82,15 @@ def pg18() -> Iterator[TempPostgres]:
 
 
 @pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port where a connect is refused for the whole test: bound
+    here (not listening, no SO_REUSEADDR), so no other process can take it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", _free_port()))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
 def free_port() -> Callable[..., int]:
     """The function pgmux.tempgres.free_port: call it for each port you need."""
     return _free_port

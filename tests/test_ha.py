@@ -21,7 +21,7 @@ from faultload import SETUP_SQL, check_books, start_load, stop_load
 from helpers import APP_DB, PgmuxFactory, connect_asyncpg
 from replication import ReplicationPair, freeze, replication_pair, thaw
 
-from pgmux.tempgres import TempPostgres, free_port
+from pgmux.tempgres import TempPostgres
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -75,8 +75,10 @@ async def server_port(mux: Any) -> int:
         await conn.close()
 
 
-async def test_host_down_is_skipped_for_the_next(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
-    dead = free_port()
+async def test_host_down_is_skipped_for_the_next(
+    pg: TempPostgres, pgmux: PgmuxFactory, dead_port: int
+) -> None:
+    dead = dead_port
     mux = pgmux_for(pgmux, {"host": ["127.0.0.1", pg.host], "port": [dead, pg.port]})
     assert await server_port(mux) == pg.port
 
@@ -90,10 +92,12 @@ async def show_hosts(mux: Any) -> dict[int, dict[str, Any]]:
         await conn.close()
 
 
-async def test_a_host_marked_down_is_tried_last(pg: TempPostgres, pgmux: PgmuxFactory) -> None:
+async def test_a_host_marked_down_is_tried_last(
+    pg: TempPostgres, pgmux: PgmuxFactory, dead_port: int
+) -> None:
     """One failed login marks the dead host down (health.failures 1): the next
     logins go to the live host without trying it again; SHOW HOSTS says so."""
-    dead = free_port()
+    dead = dead_port
     mux = pgmux(
         {
             "databases": {APP_DB: {"host": ["127.0.0.1", pg.host], "port": [dead, pg.port]}},

@@ -365,8 +365,10 @@ def test_ipv6_peer_and_multiline_messages(log_to: Path) -> None:
     assert lines[2] == "\tline two"  # continued, as PgBouncer continues a message
 
 
-async def test_server_login_failures(ini_pgmux: IniStarter, pg: TempPostgres) -> None:
-    dead = free_port()  # nobody listens there
+async def test_server_login_failures(
+    ini_pgmux: IniStarter, pg: TempPostgres, dead_port: int
+) -> None:
+    dead = dead_port
     databases = (
         f"nosuchdb = host={pg.host} port={pg.port} dbname=no_such_database_here\n"
         f"deaddb = host=127.0.0.1 port={dead} dbname=appdb\n"

@@ -212,8 +212,7 @@ async def test_a_rollback_leaves_statements_of_committed_work_alone(pgmux: Pgmux
         stmt = await client.prepare("SELECT $1::int + 7")
         assert await stmt.fetchval(1) == 8
         when = (
-            "SELECT prepare_time FROM pg_prepared_statements"
-            " WHERE statement = 'SELECT $1::int + 7'"
+            "SELECT prepare_time FROM pg_prepared_statements WHERE statement = 'SELECT $1::int + 7'"
         )
         prepared_at = await other.fetchval(when)
         assert prepared_at is not None
