@@ -226,6 +226,37 @@ async def test_a_rollback_leaves_statements_of_committed_work_alone(pgmux: Pgmux
         await close_quietly(client, other)
 
 
+async def read_batch(raw: RawClient) -> list[bytes]:
+    """The message types of one reply, up to its ReadyForQuery."""
+    kinds = []
+    while (message := await raw.read_message()) is not None:
+        kinds.append(message[0])
+        if message[0] == b"Z":
+            break
+    return kinds
+
+
+async def test_unnamed_statement_closed_by_another_client_is_replayed(
+    pgmux: PgmuxFactory,
+) -> None:
+    """A client without an unnamed statement that describes one on the server
+    holding another's gets 26000, for which pgmux first closes the server's:
+    the owner's next Describe of its unnamed statement finds it replayed."""
+    mux = pgmux({"pool": {"size": 1}})
+    owner, other = await open_raw(mux), await open_raw(mux)
+    try:
+        describe = messages.describe("S", "") + messages.sync()
+        await owner.send(messages.parse("", "SELECT $1::int + 1 AS n") + describe)
+        assert await read_batch(owner) == [b"1", b"t", b"T", b"Z"]
+        await other.send(describe)
+        assert await read_batch(other) == [b"E", b"Z"]  # PostgreSQL's 26000
+        await owner.send(describe)
+        assert await read_batch(owner) == [b"t", b"T", b"Z"]
+    finally:
+        await owner.close()
+        await other.close()
+
+
 async def test_statement_survives_moving_between_servers(pgmux: PgmuxFactory) -> None:
     """One client, named statements, and a server that changes under it."""
     mux = pgmux(TWO_SERVERS)

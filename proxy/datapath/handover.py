@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.core.peers import ServerHandedOver, ServerSnapshot
+from pgmux.proxy.datapath import unnamed
 from pgmux.proxy.datapath.server import ServerConnection
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def hand_over(pool: Pool, server: ServerConnection, worker: int) -> None:
 async def adopt(pool: Pool, state: ServerSnapshot, fd: int) -> None:
     """A server handed over by another worker joins this pool."""
     server = ServerConnection.adopted(pool, pool.credentials, state)
+    server.unnamed_owner = unnamed.FOREIGN  # whatever it holds is a client's elsewhere
     pool.add_server(server)
     loop = asyncio.get_running_loop()
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pgmux.protocol import sqlstate
 from pgmux.protocol.errors import ProtocolError
@@ -26,8 +26,12 @@ if TYPE_CHECKING:
 
 log = get_logger("pgmux.client")
 
+# The owner of a server's unnamed statement when it is no client of this
+# worker's: a server handed over by another worker may hold one of its
+# clients' (never a Translator, so nobody here takes it for theirs).
+FOREIGN = cast("Translator", object())
+
 _CLOSE_UNNAMED = build_close_statement(b"")
-_CLOSE_SKIPPED = Entry(CLOSE, skip=True)  # its CloseComplete is pgmux's, not the client's
 
 
 def ensure(self: Translator, server: ServerConnection) -> bytes | None:
@@ -86,9 +90,15 @@ def unknown_statement(server: ServerConnection, op: int, name: bytes, message: b
     if name:
         responses.push(PLAIN[op])
         return message
-    # The owner stays recorded: PostgreSQL may yet skip this Close (an error
-    # before it), and a Close of no statement is harmless.
-    responses.push(_CLOSE_SKIPPED)
+    # The server's unnamed statement is gone with it, unless PostgreSQL skips
+    # the Close (an error before it): then it is still its owner's.
+    owner, gen = server.unnamed_owner, server.unnamed_gen
+
+    def restore() -> None:
+        server.unnamed_owner, server.unnamed_gen = owner, gen
+
+    server.unnamed_owner = None
+    responses.push(Entry(CLOSE, skip=True, rollback=restore))
     responses.push(PLAIN[op])
     return _CLOSE_UNNAMED + message
 
