@@ -57,16 +57,20 @@ async def run_connect_query(pool: Pool, server: ServerConnection) -> None:
 def held(pool: Pool, server: ServerConnection, client: ClientConnection, now: float) -> bool:
     """Hold SERVER back for server_check_query when it is due; True: CLIENT
     waits at the head of the queue until the check has answered."""
+    delay = pool.settings.server_check_delay
+    active = server.state is SERVER_ACTIVE  # straight from its last client: not idle at all
+    if active:
+        if delay:
+            return False
+    elif now - server.last_used < delay or not (delay or server.linked_at):
+        return False
+    # Due: unless it has just passed its check (a set lookup costs more than
+    # the tests above, which decide for nearly every link).
     if server in _checked:
         _checked.discard(server)
         return False
-    delay = pool.settings.server_check_delay
-    if server.state is SERVER_ACTIVE:  # straight from its last client: not idle at all
-        if delay:
-            return False
+    if active:
         server.unlink(now)
-    elif now - server.last_used < delay or not (delay or server.linked_at):
-        return False
     pool._set_server_state(server, SERVER_CLEANING)  # the pool's one transition function
     if not client.wait_started:
         client.wait_started = now

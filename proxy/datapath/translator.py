@@ -41,7 +41,7 @@ from pgmux.protocol.extended import (
 )
 from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.stats import PoolStats
-from pgmux.proxy.datapath import rollbacks, session_state, unnamed
+from pgmux.proxy.datapath import rollbacks, session_state, syncwait, unnamed
 from pgmux.proxy.datapath.replies import (
     BIND,
     CLOSE,
@@ -75,7 +75,6 @@ _FAILED = msgtypes.TX_FAILED
 # server.unnamed_gen of an unnamed statement that may exist but is no client's:
 # a generation no client has, so Binds of "" replay their Parse or get 26000.
 _NOBODY = -1
-_NAME, _TEXT = 0, 1  # what a request goes by (Translator._names)
 _HOLD_LIMIT = 1 << 20  # bytes a client's requests may wait in memory for a Sync's answer
 
 _PARSE_COMPLETE = messages.parse_complete()
@@ -113,8 +112,11 @@ class Translator:
         "_renaming_entries",
         "held",
         "wait_for",
-        "_unsure",
-        "_unsure_now",
+        "spans",
+        "open_spans",
+        "unsure",
+        "unsure_now",
+        "unsure_all",
         "_held_size",
     )
 
@@ -143,10 +145,14 @@ class Translator:
         self.held: list[bytes] = []
         self.wait_for: Entry | None = None  # that Sync's entry
         self._held_size = 0
-        # Names (client statement names, query texts) the requests before
-        # unanswered Syncs registered, and those of the requests since the last.
-        self._unsure: set[tuple[int, bytes]] = set()
-        self._unsure_now: set[tuple[int, bytes]] = set()
+        # Where the requests before unanswered Syncs lie, and those since the
+        # last, in earlier chunks: read by name only if needed (syncwait.py).
+        self.spans: list[syncwait.Span] = []
+        self.open_spans: list[syncwait.Span] = []
+        # The names (client statement names, query texts) read from them.
+        self.unsure: set[syncwait.Name] = set()
+        self.unsure_now: set[syncwait.Name] = set()
+        self.unsure_all = False  # every named request waits (syncwait.replay)
         self._handlers = {
             _PARSE: self._parse,
             _BIND: self._bind,
@@ -197,6 +203,15 @@ class Translator:
             self._copy_left -= pos
         run = 0
         short = 1
+        checking = False
+        if self.wait_for is not None or self.unsure_now:
+            if self.spans and not responses.entries and not (self.unsure or self.unsure_now):
+                self.wait_for = None  # answered: nothing before it is unsure (the usual)
+                self.spans.clear()
+            else:
+                checking = syncwait.checking(self, responses)
+        named = bool(self.open_spans)  # requests since the last Sync, by name unread
+        segment = pos  # where they begin in this chunk
         while pos + 5 <= n:
             kind = data[pos]
             end = pos + 1 + _LENGTH(data, pos + 1)[0]
@@ -211,13 +226,18 @@ class Translator:
                 break
             handler = handlers.get(kind)
             if handler is not None and kind != _QUERY:
-                names = self._names(kind, data, pos + 5, end)
-                if self._unsure and self._depends(names, kind, responses):
-                    self.held.append(data[pos:])
-                    self._held_size = n - pos
-                    out.append(data[run:pos])
-                    return b"".join(out)
-                self._unsure_now.update(names)
+                if not checking:
+                    named = True
+                else:
+                    names = syncwait.names_of(self, kind, data, pos + 5, end)
+                    if (self.unsure or self.unsure_all) and syncwait.depends(
+                        self, names, kind, responses
+                    ):
+                        self.held.append(data[pos:])
+                        self._held_size = n - pos
+                        out.append(data[run:pos])
+                        return b"".join(out)
+                    self.unsure_now.update(names)
             if handler is not None:
                 message = data[pos:end]
                 try:
@@ -239,71 +259,54 @@ class Translator:
                         out.append(data[run:pos])
                         out.append(closes)
                         run = pos
-                if self._unsure_now:
-                    self._unsure |= self._unsure_now
-                    self._unsure_now.clear()
+                if checking and self.unsure_now:
+                    self.unsure |= self.unsure_now
+                    self.unsure_now.clear()
                     self.wait_for = Entry(SYNC)
                     responses.push(self.wait_for)
+                elif named:
+                    if self.open_spans or segment == pos:
+                        self._note_span(data, segment, pos)
+                    else:
+                        self.spans.append((data, segment, pos))
+                    named = False
+                    # The shared entry: what waits for it waits for every plain
+                    # Sync before it (only a pipelining client ever does).
+                    self.wait_for = PLAIN[SYNC]
+                    responses.push(self.wait_for)
+                    # More in this chunk came after that Sync: read by name from here.
+                    checking = end < n and syncwait.checking(self, responses)
                 else:
                     responses.push(PLAIN[SYNC])
+                segment = end
             elif kind == _FUNCTION_CALL:
                 responses.push(PLAIN[QUERY])
             pos = end
         if pos < n:
             self._partial = data[pos:]
             self._short = short
+        if named and segment < pos:
+            self.open_spans.append((data, segment, pos))
         out.append(data[run:pos])
         return b"".join(out)
 
-    def _names(self, kind: int, data: bytes, start: int, end: int) -> tuple[tuple[int, bytes], ...]:
-        """What a Parse/Bind/Describe/Close goes by: (_NAME, client name) and
-        (_TEXT, query text and types) of the statement. Unchecked: a malformed
-        body is the handler's to refuse."""
-        if kind == _PARSE:
-            split = data.find(b"\0", start, end)
-            return ((_NAME, data[start:split]), (_TEXT, data[split + 1 : end]))
-        if kind == _BIND:
-            split = data.find(b"\0", start, end) + 1
-            name = data[split : data.find(b"\0", split, end)]
-        elif data[start : start + 1] == b"S":
-            name = data[start + 1 : end - 1]
-        else:
-            return ()  # a portal: nothing registered by name
-        statement = self.statements.get(name)
-        if statement is None or kind == _CLOSE:
-            return ((_NAME, name),)
-        return ((_NAME, name), (_TEXT, statement.rest))
-
-    def _depends(
-        self, names: tuple[tuple[int, bytes], ...], kind: int, responses: ResponseFilter
-    ) -> bool:
-        """Whether a request goes by names registered before a Sync still
-        unanswered (and not since): then it waits for that Sync's answer.
-        An unnamed Parse only replaces what came before: it never waits."""
-        if kind == _PARSE and not names[0][1]:
-            return False
-        unsure, now = self._unsure, self._unsure_now
-        if not any(name in unsure and name not in now for name in names):
-            return False
-        return self._must_wait(responses)
-
-    def _must_wait(self, responses: ResponseFilter) -> bool:
-        """Whether the Sync waited for is still to be answered (else forget it)."""
-        if self.wait_for in responses.entries:
-            return True
-        self.wait_for = None
-        self._unsure.clear()
-        return False
+    def _note_span(self, data: bytes, start: int, end: int) -> None:
+        """The requests before a Sync, to be read by name if more comes before
+        its answer (with their parts from earlier chunks)."""
+        if self.open_spans:
+            self.spans.extend(self.open_spans)
+            self.open_spans.clear()
+        if start < end:
+            self.spans.append((data, start, end))
 
     def _stop_waiting(self) -> None:
         self.held.clear()
         self._held_size = 0
-        self.wait_for = None
-        self._unsure.clear()
+        syncwait.forget(self)
 
     def release(self, client: ClientConnection, server: ServerConnection) -> None:
         """After a ReadyForQuery: what waited goes on if its Sync is answered."""
-        if self.wait_for is not None and self._must_wait(server.responses):
+        if self.wait_for is not None and syncwait.must_wait(self, server.responses):
             return
         data = b"".join(self.held)
         self._stop_waiting()
