@@ -29,6 +29,9 @@ from helpers import (
     direct,
     error_fields,
 )
+from prometheus_client.parser import text_string_to_metric_families
+from test_admin_console import console_config
+from test_metrics import get
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +42,7 @@ COUNT = 1000
 def config(**pool: Any) -> dict[str, Any]:
     return {
         "pool": {"mode": "transaction", "size": 2, **pool},
-        "admin": {"users": ["admin"]},
+        **console_config(),  # admin users, and /metrics on a free port
         "timeouts": {"query_wait": "30s"},
     }
 
@@ -139,6 +142,17 @@ async def test_drivers_get_every_notification_under_load(pg: Any, pgmux: Any) ->
     listeners = await show(mux, "LISTENERS")
     assert listeners[0]["clients"] == 2 and listeners[0]["channels"] == 2
     assert listeners[0]["notifications_relayed"] == 2 * COUNT
+    status, text = await get(mux, "/metrics")
+    assert status == 200
+    samples = {
+        (sample.name, sample.labels.get("database")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("pgmux_notifications_relayed_total", APP_DB)] == 2 * COUNT
+    assert samples[("pgmux_listen_clients", APP_DB)] == 2
+    assert samples[("pgmux_listen_channels", APP_DB)] == 2
+    assert samples[("pgmux_notifications_dropped_total", APP_DB)] == 0
     await close_quietly(ps, ap)
 
 
