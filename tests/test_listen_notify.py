@@ -190,6 +190,18 @@ async def test_transactional_semantics(pg: Any, pgmux: Any) -> None:
     await notify(pg, "Kept", ["gone"])
     await notify(pg, "marker", ["2"])
     assert await next_payloads(conn, 1) == ["2"]
+    # queued while the client is inside a transaction block, then UNLISTENed in it
+    await conn.execute("LISTEN queued")
+    await conn.execute("BEGIN")
+    await notify(pg, "queued", ["held back"])
+    deadline = time.monotonic() + 10
+    while (await show(mux, "LISTENERS"))[0]["queue_high_water"] < 1:
+        assert time.monotonic() < deadline, "the notification was never queued"
+        await asyncio.sleep(0.02)
+    await conn.execute("UNLISTEN queued")
+    await conn.execute("COMMIT")
+    await notify(pg, "marker", ["after the block"])
+    assert await next_payloads(conn, 1) == ["after the block"]
     await conn.execute("UNLISTEN *")
     await conn.execute("LISTEN marker")
     await notify(pg, "marker", ["3"])
@@ -199,6 +211,12 @@ async def test_transactional_semantics(pg: Any, pgmux: Any) -> None:
     await other.execute("NOTIFY marker, 'from a client'")
     await other.execute("SELECT pg_notify('marker', 'by pg_notify')")
     assert await next_payloads(conn, 2) == ["from a client", "by pg_notify"]
+    # a NOTIFY right after LISTEN returned is delivered: the ReadyForQuery of the
+    # LISTEN waited for the relay's own LISTEN on the new channel
+    for i in range(20):
+        await conn.execute(f"LISTEN fresh_{i}")
+        await conn.execute(f"NOTIFY fresh_{i}, '{i}'")
+    assert await next_payloads(conn, 20) == [str(i) for i in range(20)]
     servers = await show(mux, "SERVERS")
     assert [s["session_state"] for s in servers if s["session_state"]] == ["relay"]
     await close_quietly(conn, other)

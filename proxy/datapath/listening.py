@@ -122,6 +122,18 @@ def committed(client: ClientConnection, server: ServerConnection, kind: str, mad
         channels = [channel] if state.channels.pop(channel, 0) is None else []
     for channel in channels:
         relay.unsubscribe(client, channel)
+    if state.queue and channels:
+        # PostgreSQL checks the channels when it sends: none of these comes any more
+        gone = set(channels)
+        kept = [message for message in state.queue if channel_of(message) not in gone]
+        state.queue = deque(kept)
+
+
+def channel_of(message: bytes) -> bytes | None:
+    """The channel of a NotificationResponse (None for the NOTICE of a gap)."""
+    if message[0] != _NOTIFICATION:
+        return None
+    return message[9 : message.index(b"\0", 9)]  # after type, length and pid
 
 
 def left(client: ClientConnection) -> None:
