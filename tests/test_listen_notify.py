@@ -325,3 +325,27 @@ async def test_client_that_stops_reading_is_disconnected(pg: Any, pgmux: Any) ->
     # what pgmux held for the stuck client stayed bounded (40 MB went past it)
     assert peak - before < 30_000, (before, peak)  # kB
     await reader.close()
+
+
+async def test_unreadable_listen_falls_back_to_pinning(pg: Any, pgmux: Any) -> None:
+    """Two LISTENs in one Query: pgmux cannot tell which tag is whose, so the
+    client keeps its server as with listen_mode: pin (and gets its notifications
+    from it); under session_state: error such a query is refused instead."""
+    mux = pgmux(config())
+    conn = await connect_psycopg(mux)
+    await conn.execute("LISTEN multi_a; LISTEN multi_b")  # no parameters: one simple Query
+    servers = await show(mux, "SERVERS")
+    assert [s["session_state"] for s in servers if s["session_state"]] == ["listen"]
+    await notify(pg, "multi_b", ["b"])
+    await notify(pg, "multi_a", ["a"])
+    assert await next_payloads(conn, 2) == ["b", "a"]
+    await conn.close()
+    strict = pgmux(config(session_state="error"))
+    conn = await connect_psycopg(strict)
+    await conn.execute("LISTEN strict_one")  # relayed: allowed
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as caught:
+        await conn.execute("LISTEN strict_a; LISTEN strict_b")
+    assert "send each LISTEN on its own" in str(caught.value)
+    await notify(pg, "strict_one", ["relayed"])
+    assert await next_payloads(conn, 1) == ["relayed"]
+    await conn.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from pgmux.protocol import notify_channel
 from pgmux.proxy.datapath import listening, pending, rollbacks
 
 if TYPE_CHECKING:
@@ -240,11 +241,16 @@ def detect(tag: bytes, text: bytes, reported: dict[str, str]) -> list[Change]:
 def refused_kinds(session_mode: str, listen_mode: str) -> frozenset[str]:
     """The kinds of state a transaction-mode client's statements are refused for."""
     kinds = set(_DESCRIPTION) if session_mode == "error" else set()
-    if listen_mode == "relay":
-        kinds.discard(LISTEN)  # the pool's relay listens instead (relay.py)
+    if listen_mode == "relay" and LISTEN in kinds:
+        # the pool's relay listens instead (relay.py), where it can tell the channel
+        kinds.discard(LISTEN)
+        kinds.add(_UNREADABLE_LISTEN)
     elif listen_mode == "error":
         kinds.add(LISTEN)
     return frozenset(kinds)
+
+
+_UNREADABLE_LISTEN = "unreadable_listen"
 
 
 def _made_kind(text: bytes, reported: dict[str, str]) -> str | None:
@@ -275,14 +281,21 @@ _MADE_BY = (
 def refusal(text: bytes, reported: dict[str, str], refused: frozenset[str]) -> str | None:
     """Why this statement is refused (pool.session_state or listen_mode: error), or None."""
     kind = _made_kind(text, reported)
-    if kind is None or kind not in refused:
-        kind = _listen_refused(text, refused) if kind is not None else None
-        if kind is None:
-            return None
+    if kind is not None and kind not in refused:
+        kind = None
+    if kind is None and _LISTEN.search(text) and _listen_refused(text, refused):
+        kind = LISTEN
+    if kind is None:
+        return None
     if kind == LISTEN and SET not in refused:  # refused by listen_mode alone
         return (
             "LISTEN is not available on this transaction-pooled database"
             " (pool.listen_mode = error); use a session-mode pool for listeners"
+        )
+    if kind == LISTEN and _UNREADABLE_LISTEN in refused:
+        return (
+            "pgmux relays a LISTEN only when it is the one statement of its query"
+            " (pool.session_state = error); send each LISTEN on its own"
         )
     return (
         f"{_DESCRIPTION[kind]} would outlive the transaction on a shared server connection"
@@ -290,9 +303,11 @@ def refusal(text: bytes, reported: dict[str, str], refused: frozenset[str]) -> s
     )
 
 
-def _listen_refused(text: bytes, refused: frozenset[str]) -> str | None:
-    """A LISTEN next to another kind of state that is allowed: still refused."""
-    return LISTEN if LISTEN in refused and _LISTEN.search(text) else None
+def _listen_refused(text: bytes, refused: frozenset[str]) -> bool:
+    """LISTEN is refused, or (relayed) its channel cannot be told from the text."""
+    if LISTEN in refused:
+        return True
+    return _UNREADABLE_LISTEN in refused and notify_channel.parse(text) is None
 
 
 _DESCRIPTION = {
