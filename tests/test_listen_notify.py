@@ -349,3 +349,25 @@ async def test_unreadable_listen_falls_back_to_pinning(pg: Any, pgmux: Any) -> N
     await notify(pg, "strict_one", ["relayed"])
     assert await next_payloads(conn, 1) == ["relayed"]
     await conn.close()
+
+
+@pytest.mark.parametrize("pgmux_workers", [2], indirect=True)
+async def test_each_worker_has_its_own_relay(pg: Any, pgmux: Any, pgmux_workers: int) -> None:
+    """listen.workers: 2: clients on either worker get every notification, each
+    worker's relay shows in SHOW LISTENERS and SHOW SERVERS."""
+    mux = pgmux(config(size=4))
+    conns = [await connect_psycopg(mux) for _ in range(8)]
+    try:
+        for conn in conns:
+            await conn.execute("LISTEN workers")
+        payloads = [str(i) for i in range(50)]
+        await notify(pg, "workers", payloads)
+        for conn in conns:
+            assert await next_payloads(conn, 50) == payloads
+        rows = await show(mux, "LISTENERS")
+        print("SHOW LISTENERS", rows)
+        assert sum(row["clients"] for row in rows) == 8 and 1 <= len(rows) <= 2, rows
+        servers = await show(mux, "SERVERS")
+        assert sum(s["session_state"] == "relay" for s in servers) == len(rows)
+    finally:
+        await close_quietly(*conns)
