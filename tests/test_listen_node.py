@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_listen_notify import COUNT, config, notify, show, transactions, until
+from helpers import APP_DB, APP_USER, direct
+from test_listen_notify import BACKENDS, COUNT, config, notify, show, transactions, until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,11 +71,14 @@ async def test_node_postgres_gets_every_notification(
             await until(lambda: done[0] > 50, 30, "load running")
             payloads = [str(i) for i in range(COUNT)]
             sending = asyncio.create_task(notify(pg, "relay_node", payloads))
+            watcher = await direct(pg, APP_DB)
             while not sending.done():
                 servers = await show(mux, "SERVERS")
                 assert all(s["session_state"] in ("", "relay") for s in servers), servers
                 assert len(servers) <= 2 + 1, servers
+                assert await watcher.fetchval(BACKENDS, APP_DB, APP_USER) <= 2 + 1
                 await asyncio.sleep(0.05)
+            await watcher.close()
             await sending
             out, err = await asyncio.wait_for(listener.communicate(), 60)
         finally:

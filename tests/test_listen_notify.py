@@ -37,6 +37,8 @@ pytestmark = pytest.mark.timeout(120)
 
 ADMIN = ("admin", "admin-secret")
 COUNT = 1000
+# what PostgreSQL sees of pgmux: its backends for the pool's database and user
+BACKENDS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2"
 
 
 def config(**pool: Any) -> dict[str, Any]:
@@ -122,13 +124,16 @@ async def test_drivers_get_every_notification_under_load(pg: Any, pgmux: Any) ->
             notify(pg, "relay_psycopg", payloads), notify(pg, "relay_asyncpg", payloads)
         )
         reading = asyncio.create_task(drain_psycopg(ps, COUNT, 40))
+        watcher = await direct(pg, APP_DB)
         while not sending.done():
             servers = await show(mux, "SERVERS")
             pinned = [s for s in servers if s["session_state"] not in ("", "relay")]
             assert not pinned, pinned
             assert sum(s["session_state"] == "relay" for s in servers) == 1
-            peak = max(peak, len(servers))
+            backends = await watcher.fetchval(BACKENDS, APP_DB, APP_USER)
+            peak = max(peak, len(servers), backends)
             await asyncio.sleep(0.05)
+        await watcher.close()
         await sending
         got_psycopg = await reading
         await until(lambda: len(got_asyncpg) >= COUNT, 20, "asyncpg's notifications")
