@@ -8,9 +8,10 @@ folds to lower case (ASCII letters only, as for a multibyte encoding),
 NAMEDATALEN - 1 = 63 bytes at a character boundary. Comments and white space
 may come anywhere between the words, and one trailing ';'.
 
-Anything else (several statements in one text, U&"..." identifiers, a
-keyword this reader does not know) gives None: the caller then falls back to
-pinning the client to its server, which is always correct.
+parse_all reads every LISTEN / UNLISTEN of a text of several statements.
+Anything else (U&"..." identifiers, dollar quotes, a keyword this reader
+does not know) gives None: the caller then falls back to pinning the client
+to its server, which is always correct.
 """
 
 from __future__ import annotations
@@ -140,6 +141,69 @@ def parse(text: bytes) -> Target | None:
             return None
         channel = truncate(_fold(word))
     return Target(listen, channel) if _at_end(text, pos) else None
+
+
+def parse_all(text: bytes) -> list[Target] | None:
+    """Every LISTEN / UNLISTEN of a (multi-statement) text, in order, or None.
+
+    The statements are split at the semicolons outside quotes and comments.
+    A text with a dollar sign or an E'' string outside quotes (whose ends
+    this reader does not follow) or a LISTEN / UNLISTEN it cannot read gives
+    None.
+    """
+    statements = _split(text)
+    if statements is None:
+        return None
+    targets = []
+    for statement in statements:
+        start = _skip_blank(statement, 0)
+        if start < 0:
+            return None
+        word, _ = _word(statement, start)
+        if _fold(word) not in (b"listen", b"unlisten"):
+            continue
+        target = parse(statement)
+        if target is None:
+            return None
+        targets.append(target)
+    return targets
+
+
+def _split(text: bytes) -> list[bytes] | None:
+    """TEXT cut at its top-level semicolons, or None where the ends of a quote are unsure."""
+    parts, start, pos, n = [], 0, 0, len(text)
+    while pos < n:
+        char = text[pos]
+        if char == 0x27 or char == 0x22:  # ' or "
+            if char == 0x27 and pos and text[pos - 1] in b"eE" and _ends_word(text, pos - 1):
+                return None  # E'...' takes backslash escapes
+            close = pos
+            while True:
+                close = text.find(bytes((char,)), close + 1)
+                if close < 0:
+                    return None
+                if not text.startswith(bytes((char, char)), close):
+                    break
+                close += 1  # a doubled quote stays inside
+            pos = close + 1
+        elif char == 0x24:  # $: dollar quoting, or a parameter
+            return None
+        elif text.startswith(b"--", pos) or text.startswith(b"/*", pos):
+            pos = _skip_blank(text, pos)
+            if pos < 0:
+                return None
+        elif char == 0x3B:  # ;
+            parts.append(text[start:pos])
+            start = pos = pos + 1
+        else:
+            pos += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _ends_word(text: bytes, pos: int) -> bool:
+    """Whether the byte at POS starts a word (E of E'...', not the end of NAME')."""
+    return pos == 0 or text[pos - 1] not in _PART
 
 
 def _at_end(text: bytes, pos: int) -> bool:

@@ -332,25 +332,33 @@ async def test_client_that_stops_reading_is_disconnected(pg: Any, pgmux: Any) ->
     await reader.close()
 
 
-async def test_unreadable_listen_falls_back_to_pinning(pg: Any, pgmux: Any) -> None:
-    """Two LISTENs in one Query: pgmux cannot tell which tag is whose, so the
-    client keeps its server as with listen_mode: pin (and gets its notifications
-    from it); under session_state: error such a query is refused instead."""
+async def test_several_statements_and_unreadable_ones(pg: Any, pgmux: Any) -> None:
+    """LISTENs among other statements in one Query are relayed too; one whose
+    channel cannot be told (a dollar-quoted string in the same Query) pins its
+    client as with listen_mode: pin, and gets its notifications from that server;
+    under session_state: error such a Query is refused instead."""
     mux = pgmux(config())
     conn = await connect_psycopg(mux)
-    await conn.execute("LISTEN multi_a; LISTEN multi_b")  # no parameters: one simple Query
-    servers = await show(mux, "SERVERS")
-    assert [s["session_state"] for s in servers if s["session_state"]] == ["listen"]
+    await conn.execute("LISTEN multi_a; SELECT 1; LISTEN multi_b")  # no parameters: one Query
     await notify(pg, "multi_b", ["b"])
     await notify(pg, "multi_a", ["a"])
     assert await next_payloads(conn, 2) == ["b", "a"]
+    await conn.execute("SELECT 'x;y'; UNLISTEN *")
+    await notify(pg, "multi_a", ["gone"])
+    assert not await drain_psycopg(conn, 1, 0.5)
+    assert not [s for s in await show(mux, "SERVERS") if s["session_state"] == "listen"]
+    await conn.execute("LISTEN dollar; SELECT $$;$$")
+    servers = await show(mux, "SERVERS")  # (the relay closed with its last channel)
+    assert [s["session_state"] for s in servers if s["session_state"]] == ["listen"]
+    await notify(pg, "dollar", ["from its own server"])
+    assert await next_payloads(conn, 1) == ["from its own server"]
     await conn.close()
     strict = pgmux(config(session_state="error"))
     conn = await connect_psycopg(strict)
-    await conn.execute("LISTEN strict_one")  # relayed: allowed
+    await conn.execute("LISTEN strict_one; SELECT 1")  # relayed: allowed
     with pytest.raises(psycopg.errors.FeatureNotSupported) as caught:
-        await conn.execute("LISTEN strict_a; LISTEN strict_b")
-    assert "send each LISTEN on its own" in str(caught.value)
+        await conn.execute("LISTEN strict_a; SELECT $$x$$")
+    assert "cannot tell the channel" in str(caught.value)
     await notify(pg, "strict_one", ["relayed"])
     assert await next_payloads(conn, 1) == ["relayed"]
     await conn.close()

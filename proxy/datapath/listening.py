@@ -6,8 +6,9 @@ note session_state.py makes of it carries the channel (protocol.notify_channel)
 and waits in pending.py for the transaction to commit. Then `committed` moves
 the client's channels and the pool's relay (relay.py) listens for it, while
 the server that ran the LISTEN goes back to the pool and is cleaned there
-with UNLISTEN *. A LISTEN whose text cannot be told (several statements in
-one Query) is left to session_state: the client is pinned as before.
+with UNLISTEN *. A LISTEN whose channel cannot be told from its text (a
+U&"" name, a dollar quote in the same Query) is left to session_state: the
+client is pinned as before.
 
 The ReadyForQuery of a commit that makes the relay LISTEN on a new channel
 is held back (the client's writes wait behind a gate) until the relay's
@@ -86,14 +87,24 @@ def relayed(client: ClientConnection, server: ServerConnection, text: bytes) -> 
     pool = client.pool
     if pool is None or pool.settings.listen_mode != "relay" or not client.release_on_idle:
         return False
-    target = notify_channel.parse(text)
-    if target is None:
+    targets = channels_named(text)
+    if not targets:
         return False
-    if target.channel is None:
-        server.pending.note(_ALL, False)
-    else:
-        server.pending.note(_ONE + target.channel.decode("latin-1"), target.listen)
+    # Several statements in one Query: each LISTEN / UNLISTEN tag of it notes
+    # them all, which comes to the same (a sequence of adds and removes
+    # applied twice ends where it ended once), and an error drops the notes.
+    for target in targets:
+        if target.channel is None:
+            server.pending.note(_ALL, False)
+        else:
+            server.pending.note(_ONE + target.channel.decode("latin-1"), target.listen)
     return True
+
+
+def channels_named(text: bytes) -> list[notify_channel.Target] | None:
+    """The LISTEN / UNLISTEN statements of TEXT, or None where they cannot be told."""
+    target = notify_channel.parse(text)
+    return [target] if target is not None else notify_channel.parse_all(text)
 
 
 def committed(client: ClientConnection, server: ServerConnection, kind: str, made: bool) -> None:
@@ -119,7 +130,8 @@ def committed(client: ClientConnection, server: ServerConnection, kind: str, mad
         state.channels.clear()
     else:
         channel = kind[len(_ONE) :].encode("latin-1")
-        channels = [channel] if state.channels.pop(channel, 0) is None else []
+        channels = [channel] if channel in state.channels else []
+        state.channels.pop(channel, None)
     for channel in channels:
         relay.unsubscribe(client, channel)
     if state.queue and channels:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from pgmux.protocol import notify_channel
 from pgmux.proxy.datapath import listening, pending, rollbacks
 
 if TYPE_CHECKING:
@@ -294,8 +293,8 @@ def refusal(text: bytes, reported: dict[str, str], refused: frozenset[str]) -> s
         )
     if kind == LISTEN and _UNREADABLE_LISTEN in refused:
         return (
-            "pgmux relays a LISTEN only when it is the one statement of its query"
-            " (pool.session_state = error); send each LISTEN on its own"
+            "pgmux cannot tell the channel of this LISTEN (pool.session_state = error);"
+            " name it plainly, in a statement of its own"
         )
     return (
         f"{_DESCRIPTION[kind]} would outlive the transaction on a shared server connection"
@@ -307,7 +306,7 @@ def _listen_refused(text: bytes, refused: frozenset[str]) -> bool:
     """LISTEN is refused, or (relayed) its channel cannot be told from the text."""
     if LISTEN in refused:
         return True
-    return _UNREADABLE_LISTEN in refused and notify_channel.parse(text) is None
+    return _UNREADABLE_LISTEN in refused and not listening.channels_named(text)
 
 
 _DESCRIPTION = {

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgmux.protocol.notify_channel import Target, parse, quote, truncate
+from pgmux.protocol.notify_channel import Target, parse, parse_all, quote, truncate
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,37 @@ def test_unquoted_names_fold_and_truncate(word: bytes, tail: bytes) -> None:
 def test_any_bytes_never_raise(text: bytes) -> None:
     target = parse(b"LISTEN " + text)
     assert target is None or target.listen
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"LISTEN a", [Target(True, b"a")]),
+        (b"LISTEN a; SELECT 1; UNLISTEN *", [Target(True, b"a"), Target(False, None)]),
+        (b"SELECT ';LISTEN x'; LISTEN \"b;\"", [Target(True, b"b;")]),
+        (b"SELECT 'it''s'; -- LISTEN c;\nUNLISTEN d", [Target(False, b"d")]),
+        (b"/* ; */ LISTEN e;", [Target(True, b"e")]),
+        (b"SELECT 1; SELECT 2", []),
+    ],
+)
+def test_parse_all(text: bytes, expected: list[Target]) -> None:
+    assert parse_all(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"LISTEN a; SELECT $$;$$",  # dollar quoting
+        b"LISTEN a; SELECT E'\\';'",  # E'' strings take backslash escapes
+        b'LISTEN a; LISTEN U&"x"',
+        b"LISTEN a; SELECT 'unterminated",
+    ],
+)
+def test_parse_all_unsure(text: bytes) -> None:
+    assert parse_all(text) is None
+
+
+@given(st.lists(st.from_regex(rb"\A[a-z_][a-z0-9_]{0,20}\Z"), min_size=1, max_size=5))
+def test_parse_all_finds_each_listen(names: list[bytes]) -> None:
+    text = b"; SELECT 'a;b'; ".join(b"LISTEN " + name for name in names)
+    assert parse_all(text) == [Target(True, name) for name in names]
