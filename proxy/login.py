@@ -574,6 +574,7 @@ class ClientLogin:
             settings.max_prepared_statements,
             settings.session_state,
             pool.stats,
+            settings.listen_mode,
         )
 
 

@@ -175,6 +175,7 @@ class PgmuxCollector:
         yield from self._histograms(pools)
         yield from self._process(registry)
         yield from _hosts(registry)
+        yield from _listeners(registry)
 
     def _gauges(self, pools: list[Pool], now: float) -> Iterator[Metric]:
         counts = [(pool, pool_counts(pool, now)) for pool in pools]
@@ -294,6 +295,37 @@ def _hosts(registry: Registry) -> Iterator[Metric]:
             if number is not None:
                 family.add_metric([row["database"], row["host"], str(row["port"])], number)
         yield family
+
+
+def _listeners(registry: Registry) -> Iterator[Metric]:
+    """LISTEN/NOTIFY through each pool's relay (SHOW LISTENERS)."""
+    clients = GaugeMetricFamily(
+        "pgmux_listen_clients", "Clients listening through the relay.", labels=LABELS
+    )
+    channels = GaugeMetricFamily(
+        "pgmux_listen_channels", "Channels the relay listens on.", labels=LABELS
+    )
+    relayed = CounterMetricFamily(
+        "pgmux_notifications_relayed", "Notifications handed to clients.", labels=LABELS
+    )
+    dropped = CounterMetricFamily(
+        "pgmux_notifications_dropped",
+        "Notifications lost with clients disconnected for a full queue (pool.notify_queue).",
+        labels=LABELS,
+    )
+    high_water = GaugeMetricFamily(
+        "pgmux_notify_queue_high_water",
+        "The longest per-client notification queue seen.",
+        labels=LABELS,
+    )
+    for pool, relay in registry.relays.items():
+        labels = [pool.dbname, pool.user]
+        clients.add_metric(labels, relay.clients)
+        channels.add_metric(labels, len(relay.listeners))
+        relayed.add_metric(labels, relay.relayed)
+        dropped.add_metric(labels, relay.dropped)
+        high_water.add_metric(labels, relay.queue_high_water)
+    yield from (clients, channels, relayed, dropped, high_water)
 
 
 def _database_names(registry: Registry) -> list[str]:

@@ -34,6 +34,7 @@ from pgmux.proxy.core.peers import ParamsLearned
 from pgmux.proxy.datapath import handover
 from pgmux.proxy.datapath.authquery import AuthQuery
 from pgmux.proxy.datapath.pool import Pool
+from pgmux.proxy.datapath.relay import Relay
 from pgmux.proxy.datapath.server import ServerCredentials
 from pgmux.proxy.datapath.statements import StatementCache
 
@@ -61,6 +62,7 @@ class Registry:
     def __init__(self, config: Config, users: dict[str, str]) -> None:
         self._config = config
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.relays: dict[Pool, Relay] = {}  # LISTEN/NOTIFY, once a pool's client listens
         self.clients: set[ClientConnection] = set()
         # clients still logging in, oldest first (a dict keeps the order)
         self.logging_in: dict[ClientConnection, None] = {}
@@ -121,6 +123,13 @@ class Registry:
             pool = self._new_pool(dbname, database, server_user)
             self.pools[key] = pool
         return pool
+
+    def relay_for(self, pool: Pool) -> Relay:
+        """The pool's notification relay (relay.py), made on first need."""
+        relay = self.relays.get(pool)
+        if relay is None:
+            relay = self.relays[pool] = Relay(pool)
+        return relay
 
     def _new_pool(self, dbname: str, database: DatabaseConfig, server_user: str) -> Pool:
         settings, credentials = self.pool_setup(dbname, database, server_user)

@@ -137,7 +137,8 @@ DRIVERS = ["asyncpg-extended", "psycopg"]  # psycopg without parameters: the sim
 
 
 def config(mode: str) -> dict[str, Any]:
-    return {"pool": {"size": 1, "session_state": mode}, "timeouts": {"query_wait": "1s"}}
+    pool = {"size": 1, "session_state": mode, "listen_mode": "pin"}  # LISTEN as session state
+    return {"pool": pool, "timeouts": {"query_wait": "1s"}}
 
 
 def credentials(pg: TempPostgres, user: str) -> tuple[str, str]:

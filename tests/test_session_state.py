@@ -118,8 +118,10 @@ LOCKS_HELD = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND obji
 
 
 def config(mode: str, size: int = 1) -> dict[str, Any]:
+    # listen_mode: pin treats LISTEN as session state like the others (the
+    # relay, listen_mode's default, is tested in test_listen_notify.py)
     return {
-        "pool": {"size": size, "session_state": mode},
+        "pool": {"size": size, "session_state": mode, "listen_mode": "pin"},
         "timeouts": {"query_wait": "1s"},
     }
 

@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 POOL_MODES = ("transaction", "session", "statement")
 SESSION_STATES = ("pin", "reset", "error", "ignore")
+LISTEN_MODES = ("relay", "pin", "error")
 AUTH_TYPES = ("trust", "password", "md5", "scram-sha-256", "cert")
 TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 LOG_FORMATS = ("json", "console", "pgbouncer")
@@ -53,6 +54,12 @@ class PoolSettings:
     max_user_client_connections: int = 0  # clients per user; 0 = unlimited
     max_prepared_statements: int = 200
     session_state: str = "pin"
+    # LISTEN under transaction/statement pooling: one relay connection per pool
+    # listens for the pool's clients (relay), or the client keeps its server
+    # (pin), or LISTEN is refused (error). notify_queue bounds each client's
+    # notifications not yet taken by its socket.
+    listen_mode: str = "relay"
+    notify_queue: int = 1000
     rollback_abandoned: bool = True
     # PgBouncer's server_check_query: SQL that checks a server idle for
     # server_check_delay (0: every time) before its next client; "<empty>"

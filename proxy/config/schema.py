@@ -14,6 +14,7 @@ from typing import Any
 from pgmux.proxy.config.errors import join_key, key_error
 from pgmux.proxy.config.model import (
     AUTH_TYPES,
+    LISTEN_MODES,
     LOAD_BALANCE_HOSTS,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -101,6 +102,8 @@ POOL: dict[str, Converter] = {
     "max_user_client_connections": non_negative,
     "max_prepared_statements": non_negative,
     "session_state": one_of(*SESSION_STATES),
+    "listen_mode": one_of(*LISTEN_MODES),
+    "notify_queue": positive,
     "rollback_abandoned": boolean,
     "server_check_query": check_query,
     "server_check_delay": parse_duration,

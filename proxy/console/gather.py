@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pgmux.proxy.console.show import SHOW, STATS_AVERAGES_COLUMNS, STATS_COLUMNS, Result
+from pgmux.proxy.console.show_listeners import show_listeners
 
 if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
@@ -34,7 +35,8 @@ Combine = Callable[[Sequence[Any], Sequence[Any]], Sequence[Any]]
 
 def local_rows(registry: Registry, view: str, now: float) -> Rows:
     """This worker's rows of VIEW, for the worker that runs the SHOW."""
-    return SHOW[view](registry, now).rows if view in MERGED else []
+    show = _VIEWS.get(view)
+    return show(registry, now).rows if show is not None and view in MERGED else []
 
 
 # --- merging -----------------------------------------------------------------------
@@ -129,7 +131,9 @@ MERGED: dict[str, Merge] = {
     "stats_totals": _keyed(1, _add_columns(range(1, 12))),
     "stats_averages": _keyed(1, _stats_like(STATS_AVERAGES_COLUMNS)),
     "totals": _keyed(1, _totals),
+    "listeners": _concat,  # a row per worker's relay of each pool
 }
+_VIEWS = {**SHOW, "listeners": show_listeners}
 
 
 def merge(view: str, local: Result, others: list[Rows]) -> Result:

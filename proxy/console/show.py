@@ -46,7 +46,7 @@ VERSION = f"pgmux {__version__} ({build()}; PgBouncer 1.25.1 compatible)"
 
 HELP = """
 \tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION
-\tSHOW LISTS|MEM|STATE|SOCKETS|ACTIVE_SOCKETS
+\tSHOW LISTS|MEM|STATE|SOCKETS|ACTIVE_SOCKETS|LISTENERS
 \tSHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
 \tSET key = arg
@@ -230,7 +230,19 @@ def show_servers(registry: Registry, now: float) -> Result:
     for pool in registry.pools.values():
         for server in sorted(pool.servers, key=lambda s: s.id):
             rows.append(_server_row(pool, server, now, wall))
+        relay = registry.relays.get(pool)
+        if relay is not None and relay.server is not None:
+            rows.append(relay_row(pool, relay.server, now, wall))
     return table(SOCKET_TYPES, SOCKET_COLUMNS, rows)
+
+
+def relay_row(pool: Pool, server: ServerConnection, now: float, wall: float) -> tuple:
+    """The notification relay's server: state active, session_state "relay"."""
+    row = list(_server_row(pool, server, now, wall))
+    row[SOCKET_COLUMNS.index("state")] = "active"
+    row[SOCKET_COLUMNS.index("application_name")] = server.credentials.application_name
+    row[SOCKET_COLUMNS.index("session_state")] = "relay"
+    return tuple(row)
 
 
 # --- SHOW DATABASES / USERS / LISTS ----------------------------------------------

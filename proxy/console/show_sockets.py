@@ -27,6 +27,7 @@ from pgmux.proxy.console.show import (
     server_state,
     table,
 )
+from pgmux.proxy.console.show_listeners import show_listeners
 
 if TYPE_CHECKING:
     from pgmux.proxy.registry import Registry
@@ -80,6 +81,7 @@ def show_dns_zones(registry: Registry, now: float) -> Result:
 
 
 MORE_SHOW = {
+    "listeners": show_listeners,
     "sockets": show_sockets,
     "active_sockets": show_active_sockets,
     "peers": show_peers,

@@ -36,9 +36,9 @@ from pgmux.proxy.core.states import CLIENT_LINKING as _LINKING
 from pgmux.proxy.core.states import CLIENT_WAITING as _WAITING
 from pgmux.proxy.core.states import CLIENT_WELCOME as _WELCOME
 from pgmux.proxy.core.states import ClientState
-from pgmux.proxy.datapath import endings, session_state, varcache, welcome
+from pgmux.proxy.datapath import endings, listening, paramsync, session_state, varcache, welcome
 from pgmux.proxy.datapath.logfields import client_log_fields
-from pgmux.proxy.datapath.server import ServerConnection, ServerError, ServerLost
+from pgmux.proxy.datapath.server import ServerConnection
 from pgmux.proxy.datapath.translator import Translator
 from pgmux.proxy.datapath.unnamed import untranslatable
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from pgmux.proxy.config import DatabaseConfig
     from pgmux.proxy.config.tls import ClientTls
     from pgmux.proxy.console.session import AdminSession
+    from pgmux.proxy.datapath.listening import Listening
     from pgmux.proxy.datapath.pool import Pool
     from pgmux.proxy.registry import Registry
 
@@ -63,8 +64,8 @@ _QUEUED = (ClientState.WAITING, ClientState.WELCOME)
 _LINKED_OR_IDLE = (ClientState.ACTIVE, ClientState.IDLE)
 
 
-def _ignore(data: bytes) -> None:
-    """Where a closed connection's late bytes go."""
+def _ignore(data: bytes) -> None:  # where a closed connection's late bytes go
+    pass
 
 
 class ClientConnection(asyncio.Protocol):
@@ -120,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
         "database",
         "tls",
         "counted",
+        "listener",
     )
 
     def __init__(self, registry: Registry) -> None:
@@ -177,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self.copy_rfq = -1  # expect_rfq when its last header was a CopyData (-1: not)
         self.tls: ClientTls | None = None  # the TLS settings in use, once negotiated
         self.counted = False  # in max_db/max_user_client_connections
+        self.listener: Listening | None = None  # its channels (pool.listen_mode: relay)
 
     def _set_state(self, state: ClientState) -> None:
         """The one place the client's state changes (PgBouncer's change_client_state)."""
@@ -210,6 +213,8 @@ class ClientConnection(asyncio.Protocol):
             self.counted = False
             self.registry.client_slots.release(self.dbname, self.user)
         pool = self.pool
+        if self.listener is not None:
+            listening.left(self)
         if pool is not None:
             pool.clients.discard(self)
             if state in _QUEUED:
@@ -240,6 +245,8 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         if self.server is not None and not self.server.cancels_in_flight:
             self.server.resume_reading()  # a cancel on its way reads on (core/cancel.py)
+        if self.listener is not None:
+            listening.flush(self)
 
     def fail(self, code: str, message: str, severity: str = "FATAL") -> None:
         """Send an ErrorResponse and close this client (nobody else notices)."""
@@ -431,31 +438,8 @@ class ClientConnection(asyncio.Protocol):
             self._set_state(_ACTIVE)
             return self._flush_pending(server)
         self._set_state(_LINKING)
-        spawn(self._sync_then_flush(server, statement))
+        spawn(paramsync.sync_then_flush(self, server, statement))
         return True
-
-    async def _sync_then_flush(self, server: ServerConnection, statement: str) -> None:
-        try:
-            await server.query(statement, self.pool.timeouts.server_connect)
-        except ServerError as exc:
-            log.warning("parameter_sync_failed", error=str(exc), **self.log_fields())
-            self.server = None
-            self._set_state(_IDLE_STATE)
-            self.pool.release(server)
-            self.fail(exc.sqlstate, str(exc))
-            return
-        except ServerLost:
-            return  # server_lost already told the client
-        server.applied = dict(self.gucs)
-        # The server now holds the client's values in PostgreSQL's own spelling.
-        for name in self.params:
-            if name in server.params:
-                self.params[name] = server.params[name]
-        if self.server is server and self.state is _LINKING:
-            self._set_state(_ACTIVE)
-            server.resume_hot_path()
-            if not self._flush_pending(server):
-                self.pool.release(server)
 
     def _flush_pending(self, server: ServerConnection) -> bool:
         """Write what waited for the server; False when the server is not needed."""
@@ -494,6 +478,8 @@ class ClientConnection(asyncio.Protocol):
         back here, unless `give_back` is False (the pool is handing it out
         and takes it back itself).
         """
+        if self.listener is not None:  # notifications wait for this moment
+            listening.flush(self)
         started = self.xact_started
         if started:  # a transaction ran (not just an empty request)
             linked = server.linked_at

@@ -19,11 +19,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pgmux.proxy.datapath import listening
+
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
     from pgmux.proxy.datapath.server import ServerConnection
 
 UNKNOWN = b""  # a savepoint name that could not be told from the statement
+
+# Notes of a LISTEN / UNLISTEN the pool's relay takes over start with this.
+RELAYED = listening.RELAYED
+LISTEN = "listen"  # session_state.LISTEN (which imports this module)
 
 # Kinds that never pin: reset as the kind named here when the server is released.
 RESET_ONLY = {"set_config": "set"}
@@ -98,14 +104,22 @@ def abandoned(server: ServerConnection, rolled_back: bool, mode: str) -> None:
     changes = [] if rolled_back or notes.failed else notes.changes
     notes.clear()
     if mode != "ignore":
-        server.dirty.update(RESET_ONLY.get(kind, kind) for kind, made in changes if made)
+        server.dirty.update(_reset_as(kind) for kind, made in changes if made)
+
+
+def _reset_as(kind: str) -> str:
+    if kind.startswith(RELAYED):
+        return LISTEN  # the server ran the LISTEN itself: UNLISTEN * cleans it
+    return RESET_ONLY.get(kind, kind)
 
 
 def apply(
     client: ClientConnection, server: ServerConnection, changes: list[tuple[str, bool]]
 ) -> None:
     for kind, made in changes:
-        if made:
+        if kind.startswith(RELAYED):
+            listening.committed(client, server, kind, made)
+        elif made:
             created(client, server, kind)
         else:
             cleared(client, server, kind)

@@ -75,7 +75,7 @@ _ENDS = {
 
 
 # What the filter does with each reply type (one table lookup per message).
-_FORWARD, _RFQ, _END, _COMPLETE, _ERROR, _STATUS, _EMPTY, _COPY, _NOTICE = range(9)
+_FORWARD, _RFQ, _END, _COMPLETE, _ERROR, _STATUS, _EMPTY, _COPY, _NOTICE, _NOTIFY = range(10)
 _ACTIONS = [_FORWARD] * 256
 for _kind in _ENDS:
     _ACTIONS[_kind] = _END
@@ -87,6 +87,7 @@ _ACTIONS[msgtypes.EMPTY_QUERY_RESPONSE] = _EMPTY
 _ACTIONS[msgtypes.COPY_IN_RESPONSE] = _COPY
 _ACTIONS[msgtypes.COPY_BOTH_RESPONSE] = _COPY
 _ACTIONS[msgtypes.NOTICE_RESPONSE] = _NOTICE
+_ACTIONS[msgtypes.NOTIFICATION_RESPONSE] = _NOTIFY
 
 
 class Entry:
@@ -290,6 +291,10 @@ class ResponseFilter:
                     out.append(data[run:pos])  # a DEALLOCATE pgmux answered itself
                     out.append(entries[0].emit)
                     run = end
+            elif action == _NOTIFY:
+                if _relayed(client):  # the pool's relay delivers it: no duplicate
+                    out.append(data[run:pos])
+                    run = end
             else:  # _COPY
                 server.copy_in = True
             pos = end
@@ -373,6 +378,11 @@ class ResponseFilter:
         if not entries:
             self.skipping = True
         return replaced
+
+
+def _relayed(client: ClientConnection) -> bool:
+    """Whether the pool's relay, not this server, gives the client its notifications."""
+    return client.pool.settings.listen_mode == "relay" and pending.LISTEN not in client.pinned
 
 
 def query_clock(client: ClientConnection, server: ServerConnection) -> float:

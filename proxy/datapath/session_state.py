@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from pgmux.proxy.datapath import pending, rollbacks
+from pgmux.proxy.datapath import listening, pending, rollbacks
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -127,6 +127,8 @@ def needs_text(text: bytes) -> bool:
 
 Change = tuple[str, bool]  # (kind, made: True, or cleared: False)
 _NONE: list[Change] = []
+UNLISTEN_ONE = "unlisten_one"  # UNLISTEN of one channel: other channels may stay
+_UNLISTEN_ONE: list[Change] = [(UNLISTEN_ONE, False)]
 _TRUE = frozenset({b"true", b"'true'", b"'t'", b"'on'", b"'yes'", b"'1'"})
 
 
@@ -214,7 +216,7 @@ def detect(tag: bytes, text: bytes, reported: dict[str, str]) -> list[Change]:
     if tag == b"LISTEN":
         return [(LISTEN, True)]
     if tag == b"UNLISTEN":
-        return [(LISTEN, False)] if b"*" in text else _NONE
+        return [(LISTEN, False)] if b"*" in text else _UNLISTEN_ONE
     if tag == b"PREPARE":
         return [(PREPARE, True)]
     if tag == b"DEALLOCATE ALL":
@@ -235,33 +237,76 @@ def detect(tag: bytes, text: bytes, reported: dict[str, str]) -> list[Change]:
     return _NONE
 
 
-def refusal(text: bytes, reported: dict[str, str]) -> str | None:
-    """For `session_state: error`: why this statement is refused, or None."""
-    kind = None
+def refused_kinds(session_mode: str, listen_mode: str) -> frozenset[str]:
+    """The kinds of state a transaction-mode client's statements are refused for."""
+    kinds = set(_DESCRIPTION) if session_mode == "error" else set()
+    if listen_mode == "relay" and LISTEN in kinds:
+        # the pool's relay listens instead (relay.py), where it can tell the channel
+        kinds.discard(LISTEN)
+        kinds.add(_UNREADABLE_LISTEN)
+    elif listen_mode == "error":
+        kinds.add(LISTEN)
+    return frozenset(kinds)
+
+
+_UNREADABLE_LISTEN = "unreadable_listen"
+
+
+def _made_kind(text: bytes, reported: dict[str, str]) -> str | None:
+    """The first kind of session state this statement would make, or None."""
     if _SET.search(text) and _session_set(text, reported):
-        kind = SET
-    elif _SET_ROLE.search(text):
-        kind = ROLE
-    elif _SET_AUTHORIZATION.search(text):
-        kind = SESSION_AUTHORIZATION
-    elif _SET_CONFIG.search(text) and ROLE in _set_config_kinds(text, reported):
-        kind = ROLE
-    elif _ADVISORY_LOCK.search(text):
-        kind = ADVISORY_LOCK
-    elif _LISTEN.search(text):
+        return SET
+    if _SET_ROLE.search(text):
+        return ROLE
+    if _SET_AUTHORIZATION.search(text):
+        return SESSION_AUTHORIZATION
+    if _SET_CONFIG.search(text) and ROLE in _set_config_kinds(text, reported):
+        return ROLE
+    for kind, pattern in _MADE_BY:
+        if pattern.search(text) and (kind != TEMP_TABLE or not _ON_COMMIT_DROP.search(text)):
+            return kind
+    return None
+
+
+_MADE_BY = (
+    (ADVISORY_LOCK, _ADVISORY_LOCK),
+    (LISTEN, _LISTEN),
+    (HOLD_CURSOR, _WITH_HOLD),
+    (TEMP_TABLE, _TEMP),
+    (PREPARE, _PREPARE),
+)
+
+
+def refusal(text: bytes, reported: dict[str, str], refused: frozenset[str]) -> str | None:
+    """Why this statement is refused (pool.session_state or listen_mode: error), or None."""
+    kind = _made_kind(text, reported)
+    if kind is not None and kind not in refused:
+        kind = None
+    if kind is None and _LISTEN.search(text) and _listen_refused(text, refused):
         kind = LISTEN
-    elif _WITH_HOLD.search(text):
-        kind = HOLD_CURSOR
-    elif _TEMP.search(text) and not _ON_COMMIT_DROP.search(text):
-        kind = TEMP_TABLE
-    elif _PREPARE.search(text):
-        kind = PREPARE
     if kind is None:
         return None
+    if kind == LISTEN and SET not in refused:  # refused by listen_mode alone
+        return (
+            "LISTEN is not available on this transaction-pooled database"
+            " (pool.listen_mode = error); use a session-mode pool for listeners"
+        )
+    if kind == LISTEN and _UNREADABLE_LISTEN in refused:
+        return (
+            "pgmux cannot tell the channel of this LISTEN (pool.session_state = error);"
+            " name it plainly, in a statement of its own"
+        )
     return (
         f"{_DESCRIPTION[kind]} would outlive the transaction on a shared server connection"
         f" (pool.session_state = error); {_ADVICE[kind]}"
     )
+
+
+def _listen_refused(text: bytes, refused: frozenset[str]) -> bool:
+    """LISTEN is refused, or (relayed) its channel cannot be told from the text."""
+    if LISTEN in refused:
+        return True
+    return _UNREADABLE_LISTEN in refused and not listening.channels_named(text)
 
 
 _DESCRIPTION = {
@@ -341,6 +386,10 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
         if client.translator is not None:
             client.translator.statements.clear()
     for kind, made in detect(tag, text, server.params):
+        if kind in (LISTEN, UNLISTEN_ONE) and listening.relayed(client, server, text):
+            continue  # noted with its channel, for the pool's relay
+        if kind == UNLISTEN_ONE:
+            continue
         if kind in TRANSACTIONAL:
             server.pending.note(kind, made)  # counts once its transaction commits
         elif made:

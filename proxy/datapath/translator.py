@@ -97,7 +97,7 @@ class Translator:
         "_more",
         "_short",
         "_copy_left",
-        "refuse_session_state",
+        "refused",
         "track_text",
         "statements",
         "unnamed_parse",
@@ -121,12 +121,17 @@ class Translator:
     )
 
     def __init__(
-        self, cache: StatementCache, limit: int, session_mode: str, stats: PoolStats | None = None
+        self,
+        cache: StatementCache,
+        limit: int,
+        session_mode: str,
+        stats: PoolStats | None = None,
+        listen_mode: str = "pin",
     ) -> None:
         self.cache = cache
         self.stats = stats if stats is not None else PoolStats()  # SHOW STATS' prepared counts
         self.limit = limit  # pool.max_prepared_statements; 0 = names pass through
-        self.refuse_session_state = session_mode == "error"
+        self.refused = session_state.refused_kinds(session_mode, listen_mode)
         self.track_text = session_mode != "ignore"
         self.statements: dict[bytes, Statement] = {}
         self.portal_text: dict[bytes, bytes] = {}  # named portals -> watched query text
@@ -331,8 +336,8 @@ class Translator:
             name, rest = b"", body[1:]
         else:  # renamed, maybe answered from the cache: every byte is checked here
             name, rest = split_parse(body, server.params)
-        if self.refuse_session_state:
-            refusal = session_state.refusal(parse_query_text(rest), server.params)
+        if self.refused:
+            refusal = session_state.refusal(parse_query_text(rest), server.params, self.refused)
             if refusal:
                 return self._fail(server, sqlstate.FEATURE_NOT_SUPPORTED, refusal)
         if not name:
@@ -492,8 +497,8 @@ class Translator:
         self.unnamed_parse = None
         server.unnamed_owner = None
         text = body[:-1]
-        if self.refuse_session_state:
-            refusal = session_state.refusal(text, server.params)
+        if self.refused:
+            refusal = session_state.refusal(text, server.params, self.refused)
             if refusal:
                 server.responses.push(error_entry(sqlstate.FEATURE_NOT_SUPPORTED, refusal))
                 return _FAILING_QUERY

@@ -30,6 +30,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import pytest
 from harness import DEFAULT_CONFIG, Harness
@@ -243,6 +244,9 @@ class _Client:
         self.released = 0
         self.query_cancelled = 0.0  # no query_timeout cancel in flight
         self.translator = None  # the filter asks a translator whether it streams a message
+        # a NotificationResponse is dropped when the pool's relay delivers it (listening.py)
+        self.pool = SimpleNamespace(settings=SimpleNamespace(listen_mode="pin"))
+        self.pinned: set[str] = set()
 
     def stats_query_done(self, now: float) -> None:
         pass
