@@ -19,6 +19,14 @@ same code for every tree.
     python bench/inproc.py                      # this checkout
     python bench/inproc.py TREE_A TREE_B        # two checkouts, processes interleaved
     python bench/inproc.py TREE TREE+pure       # compiled against PGMUX_PURE=1
+    python bench/inproc.py A B --instructions   # instructions per transaction (valgrind)
+
+With --instructions each cell runs under valgrind's callgrind twice, with
+TRANSACTIONS and three times as many, and the figure is the difference in
+instructions executed over the difference in transactions: the same for the
+same code whatever else the machine is doing (hash seed fixed), so two trees
+compare on a busy machine where CPU times drift by several per cent. It
+counts work, not time (cache misses and the like are not in it).
 
 Each tree runs with its own .venv/bin/python (its own pgmux), this file's
 harness. A tree from before the move into floor packages (proxy/client.py
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -194,6 +203,37 @@ def measure(tree: Path, cell: str, transactions: int, warmup: int) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def instructions(tree: Path, cell: str, transactions: int, warmup: int) -> float:
+    """Instructions per transaction of CELL in TREE, by callgrind (see above)."""
+    env = _clean_env()
+    env["PYTHONHASHSEED"] = "0"
+    counts = []
+    for count in (transactions, 3 * transactions):
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        command += [python_of(tree), str(Path(__file__).resolve()), "--worker", cell]
+        command += ["--transactions", str(count), "--warmup", str(warmup)]
+        result = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
+        found = re.search(r"Collected : (\d+)", result.stderr)
+        if result.returncode != 0 or found is None:
+            raise SystemExit(f"{tree}: {cell} failed under valgrind:\n{result.stderr[-2000:]}")
+        counts.append(int(found.group(1)))
+    return (counts[1] - counts[0]) / (2 * transactions)
+
+
+def instruction_table(trees: list[Path], cells: list[str], transactions: int, warmup: int) -> str:
+    names = [tree.name for tree in trees]
+    header = "| cell | " + " | ".join(f"{name} (instructions/tx)" for name in names)
+    header += " | change |" if len(trees) == 2 else " |"
+    lines = [header, "|---|" + "---:|" * (len(trees) + (len(trees) == 2))]
+    for cell in cells:
+        counts = [instructions(tree, cell, transactions, warmup) for tree in trees]
+        row = f"| {cell} | " + " | ".join(f"{count:,.0f}" for count in counts)
+        row += f" | {(counts[1] / counts[0] - 1) * 100:+.1f} % |" if len(trees) == 2 else " |"
+        print(row)
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def _clean_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PGMUX_PURE", None)
@@ -238,6 +278,9 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=20_000, help="timed, per process")
     parser.add_argument("--warmup", type=int, default=2_000)
     parser.add_argument("--cells", nargs="*", choices=sorted(CELLS), default=list(CELLS))
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions (valgrind), not time"
+    )
     parser.add_argument("--worker", choices=sorted(CELLS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -246,6 +289,10 @@ def main() -> None:
     trees = [tree.resolve() for tree in args.trees] or [HERE.parent]
     if len(trees) > 2:
         parser.error("one or two trees")
+    if args.instructions:
+        transactions = min(args.transactions, 1_000)  # callgrind runs ~50 times slower
+        print(instruction_table(trees, args.cells, transactions, min(args.warmup, 300)))
+        return
     samples = run(trees, args.cells, args.processes, args.transactions, args.warmup)
     print()
     print(table(trees, args.cells, samples))
