@@ -183,6 +183,8 @@ class ResponseFilter:
         ready = False
         now = 0.0  # when the first ReadyForQuery of this chunk was read
         entries = self.entries
+        if entries and entries[0].op == EMIT and not self.skip_bytes:
+            out.append(self.made_up())  # owed before anything the server sends now
         actions = _ACTIONS
         # What the server may send: anything while a reply is owed, else only
         # what PostgreSQL sends unprompted (protocol.backend).
@@ -329,6 +331,19 @@ class ResponseFilter:
             client.transport.write(payload)
         self.reset()
         server.refuse(reason)
+
+    def made_up(self) -> bytes:
+        """The made-up replies at the head, taken off: nothing is owed before them.
+
+        They wait there for the client's Flush or Sync (or the server's next
+        reply): PostgreSQL too sends the replies of a batch only then, and a
+        client (libpq's pipeline) may tell the difference.
+        """
+        entries = self.entries
+        replies = []
+        while entries and entries[0].op == EMIT:
+            replies.append(entries.popleft().emit)
+        return b"".join(replies)
 
     def _emit_after(self, out: list[bytes], data: bytes, run: int, end: int) -> int:
         """Forward up to `end`, then the made-up replies now at the head; the new run start."""

@@ -260,6 +260,7 @@ class _Server:
         self.tx_status = mt.TX_IDLE
         self.copy_in = False
         self.pending = PendingChanges()
+        self.parsed_in_xact: set[bytes] = set()  # the filter clears it at an idle ReadyForQuery
 
     def parameter_status(self, body: bytes, client: object) -> None:
         pass
