@@ -29,7 +29,7 @@ from pgmux.protocol.backend import ASKED, HELD_LIMIT, UNASKED, check_notice_fiel
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.extended import command_tag
 from pgmux.proxy.base.log import get_logger
-from pgmux.proxy.datapath import pending
+from pgmux.proxy.datapath import pending, startup_values
 
 try:  # compile-time declarations (setup.py); without Cython they change nothing
     import cython
@@ -123,7 +123,16 @@ PLAIN = {op: Entry(op) for op in (PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, Q
 class ResponseFilter:
     """Replies of one linked server, matched against what its client is owed."""
 
-    __slots__ = ("entries", "hold", "skip_bytes", "skipped_queries", "skipping")
+    __slots__ = (
+        "entries",
+        "hold",
+        "restore",
+        "restore_entry",
+        "restore_held",
+        "skip_bytes",
+        "skipped_queries",
+        "skipping",
+    )
 
     def __init__(self) -> None:
         self.entries: deque[Entry] = deque()
@@ -133,6 +142,11 @@ class ResponseFilter:
         # Queries PostgreSQL skips unread (sent after a failed request, before its
         # Sync): the client counted a ReadyForQuery for each that will never come.
         self.skipped_queries = 0
+        # A statement reset parameters (startup_values.py): what the client had
+        # seen, the ParameterStatus held back since, pgmux's DO when it is sent.
+        self.restore: dict[str, str] | None = None
+        self.restore_held: list[bytes] = []
+        self.restore_entry: Entry | None = None
 
     @property
     def mid_message(self) -> bool:
@@ -144,6 +158,9 @@ class ResponseFilter:
         self.hold = b""
         self.skip_bytes = 0
         self.skipped_queries = 0
+        self.restore = None
+        self.restore_held = []
+        self.restore_entry = None
 
     def push(self, entry: Entry) -> None:
         if self.skipping:
@@ -207,6 +224,13 @@ class ResponseFilter:
                     reason = refusal(kind, length, limits if length != 5 else UNASKED)
                     self._refuse(server, client, out, data[run:pos], reason)
                     return
+                if self.restore is not None:  # a statement reset parameters
+                    out.append(data[run:pos])
+                    run = pos
+                    entry = Entry(QUERY)
+                    if startup_values.at_ready(self, client, server, data[pos + 5], out, entry):
+                        pos = run = end  # this ReadyForQuery waits for pgmux's DO
+                        continue
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
@@ -255,6 +279,10 @@ class ResponseFilter:
                 if entries:
                     head = entries[0]
                     op = head.op
+                    if head is self.restore_entry:  # pgmux's DO: not the client's
+                        out.append(data[run:pos])
+                        run = pos = end
+                        continue
                     # Tags alone tell LISTEN, PREPARE, DISCARD ...; SELECT and SET need text.
                     if op in (EXECUTE, QUERY) and (head.text or data[pos + 5] != _S):
                         client.command_done(command_tag(data[pos + 5 : end]), head.text, server)
@@ -273,7 +301,11 @@ class ResponseFilter:
                 except ProtocolError as exc:
                     self._refuse(server, client, out, data[run:pos], exc.message)
                     return
-                if action == _ERROR:
+                if action == _STATUS and self.restore is not None:
+                    out.append(data[run:pos])  # held until the ReadyForQuery (startup_values)
+                    self.restore_held.append(data[pos:end])
+                    run = end
+                elif action == _ERROR:
                     if server.pending.changes:
                         server.pending.failed = True  # ends an implicit transaction in error
                     timed_out = _timeout_cancel(data[pos + 5 : end], client, server)
@@ -361,6 +393,10 @@ class ResponseFilter:
         if not entries:
             return False
         head = entries[0]
+        if head is self.restore_entry:
+            out.append(data[run:pos])  # pgmux's DO failed: not the client's error
+            startup_values.failed(data[pos + 5 : end], client)
+            return True
         if head.op in (QUERY, SYNC):
             if head.error:
                 out.append(data[run:pos])
