@@ -256,11 +256,12 @@ class ResponseFilter:
                 # The release rule (protocol.accounting.LinkAccounting.releasable).
                 # The translator holds a client's partial message back, so none of
                 # it is on this server, but for one it streams (a COPY row).
+                translator = client.translator
                 ready = (
                     status == _IDLE
                     and client.expect_rfq <= 0
                     and not client.in_batch
-                    and not (client.translator is not None and client.translator.streaming)
+                    and not (translator.streaming if translator is not None else client.mid_message)
                 )
                 limits = ASKED if client.expect_rfq > 0 or client.in_batch else UNASKED
             elif action == _END:

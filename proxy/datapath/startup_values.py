@@ -81,10 +81,11 @@ def at_ready(
         status in (TX_IDLE, TX_IN_BLOCK)
         and client.expect_rfq == 1
         and not client.in_batch
-        and len(entries) == 1
+        and len(entries) <= 1  # (none when replies are forwarded unread: session mode)
     ):
         server.tx_status = status
-        entries.popleft()  # the statement's Query or Sync: answered by the DO's ReadyForQuery
+        if entries:
+            entries.popleft()  # the statement's Query or Sync: the DO's ReadyForQuery answers it
         responses.restore_entry = restore_entry
         entries.append(restore_entry)
         server.transport.write(restore_sql(client.startup_gucs))

@@ -243,6 +243,7 @@ class _Client:
         self.released = 0
         self.query_cancelled = 0.0  # no query_timeout cancel in flight
         self.translator = None  # the filter asks a translator whether it streams a message
+        self.mid_message = False  # (asked without one): no half-sent message of the client
 
     def stats_query_done(self, now: float) -> None:
         pass
