@@ -126,6 +126,7 @@ class ResponseFilter:
     __slots__ = (
         "entries",
         "hold",
+        "made_up_first",
         "restore",
         "restore_entry",
         "restore_held",
@@ -142,6 +143,7 @@ class ResponseFilter:
         # Queries PostgreSQL skips unread (sent after a failed request, before its
         # Sync): the client counted a ReadyForQuery for each that will never come.
         self.skipped_queries = 0
+        self.made_up_first = False  # a made-up reply waits at the head (made_up)
         # A statement reset parameters (startup_values.py): what the client had
         # seen, the ParameterStatus held back since, pgmux's DO when it is sent.
         self.restore: dict[str, str] | None = None
@@ -158,6 +160,7 @@ class ResponseFilter:
         self.hold = b""
         self.skip_bytes = 0
         self.skipped_queries = 0
+        self.made_up_first = False
         self.restore = None
         self.restore_held = []
         self.restore_entry = None
@@ -200,7 +203,7 @@ class ResponseFilter:
         ready = False
         now = 0.0  # when the first ReadyForQuery of this chunk was read
         entries = self.entries
-        if entries and entries[0].op == EMIT and not self.skip_bytes:
+        if self.made_up_first and not self.skip_bytes:
             out.append(self.made_up())  # owed before anything the server sends now
         actions = _ACTIONS
         # What the server may send: anything while a reply is owed, else only
@@ -280,12 +283,12 @@ class ResponseFilter:
                 if entries:
                     head = entries[0]
                     op = head.op
-                    if head is self.restore_entry:  # pgmux's DO: not the client's
-                        out.append(data[run:pos])
-                        run = pos = end
-                        continue
                     # Tags alone tell LISTEN, PREPARE, DISCARD ...; SELECT and SET need text.
                     if op in (EXECUTE, QUERY) and (head.text or data[pos + 5] != _S):
+                        if head is self.restore_entry:  # pgmux's DO: not the client's
+                            out.append(data[run:pos])
+                            run = pos = end
+                            continue
                         client.command_done(command_tag(data[pos + 5 : end]), head.text, server)
                     if op == EXECUTE:
                         entries.popleft()
@@ -372,6 +375,7 @@ class ResponseFilter:
         reply): PostgreSQL too sends the replies of a batch only then, and a
         client (libpq's pipeline) may tell the difference.
         """
+        self.made_up_first = False
         entries = self.entries
         replies = []
         while entries and entries[0].op == EMIT:

@@ -248,7 +248,7 @@ class Translator:
                     responses.push(PLAIN[SYNC])
             elif kind == _FUNCTION_CALL:
                 responses.push(PLAIN[QUERY])
-            elif kind == _FLUSH and responses.entries and responses.entries[0].op == EMIT:
+            elif kind == _FLUSH and responses.made_up_first:
                 server.client_send(responses.made_up())  # the server may have nothing to send
             pos = end
         if pos < n:
@@ -565,7 +565,9 @@ class Translator:
     def _emit(self, server: ServerConnection, reply: bytes, rollback: Callable[[], None]) -> None:
         # Even with nothing owed before it, it waits for the client's Flush or
         # Sync, as PostgreSQL's reply would (replies.ResponseFilter.made_up).
-        server.responses.push(Entry(EMIT, emit=reply, rollback=rollback))
+        responses = server.responses
+        responses.made_up_first = responses.made_up_first or not responses.entries
+        responses.push(Entry(EMIT, emit=reply, rollback=rollback))
 
     def _fail(self, server: ServerConnection, code: str, message: str) -> bytes:
         server.responses.push(error_entry(code, message))
