@@ -48,8 +48,17 @@ def to_default(text: bytes) -> bool:
 def arm(client: ClientConnection, server: ServerConnection) -> None:
     """A statement that resets parameters completed: watch its ParameterStatus."""
     responses = server.responses
-    if client.startup_gucs and responses.restore is None:
+    if responses.restore is None and _may_differ(client.startup_gucs, client.pool.server_params):
         responses.restore = dict(client.params)  # what the client has seen so far
+
+
+def _may_differ(startup: dict[str, str], login: dict[str, str] | None) -> bool:
+    """Whether a startup value may differ from the server's own default: a
+    reported one the server logged in with (asyncpg's client_encoding UTF8,
+    say) comes back by itself, and costs no DO."""
+    if login is None:
+        return bool(startup)
+    return any(login.get(name) != value for name, value in startup.items())
 
 
 def restore_sql(values: dict[str, str]) -> bytes:
