@@ -232,3 +232,32 @@ async def test_savepoints_rolled_back_in_one_transaction(pgmux: PgmuxFactory, mo
                         raise Undo
     finally:
         await close_quietly(conn)
+
+
+# -- RESET goes back to the client's startup values ---------------------------------
+
+PLAIN_FORWARDING = {"max_prepared_statements": 0, "session_state": "ignore"}
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [{"mode": "transaction"}, {"mode": "session"}, {"mode": "transaction", **PLAIN_FORWARDING}],
+)
+@pytest.mark.parametrize("sql", ["RESET ALL", "DISCARD ALL", "RESET application_name"])
+async def test_reset_returns_to_the_startup_values(
+    pgmux: PgmuxFactory, pool: dict[str, Any], sql: str
+) -> None:
+    mux = pgmux({"pool": {**pool, "size": 1}})
+    conn = await connect_psycopg(mux, application_name="fidelity", options="-c work_mem=5MB")
+    try:
+        await conn.execute("SET application_name = 'changed'")
+        assert conn.info.parameter_status("application_name") == "changed"
+        await conn.execute(sql)
+        # PostgreSQL reported the startup value coming back, as on a direct connection.
+        assert conn.info.parameter_status("application_name") == "fidelity"
+        cur = await conn.execute(
+            "SELECT current_setting('application_name'), current_setting('work_mem')"
+        )
+        assert await cur.fetchone() == ("fidelity", "5MB")
+    finally:
+        await close_quietly(conn)

@@ -50,6 +50,18 @@ async def reset_session_state(pool: Pool, server: ServerConnection, timeout: flo
     pool.stats.session_resets += 1
 
 
+async def forget_statements(server: ServerConnection, timeout: float) -> None:
+    """Drop every statement pgmux prepared on a server a client left busy.
+
+    PgBouncer closes such a server, so the next client gets a new connection
+    with nothing in pg_prepared_statements (test suites of drivers count what
+    is there); pgmux keeps the connection and gives it back just as empty.
+    """
+    await server.query("DEALLOCATE ALL", timeout)
+    server.prepared.clear()
+    rollbacks.deallocated(server)
+
+
 def clean_abandoned(pool: Pool, server: ServerConnection, expect: int, in_batch: bool) -> None:
     """A client left with requests outstanding or a transaction open: wait for
     the replies it is owed, roll back, reset, then give the server back.
@@ -69,11 +81,12 @@ def clean_abandoned(pool: Pool, server: ServerConnection, expect: int, in_batch:
     except ServerLost as exc:
         pool.close_server(server, f"cleanup after client failed: {exc}")
         return
-    spawn(_finish_abandoned(pool, server, owed))
+    busy = bool(expect or in_batch or not server.clean_for_release)
+    spawn(_finish_abandoned(pool, server, owed, busy))
 
 
 async def _finish_abandoned(
-    pool: Pool, server: ServerConnection, owed: asyncio.Future[None]
+    pool: Pool, server: ServerConnection, owed: asyncio.Future[None], busy: bool
 ) -> None:
     timeout = pool.timeouts.cancel_wait or 10.0
     try:
@@ -87,6 +100,8 @@ async def _finish_abandoned(
         if pool.mode == "session":
             await server.query("DISCARD ALL", timeout)
             server.applied = {}
+        elif busy and (server.prepared or server.stale):
+            await forget_statements(server, timeout)
     except (ServerError, ServerLost) as exc:
         pool.close_server(server, f"cleanup after client failed: {exc}")
         return

@@ -145,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
         # what the client wants its session to look like
         self.params: dict[str, str] = {}  # reported parameters
         self.gucs: dict[str, str] = {}  # other startup GUCs
-        self.startup_gucs: dict[str, str] = {}  # from the startup packet, until the welcome
+        self.startup_gucs: dict[str, str] = {}  # from the startup packet: the defaults
         # request accounting, read by the server's hot path
         self.expect_rfq = 0
         self.in_batch = False

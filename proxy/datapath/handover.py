@@ -11,6 +11,7 @@ a server of its own. The pool's transitions (`Pool.forget`, `Pool.add_server`,
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -57,17 +58,39 @@ def hand_over(pool: Pool, server: ServerConnection, worker: int) -> None:
     registry = pool.registry
     assert registry.ledger is not None and registry.worker is not None
     assert pool.shared_rows is not None
-    if not server.movable():
+    if not movable(server):
         # A TLS session cannot change process: close it, the taker opens one.
         pool.close_server(server, "slot handed to another worker")
         return
     state = server.export_state()
-    fd = server.detach()
+    fd = detach(server)
     registry.ledger.move(pool.shared_rows, worker)
     pool.forget(server, shared=False)
     log.debug("server_handed_over", db=pool.dbname, user=pool.user, to_worker=worker)
     if not registry.worker.send(worker, ServerHandedOver(pool.dbname, pool.user, state), fd):
         registry.ledger.give_back(pool.shared_rows, worker)
+
+
+def movable(server: ServerConnection) -> bool:
+    """Only a plain socket can change process; a TLS session lives in this one."""
+    transport = server.transport
+    return (
+        transport is not None
+        and not transport.is_closing()
+        and not server.stale  # another worker would not know to close them first
+        and transport.get_extra_info("ssl_object") is None
+        and transport.get_extra_info("socket") is not None
+    )
+
+
+def detach(server: ServerConnection) -> int:
+    """A duplicate of the socket's descriptor for another process; this side
+    lets go of it without a word to PostgreSQL (the backend lives on)."""
+    assert server.transport is not None
+    fd = os.dup(server.transport.get_extra_info("socket").fileno())
+    server.moved = True
+    server.transport.abort()
+    return fd
 
 
 async def adopt(pool: Pool, state: ServerSnapshot, fd: int) -> None:

@@ -29,7 +29,7 @@ from pgmux.protocol.backend import ASKED, HELD_LIMIT, UNASKED, check_notice_fiel
 from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.extended import command_tag
 from pgmux.proxy.base.log import get_logger
-from pgmux.proxy.datapath import pending
+from pgmux.proxy.datapath import pending, startup_values
 
 try:  # compile-time declarations (setup.py); without Cython they change nothing
     import cython
@@ -124,7 +124,17 @@ PLAIN = {op: Entry(op) for op in (PARSE, BIND, CLOSE, DESCRIBE, EXECUTE, SYNC, Q
 class ResponseFilter:
     """Replies of one linked server, matched against what its client is owed."""
 
-    __slots__ = ("entries", "hold", "skip_bytes", "skipped_queries", "skipping")
+    __slots__ = (
+        "entries",
+        "hold",
+        "made_up_first",
+        "restore",
+        "restore_entry",
+        "restore_held",
+        "skip_bytes",
+        "skipped_queries",
+        "skipping",
+    )
 
     def __init__(self) -> None:
         self.entries: deque[Entry] = deque()
@@ -134,6 +144,12 @@ class ResponseFilter:
         # Queries PostgreSQL skips unread (sent after a failed request, before its
         # Sync): the client counted a ReadyForQuery for each that will never come.
         self.skipped_queries = 0
+        self.made_up_first = False  # a made-up reply waits at the head (made_up)
+        # A statement reset parameters (startup_values.py): what the client had
+        # seen, the ParameterStatus held back since, pgmux's DO when it is sent.
+        self.restore: dict[str, str] | None = None
+        self.restore_held: list[bytes] = []
+        self.restore_entry: Entry | None = None
 
     @property
     def mid_message(self) -> bool:
@@ -145,6 +161,10 @@ class ResponseFilter:
         self.hold = b""
         self.skip_bytes = 0
         self.skipped_queries = 0
+        self.made_up_first = False
+        self.restore = None
+        self.restore_held = []
+        self.restore_entry = None
 
     def push(self, entry: Entry) -> None:
         if self.skipping:
@@ -184,6 +204,8 @@ class ResponseFilter:
         ready = False
         now = 0.0  # when the first ReadyForQuery of this chunk was read
         entries = self.entries
+        if self.made_up_first and not self.skip_bytes:
+            out.append(self.made_up())  # owed before anything the server sends now
         actions = _ACTIONS
         # What the server may send: anything while a reply is owed, else only
         # what PostgreSQL sends unprompted (protocol.backend).
@@ -206,6 +228,13 @@ class ResponseFilter:
                     reason = refusal(kind, length, limits if length != 5 else UNASKED)
                     self._refuse(server, client, out, data[run:pos], reason)
                     return
+                if self.restore is not None:  # a statement reset parameters
+                    out.append(data[run:pos])
+                    run = pos
+                    entry = Entry(QUERY)
+                    if startup_values.at_ready(self, client, server, data[pos + 5], out, entry):
+                        pos = run = end  # this ReadyForQuery waits for pgmux's DO
+                        continue
                 client.expect_rfq -= 1
                 status = data[pos + 5]
                 server.tx_status = status
@@ -231,11 +260,12 @@ class ResponseFilter:
                 # The release rule (protocol.accounting.LinkAccounting.releasable).
                 # The translator holds a client's partial message back, so none of
                 # it is on this server, but for one it streams (a COPY row).
+                translator = client.translator
                 ready = (
                     status == _IDLE
                     and client.expect_rfq <= 0
                     and not client.in_batch
-                    and not (client.translator is not None and client.translator.streaming)
+                    and not (translator.streaming if translator is not None else client.mid_message)
                 )
                 limits = ASKED if client.expect_rfq > 0 or client.in_batch else UNASKED
             elif action == _END:
@@ -256,6 +286,10 @@ class ResponseFilter:
                     op = head.op
                     # Tags alone tell LISTEN, PREPARE, DISCARD ...; SELECT and SET need text.
                     if op in (EXECUTE, QUERY) and (head.text or data[pos + 5] != _S):
+                        if head is self.restore_entry:  # pgmux's DO: not the client's
+                            out.append(data[run:pos])
+                            run = pos = end
+                            continue
                         client.command_done(command_tag(data[pos + 5 : end]), head.text, server)
                     if op == EXECUTE:
                         entries.popleft()
@@ -272,7 +306,11 @@ class ResponseFilter:
                 except ProtocolError as exc:
                     self._refuse(server, client, out, data[run:pos], exc.message)
                     return
-                if action == _ERROR:
+                if action == _STATUS and self.restore is not None:
+                    out.append(data[run:pos])  # held until the ReadyForQuery (startup_values)
+                    self.restore_held.append(data[pos:end])
+                    run = end
+                elif action == _ERROR:
                     if server.pending.changes:
                         server.pending.failed = True  # ends an implicit transaction in error
                     timed_out = _timeout_cancel(data[pos + 5 : end], client, server)
@@ -335,6 +373,20 @@ class ResponseFilter:
         self.reset()
         server.refuse(reason)
 
+    def made_up(self) -> bytes:
+        """The made-up replies at the head, taken off: nothing is owed before them.
+
+        They wait there for the client's Flush or Sync (or the server's next
+        reply): PostgreSQL too sends the replies of a batch only then, and a
+        client (libpq's pipeline) may tell the difference.
+        """
+        self.made_up_first = False
+        entries = self.entries
+        replies = []
+        while entries and entries[0].op == EMIT:
+            replies.append(entries.popleft().emit)
+        return b"".join(replies)
+
     def _emit_after(self, out: list[bytes], data: bytes, run: int, end: int) -> int:
         """Forward up to `end`, then the made-up replies now at the head; the new run start."""
         out.append(data[run:end])
@@ -351,6 +403,10 @@ class ResponseFilter:
         if not entries:
             return False
         head = entries[0]
+        if head is self.restore_entry:
+            out.append(data[run:pos])  # pgmux's DO failed: not the client's error
+            startup_values.failed(data[pos + 5 : end], client)
+            return True
         if head.op in (QUERY, SYNC):
             if head.error:
                 out.append(data[run:pos])

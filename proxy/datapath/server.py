@@ -13,7 +13,6 @@ Two paths read from the socket:
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from pgmux.protocol.errors import ProtocolError
 from pgmux.protocol.framing import MessageReader
 from pgmux.protocol.msgtypes import AUTHENTICATION_REQUEST as _AUTHENTICATION
 from pgmux.protocol.msgtypes import BACKEND_KEY_DATA as _BACKEND_KEY_DATA
+from pgmux.protocol.msgtypes import COMMAND_COMPLETE as _COMMAND_COMPLETE
 from pgmux.protocol.msgtypes import COPY_BOTH_RESPONSE as _COPY_BOTH_RESPONSE
 from pgmux.protocol.msgtypes import COPY_IN_RESPONSE as _COPY_IN_RESPONSE
 from pgmux.protocol.msgtypes import ERROR_RESPONSE as _ERROR_RESPONSE
@@ -47,7 +47,7 @@ from pgmux.proxy.base.log import get_logger
 from pgmux.proxy.base.tasks import spawn
 from pgmux.proxy.core.peers import ServerSnapshot
 from pgmux.proxy.core.states import ServerState
-from pgmux.proxy.datapath import pending, session_state, varcache
+from pgmux.proxy.datapath import pending, session_state, startup_values, varcache
 from pgmux.proxy.datapath.replies import ResponseFilter
 from pgmux.proxy.datapath.server_login import (
     ServerAuth,
@@ -73,7 +73,7 @@ _LENGTH = Struct("!I").unpack_from
 _SKIPPED = frozenset(STREAMED)  # the slow path never looks into rows or COPY data
 
 # What the plain scan does with each type (0: it only passes through).
-_RFQ, _STATUS, _NOTICE, _COPY = 1, 2, 3, 4
+_RFQ, _STATUS, _NOTICE, _COPY, _TAG = 1, 2, 3, 4, 5
 _PLAIN_ACTIONS = bytearray(256)
 _PLAIN_ACTIONS[_READY_FOR_QUERY] = _RFQ
 _PLAIN_ACTIONS[_PARAMETER_STATUS] = _STATUS
@@ -81,8 +81,11 @@ _PLAIN_ACTIONS[_ERROR_RESPONSE] = _NOTICE
 _PLAIN_ACTIONS[_NOTICE_RESPONSE] = _NOTICE
 _PLAIN_ACTIONS[_COPY_IN_RESPONSE] = _COPY
 _PLAIN_ACTIONS[_COPY_BOTH_RESPONSE] = _COPY
+_PLAIN_ACTIONS[_COMMAND_COMPLETE] = _TAG
 _NOTICE_NAMES = {_ERROR_RESPONSE: "ErrorResponse", _NOTICE_RESPONSE: "NoticeResponse"}
 
+_RESET_TAGS = (b"RESET\0", b"DISCARD ALL\0")
+_RESET_SIZES = (1 + 4 + 6, 1 + 4 + 12)  # their messages' sizes: most tags stop at that check
 _COPY_FAIL_MESSAGE = b"f" + (4 + 17).to_bytes(4, "big") + b"client went away\0"
 
 
@@ -171,26 +174,6 @@ class ServerConnection(asyncio.Protocol):
             last_used=self.last_used,
             prepared=tuple(statement.rest for statement in self.prepared.values()),
         )
-
-    def movable(self) -> bool:
-        """Only a plain socket can change process; a TLS session lives in this one."""
-        transport = self.transport
-        return (
-            transport is not None
-            and not transport.is_closing()
-            and not self.stale  # another worker would not know to close them first
-            and transport.get_extra_info("ssl_object") is None
-            and transport.get_extra_info("socket") is not None
-        )
-
-    def detach(self) -> int:
-        """A duplicate of the socket's descriptor for another process; this side
-        lets go of it without a word to PostgreSQL (the backend lives on)."""
-        assert self.transport is not None
-        fd = os.dup(self.transport.get_extra_info("socket").fileno())
-        self.moved = True
-        self.transport.abort()
-        return fd
 
     # --- connection ------------------------------------------------------
 
@@ -308,8 +291,10 @@ class ServerConnection(asyncio.Protocol):
                 self._slow_received(data)
                 return
             self.pool.stats.total_sent += len(data)  # all of it reaches the client
-            if client.translator is not None:
-                self.responses.received(data, self, client)
+            responses = self.responses
+            filtered = responses.restore is not None or responses.mid_message  # startup_values
+            if client.translator is not None or filtered:
+                responses.received(data, self, client)
                 return
             if self._hold:
                 data = self._hold + data
@@ -353,6 +338,10 @@ class ServerConnection(asyncio.Protocol):
                         limits = _ASKED if client.expect_rfq > 0 or client.in_batch else _UNASKED
                     elif action == _COPY:
                         self.copy_in = True
+                    elif action == _TAG:
+                        if end - pos in _RESET_SIZES and data[pos + 5 : end] in _RESET_TAGS:
+                            self._watch_reset(client, data, end)
+                            return
                     else:
                         try:
                             if action == _STATUS:
@@ -375,6 +364,15 @@ class ServerConnection(asyncio.Protocol):
                 client.transaction_done(self, now)
         except Exception as exc:  # a bug must cost this server only, never the loop
             self.refuse(f"internal error on a server reply: {exc!r}")
+
+    def _watch_reset(self, client: ClientConnection, data: bytes, end: int) -> None:
+        """RESET or DISCARD ALL completed: the replies that follow go through the
+        ResponseFilter, which sets the client's startup values again (startup_values)."""
+        client.send(data[:end])
+        self._skip = 0
+        self._hold = b""
+        startup_values.arm(client, self)
+        self.responses.received(data[end:], self, client)
 
     def _refuse_reply(self, client: ClientConnection, good: bytes, reason: str) -> None:
         """The whole messages before the bad one still reach the client (its

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from pgmux.proxy.datapath import listening, pending, rollbacks
+from pgmux.proxy.datapath import listening, pending, rollbacks, startup_values
 
 if TYPE_CHECKING:
     from pgmux.proxy.datapath.client import ClientConnection
@@ -376,6 +376,7 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
     """A statement of the client completed on the server: track what it left behind."""
     if tag == b"DISCARD ALL":
         forget_all(client, server)
+        startup_values.arm(client, server)
         return
     if tag in _CONTROL_TAGS:
         pending.apply(client, server, _transaction_control(server, tag, text))
@@ -385,6 +386,8 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
         rollbacks.deallocated(server)
         if client.translator is not None:
             client.translator.statements.clear()
+    if tag == b"RESET" or (tag == b"SET" and startup_values.to_default(text)):
+        startup_values.arm(client, server)  # back to the client's startup values
     for kind, made in detect(tag, text, server.params):
         if kind in (LISTEN, UNLISTEN_ONE) and listening.relayed(client, server, text):
             continue  # noted with its channel, for the pool's relay

@@ -68,7 +68,7 @@ _LENGTH = Struct("!I").unpack_from
 _PARSE, _BIND, _DESCRIBE, _CLOSE = msgtypes.PARSE, msgtypes.BIND, msgtypes.DESCRIBE, msgtypes.CLOSE
 _EXECUTE, _SYNC, _QUERY = msgtypes.EXECUTE, msgtypes.SYNC, msgtypes.QUERY
 _FUNCTION_CALL, _COPY_DATA = msgtypes.FUNCTION_CALL, msgtypes.COPY_DATA
-_COPY_FAIL = msgtypes.COPY_FAIL
+_COPY_FAIL, _FLUSH = msgtypes.COPY_FAIL, msgtypes.FLUSH
 _STREAMED = frozenset((_COPY_DATA, _COPY_FAIL, _FUNCTION_CALL))  # rewritten never, held never
 _STATEMENT = msgtypes.TARGET_STATEMENT
 _FAILED = msgtypes.TX_FAILED
@@ -286,6 +286,8 @@ class Translator:
                 segment = end
             elif kind == _FUNCTION_CALL:
                 responses.push(PLAIN[QUERY])
+            elif kind == _FLUSH and responses.made_up_first:
+                server.client_send(responses.made_up())  # the server may have nothing to send
             pos = end
         if pos < n:
             self._partial = data[pos:]
@@ -569,11 +571,11 @@ class Translator:
     # --- replies pgmux makes up -------------------------------------------
 
     def _emit(self, server: ServerConnection, reply: bytes, rollback: Callable[[], None]) -> None:
+        # Even with nothing owed before it, it waits for the client's Flush or
+        # Sync, as PostgreSQL's reply would (replies.ResponseFilter.made_up).
         responses = server.responses
-        if not responses.entries:
-            server.client_send(reply)  # nothing owed before it: it can go now
-        else:
-            responses.push(Entry(EMIT, emit=reply, rollback=rollback))
+        responses.made_up_first = responses.made_up_first or not responses.entries
+        responses.push(Entry(EMIT, emit=reply, rollback=rollback))
 
     def _fail(self, server: ServerConnection, code: str, message: str) -> bytes:
         server.responses.push(error_entry(code, message))

@@ -24,7 +24,6 @@ def send_welcome(client: ClientConnection, server_params: dict[str, str]) -> Non
     params, client.gucs = varcache.split_by_reported(client.startup_gucs, server_params)
     if "DateStyle" in client.startup_gucs:
         params["DateStyle"] = datestyle(params["DateStyle"], server_params.get("DateStyle", ""))
-    client.startup_gucs = {}
     client.params = varcache.interned(params)
     client.application_name = client.params.get("application_name", client.application_name)
     client.cancel_pid, client.cancel_key = client.registry.cancels.issue(client)

@@ -247,6 +247,7 @@ class _Client:
         # a NotificationResponse is dropped when the pool's relay delivers it (listening.py)
         self.pool = SimpleNamespace(settings=SimpleNamespace(listen_mode="pin"))
         self.pinned: set[str] = set()
+        self.mid_message = False  # (asked without one): no half-sent message of the client
 
     def stats_query_done(self, now: float) -> None:
         pass
@@ -264,7 +265,7 @@ class _Server:
         self.tx_status = mt.TX_IDLE
         self.copy_in = False
         self.pending = PendingChanges()
-        self.parsed_in_xact: set[bytes] = set()
+        self.parsed_in_xact: set[bytes] = set()  # the filter clears it at an idle ReadyForQuery
 
     def parameter_status(self, body: bytes, client: object) -> None:
         pass
