@@ -162,9 +162,10 @@ class ResponseFilter:
         self.skip_bytes = 0
         self.skipped_queries = 0
         self.made_up_first = False
-        self.restore = None
-        self.restore_held = []
-        self.restore_entry = None
+        if self.restore is not None or self.restore_entry is not None:  # rare: no list per reset
+            self.restore = None
+            self.restore_held = []
+            self.restore_entry = None
 
     def push(self, entry: Entry) -> None:
         if self.skipping:
