@@ -43,8 +43,7 @@ async def reset_session_state(pool: Pool, server: ServerConnection, timeout: flo
     for sql in session_state.reset_statements(kinds):
         await server.query(sql, timeout)
     if session_state.PREPARE in kinds:
-        server.prepared.clear()  # DEALLOCATE ALL took pgmux's statements too
-        rollbacks.deallocated(server)
+        rollbacks.deallocated(server)  # DEALLOCATE ALL took pgmux's statements too
     if session_state.SET in kinds:
         server.applied = {}  # RESET ALL undid the GUCs pgmux had applied
     pool.stats.session_resets += 1
@@ -58,7 +57,6 @@ async def forget_statements(server: ServerConnection, timeout: float) -> None:
     is there); pgmux keeps the connection and gives it back just as empty.
     """
     await server.query("DEALLOCATE ALL", timeout)
-    server.prepared.clear()
     rollbacks.deallocated(server)
 
 

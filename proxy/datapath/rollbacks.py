@@ -62,5 +62,6 @@ def committed(server: ServerConnection) -> None:
 
 def deallocated(server: ServerConnection) -> None:
     """DEALLOCATE ALL or DISCARD ALL: the server has no statement left."""
+    server.prepared.clear()
     server.parsed_in_xact.clear()
     server.stale.clear()

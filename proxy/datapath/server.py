@@ -292,7 +292,8 @@ class ServerConnection(asyncio.Protocol):
                 return
             self.pool.stats.total_sent += len(data)  # all of it reaches the client
             responses = self.responses
-            filtered = responses.restore is not None or responses.mid_message  # startup_values
+            # startup_values: a reset under way, or a message it left half read
+            filtered = responses.restore is not None or responses.hold or responses.skip_bytes
             if client.translator is not None or filtered:
                 responses.received(data, self, client)
                 return

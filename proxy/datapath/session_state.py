@@ -382,7 +382,6 @@ def observe(client: ClientConnection, server: ServerConnection, tag: bytes, text
         pending.apply(client, server, _transaction_control(server, tag, text))
         return
     if tag == b"DEALLOCATE ALL":
-        server.prepared.clear()
         rollbacks.deallocated(server)
         if client.translator is not None:
             client.translator.statements.clear()
@@ -417,7 +416,6 @@ def forget_all(client: ClientConnection, server: ServerConnection) -> None:
     server.dirty.clear()
     server.pending.clear()
     server.applied = {}
-    server.prepared.clear()
     rollbacks.deallocated(server)
     server.unnamed_owner = None
     if client.translator is not None:
