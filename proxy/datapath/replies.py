@@ -163,9 +163,7 @@ class ResponseFilter:
         self.skipped_queries = 0
         self.made_up_first = False
         if self.restore is not None or self.restore_entry is not None:  # rare: no list per reset
-            self.restore = None
-            self.restore_held = []
-            self.restore_entry = None
+            startup_values.disarm(self)
 
     def push(self, entry: Entry) -> None:
         if self.skipping:

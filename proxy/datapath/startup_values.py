@@ -84,7 +84,7 @@ def at_ready(
     if responses.restore_entry is not None:  # the DO is done: its ReadyForQuery is the client's
         out.append(_changes(responses, client))
         server.applied = dict(client.gucs)  # set again where they were reset
-        _disarm(responses)
+        disarm(responses)
         return False
     if (
         status in (TX_IDLE, TX_IN_BLOCK)
@@ -100,7 +100,7 @@ def at_ready(
         server.transport.write(restore_sql(client.startup_gucs))
         return True
     out.extend(responses.restore_held)  # others follow on the server: as they came
-    _disarm(responses)
+    disarm(responses)
     return False
 
 
@@ -126,7 +126,8 @@ def _changes(responses: ResponseFilter, client: ClientConnection) -> bytes:
     return b"".join(out)
 
 
-def _disarm(responses: ResponseFilter) -> None:
+def disarm(responses: ResponseFilter) -> None:
+    """No reset of parameters is watched any more."""
     responses.restore = None
     responses.restore_held = []
     responses.restore_entry = None
